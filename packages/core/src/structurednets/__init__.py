@@ -1,0 +1,42 @@
+"""structurednets: PyTorch layers whose weight matrix is structured.
+
+>>> import structurednets
+>>> structurednets.available()  # doctest: +SKIP
+['lowrank']
+>>> layer = structurednets.create("lowrank", 784, 256, nb_params_share=0.1)  # doctest: +SKIP
+"""
+
+from structurednets.hookspecs import hookimpl, hookspec
+from structurednets.layers import StructuredLayer, get_nb_model_parameters
+from structurednets.registry import (
+    Structure,
+    UnknownStructureError,
+    available,
+    create,
+    get_structure,
+    load_plugins,
+    nb_parameters,
+    register,
+    unregister,
+)
+from structurednets.validation import BudgetTooSmallError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetTooSmallError",
+    "Structure",
+    "StructuredLayer",
+    "UnknownStructureError",
+    "__version__",
+    "available",
+    "create",
+    "get_nb_model_parameters",
+    "get_structure",
+    "hookimpl",
+    "hookspec",
+    "load_plugins",
+    "nb_parameters",
+    "register",
+    "unregister",
+]

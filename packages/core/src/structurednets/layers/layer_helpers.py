@@ -1,0 +1,21 @@
+"""Helpers that work on any ``nn.Module``; kept at the path users of the seed library know."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["get_nb_model_parameters"]
+
+
+def get_nb_model_parameters(model: nn.Module, count_gradientless_parameters: bool = True) -> int:
+    """Number of scalars in the parameters of ``model``; a sparse tensor counts its stored values.
+
+    Args:
+        model: any module.
+        count_gradientless_parameters: also count parameters with ``requires_grad=False``.
+    """
+    total = 0
+    for param in model.parameters():
+        if param.requires_grad or count_gradientless_parameters:
+            total += param._nnz() if param.is_sparse else param.numel()
+    return total

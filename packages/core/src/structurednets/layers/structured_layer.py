@@ -1,0 +1,182 @@
+"""The contract every structured layer implements."""
+
+from __future__ import annotations
+
+import abc
+import math
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from structurednets.layers.layer_helpers import get_nb_model_parameters
+from structurednets.validation import (
+    BudgetTooSmallError,
+    as_matrix,
+    as_vector,
+    check_dim,
+    check_share,
+    weight_budget,
+)
+
+__all__ = ["StructuredLayer", "dense_init_std"]
+
+
+def dense_init_std(input_dim: int) -> float:
+    """Standard deviation of the entries of a freshly initialised ``nn.Linear(input_dim, ...)``.
+
+    ``nn.Linear`` draws from U(-1/sqrt(input_dim), 1/sqrt(input_dim)); random structured layers
+    scale their factors so that the entries of the represented matrix have this deviation.
+    """
+    return 1.0 / math.sqrt(3.0 * input_dim)
+
+
+class StructuredLayer(nn.Module, abc.ABC):
+    """A linear layer ``y = u @ W.T + b`` whose weight ``W`` (output_dim x input_dim) is structured.
+
+    Subclasses call ``super().__init__`` first, turn ``initial_weight_matrix`` into a checked
+    tensor with :meth:`checked_weight_matrix`, create their parameters (never more than
+    :attr:`weight_budget` scalars), and implement :meth:`multiply`. They may override
+    :meth:`to_dense` where they know a cheaper way than multiplying the identity.
+
+    Args:
+        input_dim: size of each input sample.
+        output_dim: size of each output sample.
+        nb_params_share: share in (0, 1] of the ``input_dim * output_dim`` dense weights the
+            structured weight may hold; the bias does not count against it.
+        use_bias: whether the layer adds a learned bias.
+        initial_bias: ``(output_dim,)`` array or tensor to start the bias from; otherwise it is
+            drawn as ``nn.Linear`` draws it.
+
+    Shape:
+        input: ``(..., input_dim)``; output: ``(..., output_dim)``.
+
+    Attributes:
+        weight_budget: the most weight scalars the layer may hold,
+            ``floor(nb_params_share * input_dim * output_dim)``.
+        bias: the learnable ``(output_dim,)`` bias, or ``None``.
+    """
+
+    #: The name the structure is registered under (used in messages).
+    structure_name: ClassVar[str] = "structured"
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        nb_params_share: float,
+        use_bias: bool = True,
+        initial_bias: object = None,
+    ):
+        super().__init__()
+        self.input_dim = check_dim("input_dim", input_dim)
+        self.output_dim = check_dim("output_dim", output_dim)
+        self.nb_params_share = check_share(nb_params_share)
+        if not isinstance(use_bias, bool):
+            raise TypeError(f"use_bias must be True or False, got {use_bias!r}")
+        self.weight_budget = weight_budget(self.input_dim, self.output_dim, self.nb_params_share)
+        dtype = torch.get_default_dtype()
+        if use_bias:
+            if initial_bias is None:
+                bound = 1.0 / math.sqrt(self.input_dim)
+                bias = torch.empty(self.output_dim, dtype=dtype).uniform_(-bound, bound)
+            else:
+                bias = as_vector("initial_bias", initial_bias, self.output_dim).to(dtype)
+            self.bias = nn.Parameter(bias)
+        else:
+            if initial_bias is not None:
+                raise ValueError("initial_bias was given but use_bias=False; drop one of them")
+            self.register_parameter("bias", None)
+
+    # -- for subclasses -------------------------------------------------------------------
+
+    def checked_weight_matrix(self, initial_weight_matrix: object) -> torch.Tensor | None:
+        """``initial_weight_matrix`` checked and copied to a float64 CPU tensor, or ``None``."""
+        if initial_weight_matrix is None:
+            return None
+        return as_matrix(
+            "initial_weight_matrix", initial_weight_matrix, self.output_dim, self.input_dim
+        )
+
+    def require_budget(self, needed: int, what: str = "its smallest form") -> None:
+        """Raise :class:`BudgetTooSmallError` if ``needed`` weight scalars exceed the budget."""
+        if needed > self.weight_budget:
+            raise BudgetTooSmallError(
+                self.structure_name,
+                self.input_dim,
+                self.output_dim,
+                self.nb_params_share,
+                needed,
+                what,
+            )
+
+    @abc.abstractmethod
+    def multiply(self, U: torch.Tensor) -> torch.Tensor:
+        """``U @ W.T`` for ``U`` of shape ``(batch, input_dim)``; returns ``(batch, output_dim)``.
+
+        The bias is not added here. ``U`` is already checked (floating, right width, the
+        layer's dtype unless autocast is on).
+        """
+
+    # -- the public contract --------------------------------------------------------------
+
+    def forward(self, U: torch.Tensor) -> torch.Tensor:
+        """``U @ W.T + b`` for ``U`` of shape ``(..., input_dim)``; returns ``(..., output_dim)``."""
+        self._check_input(U)
+        batch_shape = U.shape[:-1]
+        Y = self.multiply(U.reshape(-1, self.input_dim))
+        if self.bias is not None:
+            Y = Y + self.bias
+        return Y.reshape(*batch_shape, self.output_dim)
+
+    def to_dense(self) -> torch.Tensor:
+        """The represented weight ``W``, shape ``(output_dim, input_dim)``; differentiable."""
+        reference = self._reference_parameter()
+        eye = torch.eye(self.input_dim, dtype=reference.dtype, device=reference.device)
+        return self.multiply(eye).T
+
+    def get_nb_parameters(self) -> int:
+        """Number of trainable scalars, bias included."""
+        return get_nb_model_parameters(self)
+
+    @property
+    def nb_weight_parameters(self) -> int:
+        """Number of trainable scalars of the weight representation (bias excluded)."""
+        bias = 0 if self.bias is None else self.bias.numel()
+        return self.get_nb_parameters() - bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_dim={self.input_dim}, output_dim={self.output_dim}, "
+            f"nb_params_share={self.nb_params_share:g}, "
+            f"nb_parameters={self.get_nb_parameters()}, bias={self.bias is not None}"
+        )
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _reference_parameter(self) -> torch.Tensor:
+        return next(self.parameters())
+
+    def _check_input(self, U: object) -> None:
+        if not isinstance(U, torch.Tensor):
+            raise TypeError(
+                f"input must be a torch.Tensor of shape (..., {self.input_dim}), "
+                f"got {type(U).__name__}"
+            )
+        if not U.is_floating_point():
+            raise TypeError(
+                f"input must be a floating-point tensor, got dtype {U.dtype}; "
+                "convert it first, e.g. U.float()"
+            )
+        if U.dim() == 0 or U.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"input must have shape (..., input_dim={self.input_dim}), "
+                f"got shape {tuple(U.shape)}"
+            )
+        dtype = self._reference_parameter().dtype
+        if U.dtype != dtype and not torch.is_autocast_enabled(U.device.type):
+            raise TypeError(
+                f"input has dtype {U.dtype} but the layer's parameters are {dtype}; convert "
+                f"the input (U.to({dtype})) or the layer (layer.to({U.dtype})), "
+                "or run under torch.autocast"
+            )

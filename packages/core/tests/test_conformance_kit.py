@@ -1,0 +1,84 @@
+"""The kit passes a correct structure and catches broken ones."""
+
+import pytest
+import torch
+from diagonal_structure import DiagonalLayer, diagonal_nb_weight_parameters
+
+import structurednets
+from structurednets.testing import ConformanceCase, check_structure, conformance_checks
+
+
+@pytest.mark.parametrize("check", conformance_checks(), ids=str)
+def test_diagonal_structure_passes_every_check(diagonal_structure, check):
+    check(ConformanceCase("diagonal"))
+
+
+class WrongDense(DiagonalLayer):
+    """to_dense disagrees with forward (transposed diagonal offset)."""
+
+    def to_dense(self):
+        return torch.roll(super().to_dense(), 1, dims=0)
+
+
+class OverBudget(DiagonalLayer):
+    """Holds one extra scalar that its count function does not predict."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra = torch.nn.Parameter(torch.zeros(1))
+
+    def multiply(self, U):
+        return super().multiply(U) + 0 * self.extra
+
+
+class NoInputCheck(DiagonalLayer):
+    """Skips the base class's input checks."""
+
+    def forward(self, U):
+        return self.multiply(U) + self.bias
+
+
+class IgnoresWeightMatrix(DiagonalLayer):
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        nb_params_share,
+        use_bias=True,
+        initial_weight_matrix=None,
+        initial_bias=None,
+    ):
+        super().__init__(input_dim, output_dim, nb_params_share, use_bias, None, initial_bias)
+
+
+class DeadParameter(DiagonalLayer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unused = torch.nn.Parameter(torch.ones(1))
+
+
+def count_with_extra(input_dim, output_dim, share):
+    return diagonal_nb_weight_parameters(input_dim, output_dim, share) + 1
+
+
+@pytest.mark.parametrize(
+    ("layer_class", "count", "failing_check"),
+    [
+        (WrongDense, diagonal_nb_weight_parameters, "forward_matches_dense"),
+        (OverBudget, diagonal_nb_weight_parameters, "budget_and_parameter_counts"),
+        (NoInputCheck, diagonal_nb_weight_parameters, "bad_inputs"),
+        (IgnoresWeightMatrix, diagonal_nb_weight_parameters, "initial_weight_matrix"),
+        (DeadParameter, count_with_extra, "gradients"),
+    ],
+)
+def test_kit_catches_broken_structures(layer_class, count, failing_check):
+    structurednets.register("broken", layer_class, count)
+    try:
+        with pytest.raises(AssertionError, match=failing_check):
+            check_structure("broken")
+    finally:
+        structurednets.unregister("broken")
+
+
+def test_skip_is_honoured(diagonal_structure):
+    check_structure("diagonal", skip={"gradients": "not differentiable"})
