@@ -1,0 +1,5 @@
+import sys
+
+from structurednets.cli import main
+
+sys.exit(main())
