@@ -1,0 +1,114 @@
+"""Test, lint, build and benchmark sessions; ``nox`` runs the tests, lint and wheel checks.
+
+Every session installs torch first, from ``STRUCTUREDNETS_TORCH`` (default ``torch==2.13.0``,
+a CPU build on this project's machines), so that no dependency resolution can pull a CUDA
+build of several gigabytes. On another platform, set e.g.
+``STRUCTUREDNETS_TORCH="torch==2.5.1"`` or add ``--index-url`` through ``PIP_INDEX_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PACKAGES = ROOT / "packages"
+PLUGINS = sorted(
+    path.name
+    for path in PACKAGES.iterdir()
+    if path.name != "core" and (path / "pyproject.toml").exists()
+)
+TORCH = os.environ.get("STRUCTUREDNETS_TORCH", "torch==2.13.0")
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "tests-core", *(f"tests-{name}" for name in PLUGINS), "wheels"]
+
+
+def install_torch(session: nox.Session) -> None:
+    """Install the explicit torch requirement before anything that depends on torch."""
+    session.install(TORCH)
+
+
+@nox.session(name="tests-core")
+def tests_core(session: nox.Session) -> None:
+    """Core alone: contract, registry, kit (on a test-only structure), training, CLI."""
+    install_torch(session)
+    session.install(f"{PACKAGES / 'core'}[test]")
+    session.run("pytest", str(PACKAGES / "core" / "tests"), *session.posargs)
+
+
+def _plugin_session(name: str) -> None:
+    @nox.session(name=f"tests-{name}")
+    def tests_plugin(session: nox.Session) -> None:
+        install_torch(session)
+        session.install(f"{PACKAGES / 'core'}[test]", str(PACKAGES / name))
+        session.run("pytest", str(PACKAGES / name / "tests"), *session.posargs)
+
+    tests_plugin.__doc__ = f"Core plus the {name} plugin only, in a virtualenv of their own."
+
+
+for _name in PLUGINS:
+    _plugin_session(_name)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole repository."""
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+WHEEL_CHECK = """
+import sys, torch, structurednets
+from importlib.metadata import entry_points
+expected = sorted(sys.argv[1:])
+assert "site-packages" in structurednets.__file__, structurednets.__file__
+points = sorted(ep.name for ep in entry_points(group="structurednets"))
+assert points == expected, f"entry points {points}, expected {expected}"
+assert structurednets.available() == expected, structurednets.available()
+for name in expected:
+    layer = structurednets.create(name, 48, 40, 0.5)
+    assert layer(torch.randn(3, 48)).shape == (3, 40)
+    print(f"{name}: {layer}")
+"""
+
+
+@nox.session
+def wheels(session: nox.Session) -> None:
+    """Build every package's wheel with hatch, install from the wheels alone, and use them."""
+    session.install("hatch==1.18.2")
+    dist = Path(session.create_tmp()).resolve() / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    for package in ("core", *PLUGINS):
+        with session.chdir(PACKAGES / package):
+            session.run("hatch", "build", "-t", "wheel", str(dist))
+    built = sorted(dist.glob("*.whl"))
+    session.log("built " + ", ".join(path.name for path in built))
+    install_torch(session)
+    session.install(*map(str, built))
+    with session.chdir(session.create_tmp()):  # away from the source tree
+        session.run("python", "-c", WHEEL_CHECK, *PLUGINS)
+        session.run("structurednets", "list")
+
+
+def _install_everything(session: nox.Session) -> None:
+    install_torch(session)
+    session.install(str(PACKAGES / "core"), *(str(PACKAGES / name) for name in PLUGINS))
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: compress a digit classifier with every structure and print a table."""
+    _install_everything(session)
+    session.run("structurednets", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Speed ratios to nn.Linear (one thread); pass options after --, e.g. -- --sizes 1024."""
+    _install_everything(session)
+    session.run("structurednets", "bench", *session.posargs)
