@@ -1,0 +1,128 @@
+"""The SSS matrix-vector product over a batch, in a padded stage-stacked layout.
+
+Every kind of stage matrix is held as a stack over the stages that use it, padded to the
+largest block and state sizes (zeros in the padding): ``D`` (K, mb, nb) for stages
+``0 .. K-1``; ``B`` (K-1, dx, nb) and ``G`` (K-1, mb, dz) for stages ``0 .. K-2``; ``C``
+(K-1, mb, dx) and ``F`` (K-1, dz, nb) for stages ``1 .. K-1``; ``A`` (K-2, dx, dx) and ``E``
+(K-2, dz, dz) for stages ``1 .. K-2``. The input is ``(batch, K * nb)``, block ``k`` in columns
+``k * nb .. (k + 1) * nb``; the output ``(batch, K * mb)`` likewise.
+
+All products over the stages are batched matrix products; only the two state recursions
+(``K - 2`` small matrix products each) run stage by stage, in forward and in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["PADDED_KINDS", "SSSMultiply", "padded_dense"]
+
+#: The argument order of :class:`SSSMultiply` after the input.
+PADDED_KINDS = ("D", "A", "B", "C", "E", "F", "G")
+
+
+class SSSMultiply(torch.autograd.Function):
+    """``Y = U @ W.T`` for the SSS matrix ``W`` given by padded stage stacks.
+
+    Forward and backward cost ``O(batch * nb_parameters)`` (with padding). The backward
+    pass runs the adjoint recursions by hand and computes every parameter gradient with
+    one batched product per kind. First-order only (``once_differentiable``).
+    """
+
+    @staticmethod
+    def forward(ctx, U, D, A, B, C, E, F, G):  # noqa: N803 - the usual names of the system
+        K, mb, nb = D.shape
+        batch = U.shape[0]
+        Ub = U.view(batch, K, nb).transpose(0, 1)  # (K, batch, nb)
+        Y = torch.bmm(Ub, D.transpose(1, 2))  # (K, batch, mb)
+        X = Z = None
+        if K > 1:
+            # X[i] = x_{i+1} = A_i x_i + B_i u_i
+            X = torch.bmm(Ub[:-1], B.transpose(1, 2))
+            for i in range(1, K - 1):
+                X[i].addmm_(X[i - 1], A[i - 1].T)
+            Y[1:].baddbmm_(X, C.transpose(1, 2))
+            # Z[i] = z_i = E_{i+1} z_{i+1} + F_{i+1} u_{i+1}
+            Z = torch.bmm(Ub[1:], F.transpose(1, 2))
+            for i in range(K - 3, -1, -1):
+                Z[i].addmm_(Z[i + 1], E[i].T)
+            Y[:-1].baddbmm_(Z, G.transpose(1, 2))
+        ctx.save_for_backward(U, D, A, B, C, E, F, G, X, Z)
+        return Y.transpose(0, 1).reshape(batch, K * mb)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_Y):  # noqa: N803
+        U, D, A, B, C, E, F, G, X, Z = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        K, mb, nb = D.shape
+        batch = U.shape[0]
+        Ub = U.view(batch, K, nb).transpose(0, 1)
+        gY = grad_Y.reshape(batch, K, mb).transpose(0, 1)  # (K, batch, mb)
+        gU = torch.bmm(gY, D) if need[0] else None  # (K, batch, nb)
+        gD = torch.bmm(gY.transpose(1, 2), Ub) if need[1] else None
+        gA = gB = gC = gE = gF = gG = None
+        if K > 1:
+            # Causal adjoint: L[i] = dloss/dX[i], accumulated from the last stage backwards.
+            L = torch.bmm(gY[1:], C)
+            for i in range(K - 3, -1, -1):
+                L[i].addmm_(L[i + 1], A[i])
+            if need[2]:
+                gA = torch.bmm(L[1:].transpose(1, 2), X[:-1])
+            if need[3]:
+                gB = torch.bmm(L.transpose(1, 2), Ub[:-1])
+            if need[4]:
+                gC = torch.bmm(gY[1:].transpose(1, 2), X)
+            if gU is not None:
+                gU[:-1].baddbmm_(L, B)
+            # Anticausal adjoint: M[i] = dloss/dZ[i], accumulated from the first stage on.
+            M = torch.bmm(gY[:-1], G)
+            for i in range(1, K - 1):
+                M[i].addmm_(M[i - 1], E[i - 1])
+            if need[5]:
+                gE = torch.bmm(M[:-1].transpose(1, 2), Z[1:])
+            if need[6]:
+                gF = torch.bmm(M.transpose(1, 2), Ub[1:])
+            if need[7]:
+                gG = torch.bmm(gY[:-1].transpose(1, 2), Z)
+            if gU is not None:
+                gU[1:].baddbmm_(M, F)
+        if gU is not None:
+            gU = gU.transpose(0, 1).reshape(batch, K * nb)
+        return gU, gD, gA, gB, gC, gE, gF, gG
+
+
+def padded_dense(D, A, B, C, E, F, G):  # noqa: N803
+    """The padded ``W``, shape ``(K * mb, K * nb)``, from the padded stacks; differentiable.
+
+    Builds the state of every input column stage by stage (``x_{k+1} = A_k x_k + B_k e_j``),
+    ``O(output_dim * input_dim * state_dim)`` operations instead of the
+    ``O(input_dim * nb_parameters)`` of multiplying the identity.
+    """
+    K, mb, nb = D.shape
+    dense = torch.block_diag(*D.unbind(0)) if K > 1 else D[0]
+    if K == 1:
+        return dense
+    width = K * nb
+
+    def placed(block: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.nn.functional.pad(block, (k * nb, width - (k + 1) * nb))
+
+    # Causal: block row k (k >= 1) is C_k x_k, with x_k as a function of all inputs.
+    rows = [D.new_zeros(mb, width)]
+    state = placed(B[0], 0)
+    for k in range(1, K):
+        rows.append(C[k - 1] @ state)
+        if k < K - 1:
+            state = A[k - 1] @ state + placed(B[k], k)
+    lower = torch.cat(rows)
+    # Anticausal: block row k (k <= K-2) is G_k z_k.
+    rows = [D.new_zeros(mb, width)]
+    state = placed(F[K - 2], K - 1)
+    for k in range(K - 2, -1, -1):
+        rows.append(G[k] @ state)
+        if k > 0:
+            state = E[k - 1] @ state + placed(F[k - 1], k)
+    upper = torch.cat(rows[::-1])
+    return dense + lower + upper

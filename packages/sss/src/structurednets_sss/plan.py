@@ -1,0 +1,370 @@
+"""Sizes of an SSS layer: stages, block sizes and state dimensions, and the parameter count.
+
+Shared by :class:`~structurednets_sss.SSSLayer` and :func:`sss_nb_weight_parameters`, so that
+the count predicted without building a layer is the count the layer holds.
+
+Indexing (0-based stages ``k = 0 .. K-1``): the causal state ``x_k`` enters stage ``k`` and
+``x_{k+1} = A_k x_k + B_k u_k``; the anticausal state ``z_k`` enters stage ``k`` from the right
+and ``z_{k-1} = E_k z_k + F_k u_k``; ``y_k = C_k x_k + D_k u_k + G_k z_k``. The states at the
+two ends (``x_0``, ``x_K``, ``z_{-1}``, ``z_{K-1}``) have dimension 0. A boundary ``p``
+(``p = 0 .. K-2``) sits between stage ``p`` and stage ``p + 1``; the causal state crossing it
+is ``x_{p+1}`` and the anticausal one ``z_p``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from structurednets.validation import (
+    BudgetTooSmallError,
+    check_positive_int,
+    weight_budget,
+)
+
+__all__ = [
+    "KINDS",
+    "SSSPlan",
+    "block_sizes",
+    "default_nb_stages",
+    "plan_layer",
+    "sss_nb_weight_parameters",
+]
+
+#: The seven kinds of stage matrices, in the order the layer stores them.
+KINDS = ("D", "A", "B", "C", "E", "F", "G")
+
+
+def block_sizes(total: int, nb_stages: int) -> tuple[int, ...]:
+    """Split ``total`` rows or columns into ``nb_stages`` blocks whose sizes differ by <= 1.
+
+    The boundaries are ``floor(p * total / nb_stages)``, so that the split into ``2K`` blocks
+    refines the split into ``K`` blocks.
+    """
+    cuts = [(p * total) // nb_stages for p in range(nb_stages + 1)]
+    return tuple(b - a for a, b in zip(cuts[:-1], cuts[1:], strict=True))
+
+
+@dataclass(frozen=True)
+class SSSPlan:
+    """The sizes of an SSS layer.
+
+    Attributes:
+        input_sizes: ``n_k``, the width of the input block ``u_k`` of each stage (sum: input_dim).
+        output_sizes: ``m_k``, the height of the output block ``y_k`` (sum: output_dim).
+        causal_dims: dimension of the causal state crossing each boundary, ``dim x_{p+1}``
+            (``K - 1`` values).
+        anticausal_dims: dimension of the anticausal state crossing each boundary,
+            ``dim z_p`` (``K - 1`` values).
+    """
+
+    input_sizes: tuple[int, ...]
+    output_sizes: tuple[int, ...]
+    causal_dims: tuple[int, ...]
+    anticausal_dims: tuple[int, ...]
+
+    @property
+    def nb_stages(self) -> int:
+        return len(self.input_sizes)
+
+    def x_dims(self) -> tuple[int, ...]:
+        """``dim x_k`` for ``k = 0 .. K`` (the ends are 0)."""
+        return (0, *self.causal_dims, 0)
+
+    def z_dims(self) -> tuple[int, ...]:
+        """``dim z_k`` for ``k = -1 .. K-1`` (the ends are 0); index ``k + 1``."""
+        return (0, *self.anticausal_dims, 0)
+
+    def stage_shapes(self) -> dict[str, list[tuple[int, int]]]:
+        """The shape of every stage matrix, per kind (``"A"`` .. ``"G"``), ``K`` shapes each.
+
+        Matrices acting on or producing an end state have a zero-size dimension.
+        """
+        n, m = self.input_sizes, self.output_sizes
+        dx, dz = self.x_dims(), self.z_dims()
+        K = self.nb_stages
+        return {
+            "D": [(m[k], n[k]) for k in range(K)],
+            "A": [(dx[k + 1], dx[k]) for k in range(K)],
+            "B": [(dx[k + 1], n[k]) for k in range(K)],
+            "C": [(m[k], dx[k]) for k in range(K)],
+            "E": [(dz[k], dz[k + 1]) for k in range(K)],
+            "F": [(dz[k], n[k]) for k in range(K)],
+            "G": [(m[k], dz[k + 1]) for k in range(K)],
+        }
+
+    @property
+    def nb_weight_parameters(self) -> int:
+        """Scalars of all stage matrices together."""
+        return sum(r * c for shapes in self.stage_shapes().values() for r, c in shapes)
+
+    def describe(self) -> str:
+        """A short description for messages and ``repr``: stages and state dimensions."""
+        stages = "1 stage" if self.nb_stages == 1 else f"{self.nb_stages} stages"
+        return (
+            f"{stages}, state dims {_describe_dims(self.causal_dims)} (causal) "
+            f"and {_describe_dims(self.anticausal_dims)} (anticausal)"
+        )
+
+
+def _describe_dims(dims: Sequence[int]) -> str:
+    if not dims:
+        return "none"
+    low, high = min(dims), max(dims)
+    return f"{low}" if low == high else f"{low}..{high}"
+
+
+def clip_causal_dims(
+    dims: Sequence[int], input_sizes: Sequence[int], output_sizes: Sequence[int]
+) -> tuple[int, ...]:
+    """Causal state dimensions capped where a larger state could not add anything.
+
+    ``x_{k+1}`` is made from ``x_k`` and ``u_k``, so ``dim x_{k+1} <= dim x_k + n_k``; it feeds
+    ``y_{k+1}`` and ``x_{k+2}``, so ``dim x_{k+1} <= m_{k+1} + dim x_{k+2}``. Within these caps
+    the dimension is the rank of the Hankel block ``W[rows after boundary, cols before it]``
+    that the state can represent; beyond them the realisation is not minimal.
+    """
+    clipped = list(dims)
+    previous = 0
+    for p in range(len(clipped)):
+        clipped[p] = min(clipped[p], previous + input_sizes[p])
+        previous = clipped[p]
+    following = 0
+    for p in reversed(range(len(clipped))):
+        clipped[p] = min(clipped[p], following + output_sizes[p + 1])
+        following = clipped[p]
+    return tuple(clipped)
+
+
+def clip_anticausal_dims(
+    dims: Sequence[int], input_sizes: Sequence[int], output_sizes: Sequence[int]
+) -> tuple[int, ...]:
+    """Anticausal state dimensions capped as in :func:`clip_causal_dims`, mirrored."""
+    return clip_causal_dims(dims[::-1], input_sizes[::-1], output_sizes[::-1])[::-1]
+
+
+def make_plan(
+    input_sizes: Sequence[int],
+    output_sizes: Sequence[int],
+    causal_dims: Sequence[int],
+    anticausal_dims: Sequence[int],
+) -> SSSPlan:
+    """An :class:`SSSPlan` with the state dimensions clipped to the minimal-realisation caps."""
+    return SSSPlan(
+        tuple(int(s) for s in input_sizes),
+        tuple(int(s) for s in output_sizes),
+        clip_causal_dims(causal_dims, input_sizes, output_sizes),
+        clip_anticausal_dims(anticausal_dims, input_sizes, output_sizes),
+    )
+
+
+def even_plan(
+    input_dim: int, output_dim: int, nb_stages: int, causal_dims: Sequence[int] | int = 0,
+    anticausal_dims: Sequence[int] | int | None = None,
+) -> SSSPlan:
+    """A plan with evenly split blocks and the given (clipped) state dimensions."""
+    if anticausal_dims is None:
+        anticausal_dims = causal_dims
+    if isinstance(causal_dims, int):
+        causal_dims = [causal_dims] * (nb_stages - 1)
+    if isinstance(anticausal_dims, int):
+        anticausal_dims = [anticausal_dims] * (nb_stages - 1)
+    return make_plan(
+        block_sizes(input_dim, nb_stages),
+        block_sizes(output_dim, nb_stages),
+        causal_dims,
+        anticausal_dims,
+    )
+
+
+def largest_uniform_state_dim(input_dim: int, output_dim: int, nb_stages: int, budget: int) -> int:
+    """The largest state dimension ``d`` (same for every boundary, causal and anticausal, then
+    clipped) whose plan fits ``budget``; ``-1`` if even ``d = 0`` does not fit."""
+    if even_plan(input_dim, output_dim, nb_stages, 0).nb_weight_parameters > budget:
+        return -1
+    low, high = 0, min(input_dim, output_dim)  # clipping makes larger d change nothing
+    while low < high:
+        middle = (low + high + 1) // 2
+        if even_plan(input_dim, output_dim, nb_stages, middle).nb_weight_parameters <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def stage_candidates(input_dim: int, output_dim: int) -> list[int]:
+    """Numbers of stages worth trying: powers of two up to ``min(input_dim, output_dim)``, and
+    that minimum itself (the most stages, whose block diagonal is the cheapest)."""
+    most = min(input_dim, output_dim)
+    candidates = []
+    nb_stages = 1
+    while nb_stages <= most:
+        candidates.append(nb_stages)
+        nb_stages *= 2
+    if candidates[-1] != most:
+        candidates.append(most)
+    return candidates
+
+
+def default_nb_stages(input_dim: int, output_dim: int, budget: int) -> int:
+    """The default number of stages ``K`` for a layer without a matrix to fit.
+
+    The fewest stages (a power of two) whose diagonal blocks ``D_k`` take at most half of the
+    budget, which leaves the other half or more to the states; fewer stages mean fewer
+    sequential steps in ``forward``. When no such ``K`` exists, the most stages,
+    ``min(input_dim, output_dim)``, whose block diagonal is the cheapest. See the README for
+    how this compares with the number of stages fitted matrices choose.
+    """
+    candidates = stage_candidates(input_dim, output_dim)
+    for nb_stages in candidates:
+        if 2 * even_plan(input_dim, output_dim, nb_stages).nb_weight_parameters <= budget:
+            return nb_stages
+    return candidates[-1]
+
+
+def check_nb_stages(nb_states: object, input_dim: int, output_dim: int) -> int:
+    """Check the ``nb_states`` option: 1 <= K <= min(input_dim, output_dim)."""
+    nb_stages = check_positive_int("nb_states", nb_states)
+    most = min(input_dim, output_dim)
+    if nb_stages > most:
+        raise ValueError(
+            f"nb_states must be at most min(input_dim, output_dim) = {most} (every stage has "
+            f"at least one input and one output), got {nb_stages}"
+        )
+    return nb_stages
+
+
+def check_state_dims(name: str, value: object, nb_stages: int | None) -> int | tuple[int, ...]:
+    """Check a state-dimension option: an integer >= 0, or one such integer per boundary
+    (``nb_states - 1`` values)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+        return int(value)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"{name} must be an integer >= 0 or a sequence of nb_states - 1 such integers "
+            f"(one per boundary between stages), got {value!r}"
+        )
+    dims = []
+    for entry in value:
+        if isinstance(entry, bool) or not isinstance(entry, numbers.Integral) or entry < 0:
+            raise TypeError(f"{name} must hold integers >= 0, got {list(value)!r}")
+        dims.append(int(entry))
+    if nb_stages is not None and len(dims) != nb_stages - 1:
+        raise ValueError(
+            f"{name} must have nb_states - 1 = {nb_stages - 1} entries (one per boundary "
+            f"between stages), got {len(dims)}"
+        )
+    return tuple(dims)
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """The structure options of a layer, checked; ``None`` where the layer chooses."""
+
+    nb_stages: int | None
+    causal_dims: int | tuple[int, ...] | None
+    anticausal_dims: int | tuple[int, ...] | None
+
+
+def check_options(
+    input_dim: int,
+    output_dim: int,
+    nb_states: object,
+    state_dim: object,
+    anticausal_state_dim: object,
+) -> StageOptions:
+    """Check ``nb_states``, ``state_dim`` and ``anticausal_state_dim`` against each other."""
+    nb_stages = None if nb_states is None else check_nb_stages(nb_states, input_dim, output_dim)
+    causal = None if state_dim is None else check_state_dims("state_dim", state_dim, nb_stages)
+    if nb_stages is None and isinstance(causal, tuple):
+        nb_stages = check_nb_stages(len(causal) + 1, input_dim, output_dim)
+    anticausal = (
+        None
+        if anticausal_state_dim is None
+        else check_state_dims("anticausal_state_dim", anticausal_state_dim, nb_stages)
+    )
+    if nb_stages is None and isinstance(anticausal, tuple):
+        nb_stages = check_nb_stages(len(anticausal) + 1, input_dim, output_dim)
+    return StageOptions(nb_stages, causal, anticausal)
+
+
+def plan_layer(
+    input_dim: int,
+    output_dim: int,
+    nb_params_share: float,
+    nb_states: object = None,
+    state_dim: object = None,
+    anticausal_state_dim: object = None,
+) -> SSSPlan:
+    """The plan of a layer built without a matrix to fit (or with fixed sizes).
+
+    ``nb_states`` defaults to :func:`default_nb_stages`. Without state dimensions, both parts
+    get the largest uniform dimension that fits the budget; a part whose dimension is not
+    given takes the other part's. Raises
+    :class:`BudgetTooSmallError` when the plan does not fit.
+    """
+    options = check_options(input_dim, output_dim, nb_states, state_dim, anticausal_state_dim)
+    return plan_from_options(input_dim, output_dim, nb_params_share, options)
+
+
+def plan_from_options(
+    input_dim: int, output_dim: int, nb_params_share: float, options: StageOptions
+) -> SSSPlan:
+    """:func:`plan_layer` for checked options."""
+    budget = weight_budget(input_dim, output_dim, nb_params_share)
+    nb_stages = options.nb_stages
+    if nb_stages is None:
+        nb_stages = default_nb_stages(input_dim, output_dim, budget)
+    smallest = even_plan(input_dim, output_dim, nb_stages, 0)
+    causal, anticausal = options.causal_dims, options.anticausal_dims
+    if causal is None and anticausal is None:
+        if smallest.nb_weight_parameters > budget:
+            what = f"{nb_stages} stages without states (block diagonal)"
+            if options.nb_stages is None:
+                what = f"its smallest form, {what}"
+            raise BudgetTooSmallError(
+                "sss", input_dim, output_dim, nb_params_share, smallest.nb_weight_parameters, what
+            )
+        dim = largest_uniform_state_dim(input_dim, output_dim, nb_stages, budget)
+        return even_plan(input_dim, output_dim, nb_stages, dim)
+    if causal is None:
+        causal = anticausal
+    if anticausal is None:
+        anticausal = causal
+    plan = even_plan(input_dim, output_dim, nb_stages, causal, anticausal)
+    if plan.nb_weight_parameters > budget:
+        raise BudgetTooSmallError(
+            "sss",
+            input_dim,
+            output_dim,
+            nb_params_share,
+            plan.nb_weight_parameters,
+            plan.describe(),
+        )
+    return plan
+
+
+def sss_nb_weight_parameters(
+    input_dim: int,
+    output_dim: int,
+    nb_params_share: float,
+    *,
+    nb_states: int | None = None,
+    state_dim: int | Sequence[int] | None = None,
+    anticausal_state_dim: int | Sequence[int] | None = None,
+    system: object = None,
+) -> int:
+    """Weight scalars of an :class:`~structurednets_sss.SSSLayer` built with these arguments
+    (random start, no ``initial_weight_matrix``), computed without building it."""
+    if system is not None:
+        from structurednets_sss.system import SSSSystem, check_system_fits
+
+        if not isinstance(system, SSSSystem):
+            raise TypeError(f"system must be an SSSSystem, got {type(system).__name__}")
+        return check_system_fits(system, input_dim, output_dim, nb_params_share).nb_weight_parameters
+    return plan_layer(
+        input_dim, output_dim, nb_params_share, nb_states, state_dim, anticausal_state_dim
+    ).nb_weight_parameters
