@@ -19,7 +19,8 @@ d_{p+1}`` parameters and removes ``sigma^2`` from the error estimate, and a gree
 by removed error per parameter fills the budget. Two allocations are realised (greedy from
 zero, and greedy on top of the largest uniform dimension, which wins on matrices with flat
 spectra) and the one with the smaller actual error is kept. The number of stages is searched
-over powers of two, smallest first, until the error stops improving.
+over powers of two and three times powers of two, smallest first, until the error stops
+improving.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ __all__ = ["Identification", "identify"]
 # squared error) to be preferred: fewer stages are faster, so near-ties go to them.
 _IMPROVEMENT = 2e-2
 # Stop the search over numbers of stages after this many candidates without improvement.
-_PATIENCE = 2
+_PATIENCE = 3
+# A relative error below this counts as exact: the search stops there.
+_EXACT = 1e-12
 
 
 @dataclass(frozen=True)
@@ -311,6 +314,7 @@ def identify(
         candidates = [options.nb_stages]
     else:
         candidates = stage_candidates(n, m)
+    exact = (_EXACT * float(np.linalg.norm(W))) ** 2
     best: _Candidate | None = None
     misses = 0
     for nb_stages in candidates:
@@ -321,8 +325,8 @@ def identify(
             best, misses = candidate, 0
         else:
             misses += 1
-            if misses >= _PATIENCE:
-                break
+        if misses >= _PATIENCE or best.squared_error <= exact:
+            break
     if best is None:
         raise _too_small(n, m, budget, options, nb_params_share, candidates)
     return _identification(best, W)

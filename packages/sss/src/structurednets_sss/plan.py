@@ -194,14 +194,27 @@ def largest_uniform_state_dim(input_dim: int, output_dim: int, nb_stages: int, b
 
 
 def stage_candidates(input_dim: int, output_dim: int) -> list[int]:
-    """Numbers of stages worth trying: powers of two up to ``min(input_dim, output_dim)``, and
-    that minimum itself (the most stages, whose block diagonal is the cheapest)."""
+    """Numbers of stages worth trying, ascending: powers of two and three times powers of two
+    (1, 2, 3, 4, 6, 8, 12, 16, 24, ...) up to ``min(input_dim, output_dim)``, and that minimum
+    itself (the most stages, whose block diagonal is the cheapest)."""
     most = min(input_dim, output_dim)
+    candidates = set()
+    power = 1
+    while power <= most:
+        candidates.add(power)
+        if 3 * power <= most:
+            candidates.add(3 * power)
+        power *= 2
+    candidates.add(most)
+    return sorted(candidates)
+
+
+def _powers_of_two(most: int) -> list[int]:
     candidates = []
-    nb_stages = 1
-    while nb_stages <= most:
-        candidates.append(nb_stages)
-        nb_stages *= 2
+    power = 1
+    while power <= most:
+        candidates.append(power)
+        power *= 2
     if candidates[-1] != most:
         candidates.append(most)
     return candidates
@@ -216,7 +229,7 @@ def default_nb_stages(input_dim: int, output_dim: int, budget: int) -> int:
     ``min(input_dim, output_dim)``, whose block diagonal is the cheapest. See the README for
     how this compares with the number of stages fitted matrices choose.
     """
-    candidates = stage_candidates(input_dim, output_dim)
+    candidates = _powers_of_two(min(input_dim, output_dim))
     for nb_stages in candidates:
         if 2 * even_plan(input_dim, output_dim, nb_stages).nb_weight_parameters <= budget:
             return nb_stages
