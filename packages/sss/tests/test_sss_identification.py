@@ -121,7 +121,7 @@ def test_reported_error_is_the_actual_error(shape, share):
     rng = np.random.default_rng(2)
     target = rng.standard_normal(shape)
     budget = int(share * shape[0] * shape[1])
-    fitted = identify(target, budget, StageOptions(None, None, None), share)
+    fitted = identify(torch.from_numpy(target), budget, StageOptions(None, None, None), share)
     dense = SSSSystem(**fitted.matrices).to_dense().numpy()
     assert np.sum((dense - target) ** 2) == pytest.approx(fitted.squared_error, rel=1e-9)
     assert fitted.plan.nb_weight_parameters <= budget

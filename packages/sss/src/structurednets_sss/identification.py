@@ -25,11 +25,12 @@ improving.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
+import torch
 
 from structurednets.validation import BudgetTooSmallError
 from structurednets_sss.plan import (
@@ -61,12 +62,12 @@ class Identification:
 
     Attributes:
         plan: the sizes (stages, blocks, realised state dimensions).
-        matrices: the stage matrices per kind (``"A"`` .. ``"G"``), float64 arrays, ``K`` each.
+        matrices: the stage matrices per kind (``"A"`` .. ``"G"``), float64 tensors, ``K`` each.
         squared_error: ``||W - W_sss||_F^2``, from the discarded singular values.
     """
 
     plan: SSSPlan
-    matrices: dict[str, list[np.ndarray]]
+    matrices: dict[str, list[torch.Tensor]]
     squared_error: float
 
 
@@ -74,15 +75,22 @@ class Identification:
 class _Part:
     """One part (causal, or anticausal via the flipped matrix) realised by a sweep."""
 
-    transitions: list[np.ndarray]  # A_k, k = 0 .. K-1
-    inputs: list[np.ndarray]  # B_k
-    outputs: list[np.ndarray]  # C_k
+    transitions: list[torch.Tensor]  # A_k, k = 0 .. K-1
+    inputs: list[torch.Tensor]  # B_k
+    outputs: list[torch.Tensor]  # C_k
     squared_error: float
-    singular_values: list[np.ndarray]  # of M_p, p = 0 .. K-2
+    singular_values: list[torch.Tensor]  # of M_p, p = 0 .. K-2
+
+
+def _cuts(sizes: Sequence[int]) -> list[int]:
+    cuts = [0]
+    for size in sizes:
+        cuts.append(cuts[-1] + int(size))
+    return cuts
 
 
 def _sweep(
-    W: np.ndarray,
+    W: torch.Tensor,
     output_sizes: Sequence[int],
     input_sizes: Sequence[int],
     dims: Sequence[int],
@@ -90,35 +98,34 @@ def _sweep(
 ) -> _Part:
     """Realise the strictly lower block part of ``W`` with states truncated to ``dims``."""
     K = len(input_sizes)
-    row = np.concatenate([[0], np.cumsum(output_sizes)])
-    col = np.concatenate([[0], np.cumsum(input_sizes)])
-    observability = np.zeros((W.shape[0], 0))  # O: rows of the stages from the current one on
+    row, col = _cuts(output_sizes), _cuts(input_sizes)
+    observability = W.new_zeros(W.shape[0], 0)  # O: rows of the stages from the current one on
     transitions, inputs, outputs, spectra = [], [], [], []
     squared_error = 0.0
     for p in range(K - 1):
         below = slice(row[p + 1], row[-1])
         if realise:
-            outputs.append(observability[row[p] : row[p + 1]].copy())
-        left = np.hstack([observability[below], W[below, col[p] : col[p + 1]]])
-        u, s, vt = np.linalg.svd(left, full_matrices=False)
-        keep = min(dims[p], s.size)
-        squared_error += float(np.sum(s[keep:] ** 2))
+            outputs.append(observability[row[p] : row[p + 1]].clone())
+        left = torch.cat([observability[below], W[below, col[p] : col[p + 1]]], dim=1)
+        u, s, vt = torch.linalg.svd(left, full_matrices=False)
+        keep = min(dims[p], s.numel())
+        squared_error += float(torch.sum(s[keep:] ** 2))
         spectra.append(s)
         if realise:
             previous = observability.shape[1]
             transitions.append(vt[:keep, :previous])
             inputs.append(vt[:keep, previous:])
-        observability = np.zeros((W.shape[0], keep))
+        observability = W.new_zeros(W.shape[0], keep)
         observability[below] = u[:, :keep] * s[:keep]
     if realise:
-        outputs.append(observability[row[K - 1] :].copy())
-        transitions.append(np.zeros((0, observability.shape[1])))
-        inputs.append(np.zeros((0, input_sizes[K - 1])))
+        outputs.append(observability[row[K - 1] :].clone())
+        transitions.append(W.new_zeros(0, observability.shape[1]))
+        inputs.append(W.new_zeros(0, input_sizes[K - 1]))
     return _Part(transitions, inputs, outputs, squared_error, spectra)
 
 
 def _flipped_sweep(
-    W_flipped: np.ndarray,
+    W_flipped: torch.Tensor,
     output_sizes: Sequence[int],
     input_sizes: Sequence[int],
     dims: Sequence[int],
@@ -135,16 +142,16 @@ def _flipped_sweep(
     # Stage k of W is stage K-1-k of the flipped matrix, whose blocks run backwards.
     return _Part(
         transitions=part.transitions[::-1],
-        inputs=[b[:, ::-1].copy() for b in part.inputs[::-1]],
-        outputs=[c[::-1, :].copy() for c in part.outputs[::-1]],
+        inputs=[b.flip(1) for b in part.inputs[::-1]],
+        outputs=[c.flip(0) for c in part.outputs[::-1]],
         squared_error=part.squared_error,
         singular_values=part.singular_values[::-1],
     )
 
 
 def _allocate(
-    causal_spectra: list[np.ndarray],
-    anticausal_spectra: list[np.ndarray],
+    causal_spectra: list[torch.Tensor],
+    anticausal_spectra: list[torch.Tensor],
     input_sizes: Sequence[int],
     output_sizes: Sequence[int],
     budget: int,
@@ -179,7 +186,7 @@ def _allocate(
             reachable = (d[p - 1] if p > 0 else 0) + input_sizes[p]
         else:
             reachable = (d[p + 1] if p < K - 2 else 0) + input_sizes[p + 1]
-        return min(reachable, spectra[side][p].size)
+        return min(reachable, spectra[side][p].numel())
 
     # Entries: (-gain per parameter, side, boundary, dimension it would grow, its cost).
     heap: list[tuple[float, int, int, int, int]] = []
@@ -187,7 +194,7 @@ def _allocate(
     def push(side: int, p: int) -> None:
         d = dims[side][p]
         if d < limit(side, p):
-            sigma = spectra[side][p][d]
+            sigma = float(spectra[side][p][d])
             if sigma > tolerance:
                 c = cost(side, p)
                 heapq.heappush(heap, (-(sigma**2) / c, side, p, d, c))
@@ -228,8 +235,8 @@ class _Candidate:
 
 
 def _realise(
-    W: np.ndarray,
-    W_flipped: np.ndarray,
+    W: torch.Tensor,
+    W_flipped: torch.Tensor,
     input_sizes: tuple[int, ...],
     output_sizes: tuple[int, ...],
     causal: Sequence[int],
@@ -245,7 +252,7 @@ def _realise(
 
 
 def _best_for_stages(
-    W: np.ndarray, W_flipped: np.ndarray, nb_stages: int, budget: int, options: StageOptions
+    W: torch.Tensor, W_flipped: torch.Tensor, nb_stages: int, budget: int, options: StageOptions
 ) -> _Candidate | None:
     """The best realisation with ``nb_stages`` stages within ``budget``, or ``None``."""
     m, n = W.shape
@@ -271,7 +278,7 @@ def _best_for_stages(
     anticausal_spectra = _flipped_sweep(
         W_flipped, output_sizes, input_sizes, caps, realise=False
     ).singular_values
-    tolerance = 1e-13 * float(np.linalg.norm(W))
+    tolerance = 1e-13 * float(torch.linalg.norm(W))
     starts = [
         ([0] * (nb_stages - 1), [0] * (nb_stages - 1)),
         (
@@ -298,23 +305,45 @@ def _best_for_stages(
 
 
 def identify(
-    W: np.ndarray, budget: int, options: StageOptions, nb_params_share: float
+    W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: float
 ) -> Identification:
-    """An SSS approximation of ``W`` (output_dim x input_dim, float64) with at most ``budget``
-    stage-matrix scalars.
+    """An SSS approximation of ``W`` (output_dim x input_dim) with at most ``budget``
+    stage-matrix scalars, computed in float64 on the CPU.
 
     ``options`` fixes the number of stages and/or the state dimensions; what is not fixed is
     chosen to minimise the Frobenius error. Raises :class:`BudgetTooSmallError` when nothing
-    fits.
+    fits. Runs on one thread (see :func:`_one_thread`).
     """
+    with _one_thread():
+        return _identify(W, budget, options, nb_params_share)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the setting.
+
+    The sweeps are many small SVDs, which gain nothing from threads; on a machine whose cores
+    are busy, multithreaded LAPACK waits for them and was measured 10 to 50 times slower.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _identify(
+    W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: float
+) -> Identification:
     m, n = W.shape
-    W = np.ascontiguousarray(W, dtype=np.float64)
-    W_flipped = np.ascontiguousarray(W[::-1, ::-1])
+    W = W.detach().to(device="cpu", dtype=torch.float64).contiguous()
+    W_flipped = W.flip(0, 1)
     if options.nb_stages is not None:
         candidates = [options.nb_stages]
     else:
         candidates = stage_candidates(n, m)
-    exact = (_EXACT * float(np.linalg.norm(W))) ** 2
+    exact = (_EXACT * float(torch.linalg.norm(W))) ** 2
     best: _Candidate | None = None
     misses = 0
     for nb_stages in candidates:
@@ -357,13 +386,12 @@ def _too_small(
     )
 
 
-def _identification(candidate: _Candidate, W: np.ndarray) -> Identification:
+def _identification(candidate: _Candidate, W: torch.Tensor) -> Identification:
     causal, anticausal = candidate.causal, candidate.anticausal
     K = candidate.nb_stages
-    row = np.concatenate([[0], np.cumsum(candidate.output_sizes)])
-    col = np.concatenate([[0], np.cumsum(candidate.input_sizes)])
+    row, col = _cuts(candidate.output_sizes), _cuts(candidate.input_sizes)
     matrices = {
-        "D": [W[row[k] : row[k + 1], col[k] : col[k + 1]].copy() for k in range(K)],
+        "D": [W[row[k] : row[k + 1], col[k] : col[k + 1]].clone() for k in range(K)],
         "A": causal.transitions,
         "B": causal.inputs,
         "C": causal.outputs,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -109,12 +108,8 @@ class SSSLayer(StructuredLayer):
                 self.input_dim, self.output_dim, nb_states, state_dim, anticausal_state_dim
             )
             if target is not None:
-                fitted = identify(target.numpy(), self.weight_budget, options, self.nb_params_share)
-                plan = fitted.plan
-                matrices = {
-                    kind: [torch.from_numpy(np.ascontiguousarray(m)) for m in fitted.matrices[kind]]
-                    for kind in KINDS
-                }
+                fitted = identify(target, self.weight_budget, options, self.nb_params_share)
+                plan, matrices = fitted.plan, fitted.matrices
             else:
                 plan = plan_from_options(self.input_dim, self.output_dim, self.nb_params_share, options)
                 matrices = random_system(plan, dense_init_std(self.input_dim))
