@@ -132,7 +132,9 @@ def test_fixed_state_dimensions_are_respected():
     rng = np.random.default_rng(3)
     target = rng.standard_normal((40, 48))
     dims = (1, 2, 3, 2, 1)
-    layer = SSSLayer(48, 40, 0.9, initial_weight_matrix=target, state_dim=dims, anticausal_state_dim=0)
+    layer = SSSLayer(
+        48, 40, 0.9, initial_weight_matrix=target, state_dim=dims, anticausal_state_dim=0
+    )
     assert layer.nb_states == 6
     assert layer.state_dims == dims
     assert layer.anticausal_state_dims == (0,) * 5

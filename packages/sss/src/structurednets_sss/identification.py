@@ -375,7 +375,9 @@ def _too_small(
         if options.causal_dims is None and options.anticausal_dims is None:
             plan = even_plan(n, m, nb_stages, 0)
         else:
-            causal = options.causal_dims if options.causal_dims is not None else options.anticausal_dims
+            causal = (
+                options.causal_dims if options.causal_dims is not None else options.anticausal_dims
+            )
             anticausal = options.anticausal_dims if options.anticausal_dims is not None else causal
             plan = even_plan(n, m, nb_stages, causal, anticausal)
         if cheapest is None or plan.nb_weight_parameters < cheapest.nb_weight_parameters:

@@ -31,7 +31,7 @@ class SSSMultiply(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, U, D, A, B, C, E, F, G):  # noqa: N803 - the usual names of the system
+    def forward(ctx, U, D, A, B, C, E, F, G):
         K, mb, nb = D.shape
         batch = U.shape[0]
         Ub = U.view(batch, K, nb).transpose(0, 1)  # (K, batch, nb)
@@ -49,7 +49,7 @@ class SSSMultiply(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_Y):  # noqa: N803
+    def backward(ctx, grad_Y):
         U, D, A, B, C, E, F, G, X, Z = ctx.saved_tensors
         need = ctx.needs_input_grad
         K, mb, nb = D.shape
@@ -120,7 +120,7 @@ def _recursions(
     return forward, backward
 
 
-def padded_dense(D, A, B, C, E, F, G):  # noqa: N803
+def padded_dense(D, A, B, C, E, F, G):
     """The padded ``W``, shape ``(K * mb, K * nb)``, from the padded stacks; differentiable.
 
     Builds the state of every input column stage by stage (``x_{k+1} = A_k x_k + B_k e_j``),

@@ -111,7 +111,9 @@ class SSSLayer(StructuredLayer):
                 fitted = identify(target, self.weight_budget, options, self.nb_params_share)
                 plan, matrices = fitted.plan, fitted.matrices
             else:
-                plan = plan_from_options(self.input_dim, self.output_dim, self.nb_params_share, options)
+                plan = plan_from_options(
+                    self.input_dim, self.output_dim, self.nb_params_share, options
+                )
                 matrices = random_system(plan, dense_init_std(self.input_dim))
         self.require_budget(plan.nb_weight_parameters, plan.describe())
         self.plan = plan
@@ -242,13 +244,12 @@ class SSSLayer(StructuredLayer):
             sizes = [r * c for r, c in shapes[kind]]
             pieces = flat.detach().split(sizes)
             matrices[kind] = [
-                piece.reshape(shape).clone() for piece, shape in zip(pieces, shapes[kind], strict=True)
+                piece.reshape(shape).clone()
+                for piece, shape in zip(pieces, shapes[kind], strict=True)
             ]
         return SSSSystem(**matrices)
 
 
 def _positions(sizes: Sequence[int], padded: int) -> torch.Tensor:
     """Where the entries of blocks of the given sizes go in a layout of ``padded``-wide blocks."""
-    return torch.cat(
-        [torch.arange(size) + k * padded for k, size in enumerate(sizes)]
-    )
+    return torch.cat([torch.arange(size) + k * padded for k, size in enumerate(sizes)])

@@ -13,6 +13,7 @@ is ``x_{p+1}`` and the anticausal one ``z_p``.
 
 from __future__ import annotations
 
+import itertools
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ def block_sizes(total: int, nb_stages: int) -> tuple[int, ...]:
     refines the split into ``K`` blocks.
     """
     cuts = [(p * total) // nb_stages for p in range(nb_stages + 1)]
-    return tuple(b - a for a, b in zip(cuts[:-1], cuts[1:], strict=True))
+    return tuple(b - a for a, b in itertools.pairwise(cuts))
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,10 @@ def make_plan(
 
 
 def even_plan(
-    input_dim: int, output_dim: int, nb_stages: int, causal_dims: Sequence[int] | int = 0,
+    input_dim: int,
+    output_dim: int,
+    nb_stages: int,
+    causal_dims: Sequence[int] | int = 0,
     anticausal_dims: Sequence[int] | int | None = None,
 ) -> SSSPlan:
     """A plan with evenly split blocks and the given (clipped) state dimensions."""
@@ -335,7 +339,8 @@ def plan_from_options(
     causal, anticausal = options.causal_dims, options.anticausal_dims
     if causal is None and anticausal is None:
         if smallest.nb_weight_parameters > budget:
-            what = f"{nb_stages} stages without states (block diagonal)"
+            stages = "1 stage" if nb_stages == 1 else f"{nb_stages} stages"
+            what = f"{stages} without states (block diagonal)"
             if options.nb_stages is None:
                 what = f"its smallest form, {what}"
             raise BudgetTooSmallError(
@@ -377,7 +382,9 @@ def sss_nb_weight_parameters(
 
         if not isinstance(system, SSSSystem):
             raise TypeError(f"system must be an SSSSystem, got {type(system).__name__}")
-        return check_system_fits(system, input_dim, output_dim, nb_params_share).nb_weight_parameters
+        return check_system_fits(
+            system, input_dim, output_dim, nb_params_share
+        ).nb_weight_parameters
     return plan_layer(
         input_dim, output_dim, nb_params_share, nb_states, state_dim, anticausal_state_dim
     ).nb_weight_parameters
