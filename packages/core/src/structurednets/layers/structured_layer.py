@@ -127,6 +127,8 @@ class StructuredLayer(nn.Module, abc.ABC):
         Y = self.multiply(U.reshape(-1, self.input_dim))
         if self.bias is not None:
             Y = Y + self.bias
+        if U.dim() == 2:  # no reshape: a view would trip FSDP's output hooks
+            return Y
         return Y.reshape(*batch_shape, self.output_dim)
 
     def to_dense(self) -> torch.Tensor:

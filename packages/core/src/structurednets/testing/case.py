@@ -42,6 +42,12 @@ class ConformanceCase:
         gradcheck_shape, gradcheck_share: the (small) layer ``torch.autograd.gradcheck`` sees.
         adam_lr, sgd_lr, nb_train_steps: the short training runs that must reduce a loss.
         skip: check names mapped to the reason the structure cannot pass them.
+        compile_backend: the ``torch.compile`` backend of the compile check ("aot_eager"
+            traces forward and backward without code generation; "inductor" is slower).
+        max_graph_breaks: graph breaks under ``torch.compile`` the structure may cause
+            (say why in the test when it is not 0).
+        option_strategies: hypothesis strategies per structure option, drawn by the
+            property-based check, e.g. ``{"rank": st.integers(1, 4)}``.
     """
 
     structure: str
@@ -56,6 +62,9 @@ class ConformanceCase:
     sgd_lr: float = 5e-2
     nb_train_steps: int = 30
     skip: dict[str, str] = field(default_factory=dict)
+    compile_backend: str = "aot_eager"
+    max_graph_breaks: int = 0
+    option_strategies: dict[str, Any] = field(default_factory=dict)
 
     def build(
         self,
@@ -78,32 +87,47 @@ class ConformanceCase:
             )
 
 
+class CheckSkipped(Exception):
+    """A check that does not apply here (no GPU, a listed skip); the message says why."""
+
+
+def skip(reason: str) -> None:
+    """Stop the running check as skipped."""
+    raise CheckSkipped(reason)
+
+
 @dataclass(frozen=True)
 class Check:
-    """One named conformance check; call it with a :class:`ConformanceCase`."""
+    """One named conformance check.
+
+    Calling it with a :class:`ConformanceCase` runs it under pytest (a skip becomes a pytest
+    skip); :meth:`run` raises :class:`CheckSkipped` instead.
+    """
 
     name: str
     function: Callable[[ConformanceCase], None]
 
-    def __call__(self, case: ConformanceCase) -> None:
+    def run(self, case: ConformanceCase) -> None:
+        """Run the check with one torch thread; raises AssertionError or CheckSkipped."""
         if self.name in case.skip:
             skip(f"{case.structure}: {case.skip[self.name]}")
-        self.function(case)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # small problems; a second thread only adds contention
+        try:
+            self.function(case)
+        finally:
+            torch.set_num_threads(threads)
+
+    def __call__(self, case: ConformanceCase) -> None:
+        try:
+            self.run(case)
+        except CheckSkipped as skipped:
+            import pytest
+
+            pytest.skip(str(skipped))
 
     def __str__(self) -> str:
         return self.name
-
-
-class CheckSkipped(Exception):
-    """Raised by a skipped check when pytest is not installed."""
-
-
-def skip(reason: str) -> None:
-    try:
-        import pytest
-    except ImportError:  # pragma: no cover - the kit is normally run under pytest
-        raise CheckSkipped(reason) from None
-    pytest.skip(reason)
 
 
 @contextlib.contextmanager

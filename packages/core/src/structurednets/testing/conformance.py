@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from structurednets.testing.case import Check, ConformanceCase
+from structurednets.testing.case import Check, CheckSkipped, ConformanceCase
 from structurednets.testing.contract_checks import (
     check_bad_constructor_arguments,
     check_bad_inputs,
@@ -28,6 +28,18 @@ from structurednets.testing.contract_checks import (
     check_registered,
     check_repr,
     check_state_dict_round_trip,
+)
+from structurednets.testing.setup_checks import (
+    check_approximation_robustness,
+    check_cuda,
+    check_distributed_training,
+    check_divergence_is_reported,
+    check_dtypes_and_autocast,
+    check_follows_module_device,
+    check_random_invalid_arguments,
+    check_random_valid_arguments,
+    check_state_dict_mismatch_is_refused,
+    check_torch_compile,
 )
 
 __all__ = ["check_structure", "conformance_checks"]
@@ -50,6 +62,16 @@ _CHECKS = [
     check_bad_constructor_arguments,
     check_bad_inputs,
     check_repr,
+    check_state_dict_mismatch_is_refused,
+    check_dtypes_and_autocast,
+    check_follows_module_device,
+    check_cuda,
+    check_torch_compile,
+    check_distributed_training,
+    check_approximation_robustness,
+    check_divergence_is_reported,
+    check_random_valid_arguments,
+    check_random_invalid_arguments,
 ]
 
 
@@ -58,18 +80,19 @@ def conformance_checks() -> list[Check]:
     return [Check(function.__name__.removeprefix("check_"), function) for function in _CHECKS]
 
 
-def check_structure(structure: str, **case_options: Any) -> None:
-    """Run every check on ``structure``; raise ``AssertionError`` listing the failures.
+def check_structure(structure: str, **case_options: Any) -> list[str]:
+    """Run every check on ``structure`` without pytest; raise ``AssertionError`` listing all
+    failures. Returns the skipped checks with their reasons.
 
     ``case_options`` are :class:`ConformanceCase` fields (``options``, ``shape``, ...).
     """
     case = ConformanceCase(structure, **case_options)
-    failures = []
+    failures, skipped = [], []
     for check in conformance_checks():
-        if check.name in case.skip:
-            continue
         try:
-            check(case)
+            check.run(case)
+        except CheckSkipped as reason:
+            skipped.append(f"{check.name}: {reason}")
         except Exception as error:  # noqa: BLE001 - every failure is reported, not just the first
             failures.append(f"{check.name}: {type(error).__name__}: {error}")
     if failures:
@@ -77,3 +100,4 @@ def check_structure(structure: str, **case_options: Any) -> None:
             f"structure {structure!r} fails {len(failures)} conformance check(s):\n"
             + "\n".join(failures)
         )
+    return skipped
