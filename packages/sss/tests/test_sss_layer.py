@@ -172,6 +172,7 @@ def test_default_number_of_stages():
         ({"nb_states": 4, "state_dim": (1, 2)}, ValueError, ["state_dim", "3 entries", "got 2"]),
         ({"anticausal_state_dim": [1.5]}, TypeError, ["anticausal_state_dim"]),
         ({"system": "abc"}, TypeError, ["system", "SSSSystem"]),
+        ({"state_dim": [1] * 24}, ValueError, ["state_dim", "25 stages", "at most", "24"]),
     ],
 )
 def test_bad_options_name_the_option(kwargs, error, fragments):

@@ -297,15 +297,26 @@ def check_options(
     nb_stages = None if nb_states is None else check_nb_stages(nb_states, input_dim, output_dim)
     causal = None if state_dim is None else check_state_dims("state_dim", state_dim, nb_stages)
     if nb_stages is None and isinstance(causal, tuple):
-        nb_stages = check_nb_stages(len(causal) + 1, input_dim, output_dim)
+        nb_stages = _stages_from_dims("state_dim", causal, input_dim, output_dim)
     anticausal = (
         None
         if anticausal_state_dim is None
         else check_state_dims("anticausal_state_dim", anticausal_state_dim, nb_stages)
     )
     if nb_stages is None and isinstance(anticausal, tuple):
-        nb_stages = check_nb_stages(len(anticausal) + 1, input_dim, output_dim)
+        nb_stages = _stages_from_dims("anticausal_state_dim", anticausal, input_dim, output_dim)
     return StageOptions(nb_stages, causal, anticausal)
+
+
+def _stages_from_dims(name: str, dims: tuple[int, ...], input_dim: int, output_dim: int) -> int:
+    """The number of stages a per-boundary sequence of state dimensions implies."""
+    most = min(input_dim, output_dim)
+    if len(dims) + 1 > most:
+        raise ValueError(
+            f"{name} has {len(dims)} entries (one per boundary between stages), which makes "
+            f"{len(dims) + 1} stages, but there can be at most min(input_dim, output_dim) = {most}"
+        )
+    return len(dims) + 1
 
 
 def plan_layer(
