@@ -62,7 +62,7 @@ class SSSLayer(StructuredLayer):
     Example:
         >>> layer = SSSLayer(512, 256, nb_params_share=0.1)
         >>> layer.nb_states
-        16
+        32
         >>> layer(torch.randn(8, 512)).shape
         torch.Size([8, 256])
     """
