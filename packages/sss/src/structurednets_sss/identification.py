@@ -32,11 +32,18 @@ from dataclasses import dataclass
 
 import torch
 
-from structurednets.validation import BudgetTooSmallError
+from structurednets.validation import (
+    BudgetTooSmallError,
+    as_matrix,
+    check_dim,
+    check_share,
+    weight_budget,
+)
 from structurednets_sss.plan import (
     SSSPlan,
     StageOptions,
     block_sizes,
+    check_options,
     clip_anticausal_dims,
     clip_causal_dims,
     even_plan,
@@ -45,7 +52,7 @@ from structurednets_sss.plan import (
     stage_candidates,
 )
 
-__all__ = ["Identification", "identify"]
+__all__ = ["Identification", "identify", "identify_checked"]
 
 # A candidate number of stages must beat the best so far by this relative margin (of the
 # squared error) to be preferred: fewer stages are faster, so near-ties go to them.
@@ -305,14 +312,43 @@ def _best_for_stages(
 
 
 def identify(
+    W: object,
+    nb_params_share: float,
+    *,
+    nb_states: int | None = None,
+    state_dim: int | Sequence[int] | None = None,
+    anticausal_state_dim: int | Sequence[int] | None = None,
+) -> Identification:
+    """An SSS approximation of the matrix ``W`` (array or tensor, output_dim x input_dim) with
+    at most ``floor(nb_params_share * W.size)`` stage-matrix scalars.
+
+    The options are those of :class:`~structurednets_sss.SSSLayer`; what they leave open (the
+    number of stages, the state dimensions) is chosen to minimise the Frobenius error. Raises
+    :class:`BudgetTooSmallError` when nothing fits.
+
+    >>> fitted = identify(torch.eye(64), 0.1)
+    >>> fitted.plan.nb_stages, fitted.squared_error
+    (12, 0.0)
+    """
+    if not hasattr(W, "shape") or len(W.shape) != 2:
+        raise TypeError(f"W must be a 2-D array or tensor, got {type(W).__name__}")
+    output_dim, input_dim = (
+        check_dim("output_dim", W.shape[0]),
+        check_dim("input_dim", W.shape[1]),
+    )
+    W = as_matrix("W", W, output_dim, input_dim)
+    nb_params_share = check_share(nb_params_share)
+    options = check_options(input_dim, output_dim, nb_states, state_dim, anticausal_state_dim)
+    budget = weight_budget(input_dim, output_dim, nb_params_share)
+    return identify_checked(W, budget, options, nb_params_share)
+
+
+def identify_checked(
     W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: float
 ) -> Identification:
-    """An SSS approximation of ``W`` (output_dim x input_dim) with at most ``budget``
-    stage-matrix scalars, computed in float64 on the CPU.
+    """:func:`identify` for a checked float64 CPU matrix, budget and options.
 
-    ``options`` fixes the number of stages and/or the state dimensions; what is not fixed is
-    chosen to minimise the Frobenius error. Raises :class:`BudgetTooSmallError` when nothing
-    fits. Runs on one thread (see :func:`_one_thread`).
+    Runs on one thread (see :func:`_one_thread`).
     """
     with _one_thread():
         return _identify(W, budget, options, nb_params_share)

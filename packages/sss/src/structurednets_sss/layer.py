@@ -10,7 +10,7 @@ from torch import nn
 
 from structurednets import StructuredLayer
 from structurednets.layers.structured_layer import dense_init_std
-from structurednets_sss.identification import identify
+from structurednets_sss.identification import identify_checked
 from structurednets_sss.kernels import PADDED_KINDS, SSSMultiply, padded_dense
 from structurednets_sss.plan import KINDS, SSSPlan, check_options, plan_from_options
 from structurednets_sss.system import SSSSystem, check_system_fits, random_system
@@ -109,7 +109,7 @@ class SSSLayer(StructuredLayer):
                 self.input_dim, self.output_dim, nb_states, state_dim, anticausal_state_dim
             )
             if target is not None:
-                fitted = identify(target, self.weight_budget, options, self.nb_params_share)
+                fitted = identify_checked(target, self.weight_budget, options, self.nb_params_share)
                 plan, matrices = fitted.plan, fitted.matrices
             else:
                 plan = plan_from_options(
