@@ -109,14 +109,17 @@ def _recursions(
     batch = forward.shape[1]
     if steps and batch <= _JOINT_MAX_BATCH and forward.shape[-1] == backward.shape[-1]:
         both = torch.stack([forward, backward.flip(0)], dim=1)  # (K-1, 2, batch, d)
-        transitions = torch.stack([forward_steps, backward_steps.flip(0)], dim=1)
+        states = both.unbind(0)  # views, unbound once: indexing in the loop costs a call each
+        transitions = torch.stack([forward_steps, backward_steps.flip(0)], dim=1).unbind(0)
         for i in range(1, steps + 1):
-            both[i].baddbmm_(both[i - 1], transitions[i - 1])
+            states[i].baddbmm_(states[i - 1], transitions[i - 1])
         return both[:, 0], both[:, 1].flip(0)
+    states, transitions = forward.unbind(0), forward_steps.unbind(0)
     for i in range(1, steps + 1):
-        forward[i].addmm_(forward[i - 1], forward_steps[i - 1])
+        states[i].addmm_(states[i - 1], transitions[i - 1])
+    states, transitions = backward.unbind(0), backward_steps.unbind(0)
     for i in range(steps - 1, -1, -1):
-        backward[i].addmm_(backward[i + 1], backward_steps[i])
+        states[i].addmm_(states[i + 1], transitions[i])
     return forward, backward
 
 
