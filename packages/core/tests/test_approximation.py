@@ -87,9 +87,7 @@ def test_zero_matrix_gives_absolute_error(diagonal_structure):
     assert result.relative_error == 0.0
 
 
-def test_best_picks_the_most_accurate_and_records_the_others(
-    diagonal_structure, full_structure
-):
+def test_best_picks_the_most_accurate_and_records_the_others(diagonal_structure, full_structure):
     W = target_matrix()
     exact = approximate(W, ["diagonal", "full"], 1.0)
     assert exact.structure == "full" and exact.relative_error < 1e-6

@@ -5,6 +5,7 @@
 ['lowrank']
 >>> layer = structurednets.create("lowrank", 784, 256, nb_params_share=0.1)  # doctest: +SKIP
 >>> fit = structurednets.approximate(weight, "best", 0.1)  # doctest: +SKIP
+>>> small_model, report = structurednets.compress(model, "lowrank", 0.1)  # doctest: +SKIP
 """
 
 from structurednets.approximation import (
@@ -13,6 +14,7 @@ from structurednets.approximation import (
     SkippedStructure,
     approximate,
 )
+from structurednets.compression import CompressionReport, CompressionResult, compress
 from structurednets.hookspecs import hookimpl, hookspec
 from structurednets.layers import StructuredLayer, get_nb_model_parameters
 from structurednets.registry import (
@@ -33,6 +35,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Approximation",
     "BudgetTooSmallError",
+    "CompressionReport",
+    "CompressionResult",
     "NoStructureFitsError",
     "SkippedStructure",
     "Structure",
@@ -41,6 +45,7 @@ __all__ = [
     "__version__",
     "approximate",
     "available",
+    "compress",
     "create",
     "get_nb_model_parameters",
     "get_structure",
