@@ -191,3 +191,12 @@ def test_best_without_structures():
         pytest.skip("a plugin is installed in this environment")
     with pytest.raises(NoStructureFitsError, match="no structures are installed"):
         approximate(target_matrix(), "best", 0.5)
+
+
+def test_format_error():
+    from structurednets.approximation import format_error
+
+    assert format_error(0.21437) == "    0.2144"
+    assert format_error(0.0) == "    0.0000"
+    assert format_error(8.5419e-5) == "  8.54e-05"
+    assert format_error(float("inf")) == "       inf"

@@ -14,6 +14,7 @@ import torch
 from full_structure import FullLayer, full_nb_weight_parameters
 
 import structurednets
+from structurednets.approximation import format_error
 from structurednets.cli import main
 from structurednets.comparison import compare_structures, format_comparison_table
 
@@ -54,7 +55,12 @@ def test_compare_structures_rows(diagonal_structure, full_structure):
         "fwd", "ratio",
     ]  # fmt: skip
     assert table[2].split() == ["full", "0.5", "-", "-", "-", "-", "-", "-"]
-    assert table[4].split()[:4] == ["diagonal", "0.5", "8", f"{expected.relative_error:.4f}"]
+    assert table[4].split()[:4] == [
+        "diagonal",
+        "0.5",
+        "8",
+        format_error(expected.relative_error).strip(),
+    ]
     assert table[6].startswith("full at share 0.5: nb_params_share=0.5 allows 40 weight")
 
 
@@ -88,7 +94,7 @@ def test_compare_command_reads_a_state_dict(diagonal_structure, tmp_path, capsys
     captured = capsys.readouterr()
     row = captured.out.splitlines()[2].split()
     expected = structurednets.approximate(linear.weight, "diagonal", 1.0)
-    assert row == ["diagonal", "1", "5", f"{expected.relative_error:.4f}", row[4]]
+    assert row == ["diagonal", "1", "5", format_error(expected.relative_error).strip(), row[4]]
     assert captured.err.startswith("comparing on a 5 x 6 matrix; forward timed against")
 
 

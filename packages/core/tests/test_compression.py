@@ -153,7 +153,7 @@ def test_best_per_layer(diagonal_structure, full_structure):
     assert [layer.structure for layer in report.layers] == ["diagonal", "full"]
     assert [layer.relative_error for layer in report.layers] == [0.0, pytest.approx(0, abs=1e-7)]
     assert lines[0] == "    full: relative error 0, " + lines[0].split(", ")[1]
-    assert lines[2].startswith("[1/2] 0 (4x4): diagonal, relative error 0.0000, 20 -> 8 parameters")
+    assert lines[2].startswith("[1/2] 0 (4x4): diagonal, relative error 0, 20 -> 8 parameters")
 
 
 def test_report_table_and_progress(diagonal_structure):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import structurednets
+from structurednets.approximation import format_error
 
 
 def start(*args):
@@ -81,7 +82,7 @@ def test_compare_command_prints_what_the_library_computes(tmp_path):
             "lowrank",
             f"{row['nb_params_share']:g}",
             str(row["nb_parameters"]),
-            f"{row['relative_error']:.4f}",
+            format_error(row["relative_error"]).strip(),
         ]
     assert lines[5].startswith("lowrank at share 0.01: nb_params_share=0.01 allows 19 weight")
     assert err.splitlines()[0].startswith("comparing on a 48 x 40 matrix")

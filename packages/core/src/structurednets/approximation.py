@@ -31,6 +31,7 @@ __all__ = [
     "SkippedStructure",
     "approximate",
     "as_weight_matrix",
+    "format_error",
     "relative_error",
 ]
 
@@ -140,6 +141,13 @@ def relative_error(approximation: torch.Tensor, target: torch.Tensor) -> float:
     error = float(torch.linalg.norm(approximation - target))
     norm = float(torch.linalg.norm(target))
     return error / norm if norm > 0 else error
+
+
+def format_error(value: float) -> str:
+    """A relative error for tables: ``0.2144``, or ``8.54e-05`` below 1e-3 (width 10)."""
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:>10.4f}"
+    return f"{value:>10.2e}"
 
 
 @contextlib.contextmanager

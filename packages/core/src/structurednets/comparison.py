@@ -15,6 +15,7 @@ from structurednets.approximation import (
     SkippedStructure,
     approximate,
     as_weight_matrix,
+    format_error,
 )
 from structurednets.benchmark import time_against_dense
 from structurednets.registry import available, get_structure
@@ -173,7 +174,7 @@ def _progress_line(row: ComparisonRow) -> str:
     head = f"{row.structure} at share {row.nb_params_share:g}:"
     if row.skipped is not None:
         return f"{head} skipped, {row.skipped}"
-    text = f"{head} relative error {row.relative_error:.4f}, fit {row.fit_seconds:.2f} s"
+    text = f"{head} relative error {row.relative_error:.4g}, fit {row.fit_seconds:.2f} s"
     if row.forward_ratio is not None:
         text += f", forward {row.forward_ratio:.3f} x nn.Linear"
     return text
@@ -181,6 +182,10 @@ def _progress_line(row: ComparisonRow) -> str:
 
 def _number(value: float | int | None, spec: str, width: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
+
+
+def _error(value: float | None) -> str:
+    return f"{'-':>10}" if value is None else format_error(value)
 
 
 def format_comparison_table(rows: Iterable[ComparisonRow]) -> str:
@@ -197,7 +202,7 @@ def format_comparison_table(rows: Iterable[ComparisonRow]) -> str:
     for row in rows:
         line = (
             f"{row.structure:<10} {row.nb_params_share:>6g} {_number(row.nb_parameters, 'd', 9)} "
-            f"{_number(row.relative_error, '.4f', 10)} {_number(row.fit_seconds, '.3f', 7)}"
+            f"{_error(row.relative_error)} {_number(row.fit_seconds, '.3f', 7)}"
         )
         if timed:
             line += (

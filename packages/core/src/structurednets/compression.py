@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from structurednets.approximation import BEST, NoStructureFitsError, approximate
+from structurednets.approximation import BEST, NoStructureFitsError, approximate, format_error
 from structurednets.layers.layer_helpers import get_nb_model_parameters
 from structurednets.registry import get_structure
 from structurednets.validation import BudgetTooSmallError, check_positive_int, check_share
@@ -103,7 +103,7 @@ class CompressionReport:
             lines.append(
                 f"{layer.name:<{width}} {shape:>11} {layer.structure:<10} "
                 f"{layer.nb_parameters_before:>13} {layer.nb_parameters_after:>12} "
-                f"{layer.relative_error:>10.4f}"
+                f"{format_error(layer.relative_error)}"
             )
         lines.append("-" * len(header))
         lines.append(
@@ -290,7 +290,7 @@ def compress(
         )
         say(
             f"[{index}/{len(selected)}] {label} ({shape}): {result.structure}, relative error "
-            f"{result.relative_error:.4f}, {before} -> {result.nb_parameters} parameters, "
+            f"{result.relative_error:.4g}, {before} -> {result.nb_parameters} parameters, "
             f"{result.seconds:.2f} s"
         )
     if id(model) in replacements:  # the model is itself an nn.Linear

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from structurednets.approximation import format_error
 from structurednets.compression import compress
 from structurednets.datasets import load_digits
 from structurednets.layers.layer_helpers import get_nb_model_parameters
@@ -213,9 +214,10 @@ def format_demo_table(rows: Iterable[DemoRow]) -> str:
     lines = [header, "-" * len(header)]
     notes = []
     for r in rows:
+        error = f"{'-':>10}" if r.relative_error is None else format_error(r.relative_error)
         lines.append(
             f"{r.structure:<10} {r.nb_params_share:>6g} {_cell(r.nb_parameters, 'd', 12)} "
-            f"{_cell(r.model_nb_parameters, 'd', 12)} {_cell(r.relative_error, '.4f', 10)} "
+            f"{_cell(r.model_nb_parameters, 'd', 12)} {error} "
             f"{_cell(r.accuracy_fitted, '.3f', 10)} {_cell(r.accuracy_finetuned, '.3f', 9)} "
             f"{_cell(r.fit_seconds, '.2f', 6)} {_cell(r.finetune_seconds, '.1f', 6)}"
         )

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 __all__ = ["check_plot_path", "plot_comparison", "plot_demo", "require_matplotlib"]
 
+#: Errors span orders of magnitude and are drawn on a log scale; exact fits (0) and errors
+#: below float32 rounding are drawn at this floor.
+ERROR_FLOOR = 1e-7
 MISSING_MATPLOTLIB = "plotting needs matplotlib: pip install 'structurednets[plot]'"
 
 
@@ -71,17 +74,18 @@ def _share_axis(axes: object, rows: Iterable) -> None:
 
 
 def plot_comparison(rows: Sequence[ComparisonRow], path: str | os.PathLike[str]) -> None:
-    """Relative error against share, one line per structure; written to ``path``."""
+    """Relative error (log scale) against share, one line per structure; written to ``path``."""
     figure = require_matplotlib()(figsize=(6.4, 4.4), layout="constrained")
     axes = figure.subplots()
     for structure, (shares, errors) in _by_structure(rows, "relative_error").items():
-        axes.plot(shares, errors, marker="o", label=structure)
+        shown = [max(error, ERROR_FLOOR) for error in errors]
+        axes.plot(shares, shown, marker="o", label=structure)
     if rows:
         axes.set_title(f"approximating a {rows[0].output_dim} x {rows[0].input_dim} matrix")
     _share_axis(axes, rows)
     axes.set_xlabel("nb_params_share (share of the dense weights)")
-    axes.set_ylabel("relative Frobenius error")
-    axes.set_ylim(bottom=0)
+    axes.set_ylabel(f"relative Frobenius error (below {ERROR_FLOOR:g} drawn at {ERROR_FLOOR:g})")
+    axes.set_yscale("log")
     axes.grid(True, alpha=0.3)
     axes.legend()
     figure.savefig(path, dpi=120)
