@@ -103,6 +103,8 @@ def error_cases(folder):
     np.save(folder / "vector.npy", np.ones(5))
     np.save(folder / "objects.npy", np.array([{}, 1], dtype=object), allow_pickle=True)
     np.save(folder / "matrix.npy", np.ones((4, 3)))
+    np.save(folder / "nan.npy", np.array([[1.0, np.nan]]))
+    np.save(folder / "complex.npy", np.ones((2, 2), dtype=complex))
     (folder / "garbage.npy").write_text("not numpy")
     (folder / "garbage.pt").write_text("not torch")
     torch.save(torch.ones(2, 3, 4), folder / "cube.pt")
@@ -121,6 +123,11 @@ def error_cases(folder):
             ["compare", str(folder / "vector.npy")],
             "holds an array of shape (5,); expected a 2-D matrix",
         ),
+        "NaN": (
+            ["compare", str(folder / "nan.npy")],
+            "the matrix in " + str(folder / "nan.npy") + " must be finite, but 1 of its entries",
+        ),
+        "complex": (["compare", str(folder / "complex.npy")], "must hold real numbers"),
         "3-D": (["compare", str(folder / "cube.pt")], "holds an array of shape (2, 3, 4)"),
         "dict without key": (
             ["compare", str(folder / "state.pt")],
@@ -159,7 +166,8 @@ def check_one_line_error(code, out, err, expected):
 
 
 ERROR_CASES = [
-    "missing file", "wrong extension", "not numpy", "not torch", "object array", "1-D", "3-D",
+    "missing file", "wrong extension", "not numpy", "not torch", "object array", "1-D", "NaN",
+    "complex", "3-D",
     "dict without key", "unknown key", "share 0", "share 1.5", "share nan", "batch",
     "unknown structure", "no matrix", "plot folder",
 ]  # fmt: skip

@@ -177,12 +177,21 @@ def test_bad_arguments(diagonal_structure):
         compress(nn.ReLU(), "diagonal", 0.5)
     with pytest.raises(structurednets.UnknownStructureError):
         compress(mlp(), "nosuch", 0.5)
+    with pytest.raises(structurednets.UnknownStructureError):
+        compress(mlp(), ["diagonal", "nosuch"], 0.5)
     with pytest.raises(ValueError, match=r"nb_params_share must be in \(0, 1\]"):
         compress(mlp(), "diagonal", 0)
     with pytest.raises(ValueError, match="min_size must be a positive integer"):
         compress(mlp(), "diagonal", 0.5, min_size=0)
     with pytest.raises(TypeError, match="include must be a glob pattern"):
         compress(mlp(), "diagonal", 0.5, include=[3])
+
+
+def test_best_without_structures():
+    if structurednets.available():
+        pytest.skip("a plugin is installed in this environment")
+    with pytest.raises(structurednets.NoStructureFitsError, match="no structures are installed"):
+        compress(mlp(), "best", 0.5)
 
 
 def test_fine_tuning_the_compressed_model(diagonal_structure):

@@ -33,6 +33,7 @@ __all__ = [
     "as_weight_matrix",
     "format_error",
     "relative_error",
+    "structure_names",
 ]
 
 #: The ``structure`` argument that tries every installed structure.
@@ -199,8 +200,9 @@ def _fit(
     )
 
 
-def _structure_names(structure: str | Sequence[str]) -> tuple[list[str], bool]:
-    """Canonical names to try, and whether the caller asked for a choice among several."""
+def structure_names(structure: str | Sequence[str]) -> tuple[list[str], bool]:
+    """Canonical names to try for ``structure`` (a name, ``"best"`` or a list), and whether
+    the caller asked for a choice among several; raises for unknown names or an empty choice."""
     if isinstance(structure, str):
         if structure == BEST:
             names = available()
@@ -271,7 +273,7 @@ def approximate(
     """
     target = as_weight_matrix(matrix)
     nb_params_share = check_share(nb_params_share)
-    names, choose = _structure_names(structure)
+    names, choose = structure_names(structure)
     if choose and options:
         raise TypeError(
             f"options {sorted(options)} apply to a single structure; to pass options while "

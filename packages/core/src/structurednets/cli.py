@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from structurednets import __version__
+from structurednets.approximation import as_weight_matrix
 from structurednets.demo import DEFAULT_SHARES
 from structurednets.registry import available, get_structure
 
@@ -141,8 +142,8 @@ def _check_plot(path: str | None) -> None:
         raise CommandError(f"--plot: {error}") from None
 
 
-def load_matrix(path: str, key: str | None = None) -> np.ndarray | torch.Tensor:
-    """The matrix stored in a ``.npy``, ``.npz`` or ``.pt``/``.pth`` file.
+def load_matrix(path: str, key: str | None = None) -> torch.Tensor:
+    """The matrix stored in a ``.npy``, ``.npz`` or ``.pt``/``.pth`` file, as a float64 tensor.
 
     A ``.npz`` file or a ``.pt`` file holding a dict (e.g. a ``state_dict``) needs ``key`` to
     pick the array, unless it holds exactly one. Raises :class:`CommandError` with one line
@@ -196,12 +197,15 @@ def load_matrix(path: str, key: str | None = None) -> np.ndarray | torch.Tensor:
         raise CommandError(f"{path}: holds a single array, so --key {key!r} does not apply")
     if not isinstance(content, (np.ndarray, torch.Tensor)):
         raise CommandError(f"{path}: holds a {type(content).__name__}, not an array or tensor")
-    if content.ndim != 2:
+    if content.ndim != 2 or 0 in content.shape:
         raise CommandError(
             f"{path}: holds an array of shape {tuple(content.shape)}; expected a 2-D matrix "
             "(output_dim x input_dim)"
         )
-    return content
+    try:
+        return as_weight_matrix(content, name=f"the matrix in {path}")
+    except (TypeError, ValueError) as error:
+        raise CommandError(str(error)) from None
 
 
 def _list_names(arrays: dict[str, Any]) -> str:

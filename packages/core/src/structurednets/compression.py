@@ -16,9 +16,14 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from structurednets.approximation import BEST, NoStructureFitsError, approximate, format_error
+from structurednets.approximation import (
+    BEST,
+    NoStructureFitsError,
+    approximate,
+    format_error,
+    structure_names,
+)
 from structurednets.layers.layer_helpers import get_nb_model_parameters
-from structurednets.registry import get_structure
 from structurednets.validation import BudgetTooSmallError, check_positive_int, check_share
 
 __all__ = [
@@ -237,8 +242,7 @@ def compress(
         model, _patterns("include", include), _patterns("exclude", exclude), min_size
     )
     model_before = get_nb_model_parameters(model)
-    if isinstance(structure, str) and structure != BEST:
-        get_structure(structure)  # an unknown name fails before any work
+    structure_names(structure)  # unknown names, or 'best' with nothing installed, fail first
     if not inplace:
         # Copy the whole model once (shared modules stay shared) and find the layers by name.
         model = copy.deepcopy(model)
