@@ -108,6 +108,7 @@ def error_cases(folder):
     (folder / "garbage.npy").write_text("not numpy")
     (folder / "garbage.pt").write_text("not torch")
     torch.save(torch.ones(2, 3, 4), folder / "cube.pt")
+    torch.save(torch.nn.Linear(2, 2), folder / "module.pt")
     torch.save({"a.weight": torch.ones(2, 2), "a.bias": torch.ones(2)}, folder / "state.pt")
     matrix = str(folder / "matrix.npy")
     return {
@@ -128,6 +129,11 @@ def error_cases(folder):
             "the matrix in " + str(folder / "nan.npy") + " must be finite, but 1 of its entries",
         ),
         "complex": (["compare", str(folder / "complex.npy")], "must hold real numbers"),
+        "whole model": (
+            ["compare", str(folder / "module.pt")],
+            "holds Python objects other than tensors (a whole model?); save a tensor or a "
+            "state_dict instead",
+        ),
         "3-D": (["compare", str(folder / "cube.pt")], "holds an array of shape (2, 3, 4)"),
         "dict without key": (
             ["compare", str(folder / "state.pt")],
@@ -167,7 +173,7 @@ def check_one_line_error(code, out, err, expected):
 
 ERROR_CASES = [
     "missing file", "wrong extension", "not numpy", "not torch", "object array", "1-D", "NaN",
-    "complex", "3-D",
+    "complex", "whole model", "3-D",
     "dict without key", "unknown key", "share 0", "share 1.5", "share nan", "batch",
     "unknown structure", "no matrix", "plot folder",
 ]  # fmt: skip

@@ -6,6 +6,7 @@ import argparse
 import ast
 import json
 import os
+import pickle
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -169,6 +170,12 @@ def load_matrix(path: str, key: str | None = None) -> torch.Tensor:
         else:
             content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - whatever the parser says, the file is unreadable
+        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+            # Only tensors and containers of them are loaded: never run code from a pickle.
+            raise CommandError(
+                f"{path}: holds Python objects other than tensors (a whole model?); save a "
+                "tensor or a state_dict instead: torch.save(model.state_dict(), path)"
+            ) from None
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CommandError(
             f"{path}: cannot read it as a {extension} file ({type(error).__name__}: {reason})"
