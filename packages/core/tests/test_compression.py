@@ -118,6 +118,7 @@ def test_model_that_is_a_linear(diagonal_structure):
     compressed, report = compress(linear, "diagonal", 0.5, inplace=True)
     assert isinstance(compressed, structurednets.StructuredLayer)
     assert report.layers[0].name == ""
+    assert str(report).splitlines()[2].startswith("(model)         4x5 diagonal")
 
 
 def test_attention_projection_is_left_alone(diagonal_structure):

@@ -97,16 +97,17 @@ class CompressionReport:
         return sum(layer.nb_parameters_after for layer in self.layers)
 
     def __str__(self) -> str:
-        width = max([len("layer"), len("total"), *(len(layer.name) for layer in self.layers)])
+        names = [layer.name or "(model)" for layer in self.layers]
+        width = max([len("layer"), len("total"), *(len(name) for name in names)])
         header = (
             f"{'layer':<{width}} {'out x in':>11} {'structure':<10} {'params before':>13} "
             f"{'params after':>12} {'rel. error':>10}"
         )
         lines = [header, "-" * len(header)]
-        for layer in self.layers:
+        for name, layer in zip(names, self.layers, strict=True):
             shape = f"{layer.output_dim}x{layer.input_dim}"
             lines.append(
-                f"{layer.name:<{width}} {shape:>11} {layer.structure:<10} "
+                f"{name:<{width}} {shape:>11} {layer.structure:<10} "
                 f"{layer.nb_parameters_before:>13} {layer.nb_parameters_after:>12} "
                 f"{format_error(layer.relative_error)}"
             )
@@ -122,7 +123,7 @@ class CompressionReport:
         )
         for skipped in self.skipped:
             lines.append(
-                f"kept dense: {skipped.name} ({skipped.output_dim}x{skipped.input_dim}): "
+                f"kept dense: {skipped.name or '(model)'} ({skipped.output_dim}x{skipped.input_dim}): "
                 f"{skipped.reason}"
             )
         return "\n".join(lines)
