@@ -78,3 +78,10 @@ def test_as_matrix_rejects_complex_and_bool():
         as_matrix("W", np.ones((2, 2), dtype=complex), 2, 2)
     with pytest.raises(TypeError, match="W must hold real numbers"):
         as_matrix("W", torch.ones(2, 2, dtype=torch.bool), 2, 2)
+
+
+def test_as_matrix_takes_reversed_and_empty_views():
+    reversed_view = np.arange(6.0).reshape(2, 3)[::-1, ::-1]
+    assert as_matrix("W", reversed_view, 2, 3)[0, 0] == 5
+    empty_view = np.ones((3, 3))[::-1, ::-1][:, :0]
+    assert as_matrix("W", empty_view, 3, 0).shape == (3, 0)

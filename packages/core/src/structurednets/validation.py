@@ -130,7 +130,8 @@ def _as_float64_tensor(name: str, value: object, shape: tuple[int, ...], what: s
     if tensor is None:
         if value.dtype.kind not in "fiu":
             raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64))
+        # A copy: ascontiguousarray keeps an empty view's negative strides, which torch refuses.
+        tensor = torch.from_numpy(np.array(value, dtype=np.float64, order="C", copy=True))
     else:
         if tensor.is_complex() or tensor.dtype == torch.bool:
             raise TypeError(f"{name} must hold real numbers, got dtype {tensor.dtype}")
