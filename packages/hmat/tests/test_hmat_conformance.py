@@ -1,0 +1,12 @@
+import pytest
+
+from structurednets.testing import ConformanceCase, conformance_checks
+
+# With the default min_block_size (16) the kit's small shapes would be single blocks (plain low
+# rank); 4 makes them real H-matrices, so the kit exercises the partition and the buckets.
+CASE = ConformanceCase("hmat", options={"min_block_size": 4})
+
+
+@pytest.mark.parametrize("check", conformance_checks(), ids=str)
+def test_conformance(check):
+    check(CASE)
