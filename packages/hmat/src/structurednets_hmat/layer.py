@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
@@ -17,8 +18,8 @@ from structurednets_hmat.approximation import (
     smallest_nb_parameters,
 )
 from structurednets_hmat.batched import (
-    BucketOperands,
-    block_indices,
+    DenseOperands,
+    LowRankOperands,
     make_buckets,
     multiply_buckets,
 )
@@ -237,61 +238,62 @@ class HMatLayer(StructuredLayer):
     # -- parameters -------------------------------------------------------------------------
 
     def _build_parameters(self, factors: tuple[tuple[torch.Tensor, ...], ...]) -> None:
+        """One parameter per dense bucket (``(G, r, c)``), two flat ones per low-rank bucket:
+        the entries of its stacked factors ``Lrow`` and ``Rcol`` that are not padding."""
         dtype = torch.get_default_dtype()
         self.left_factors = nn.ParameterList()
         self.right_factors = nn.ParameterList()
         self.dense_blocks = nn.ParameterList()
-        leaves = self.partition.leaves
         for number, bucket in enumerate(self.buckets):
             if bucket.dense:
                 blocks = torch.stack([factors[i][0] for i in bucket.leaves])
                 self.dense_blocks.append(nn.Parameter(blocks.to(dtype)))
             else:
-                left = torch.cat([factors[i][0].reshape(-1) for i in bucket.leaves])
-                right = torch.cat([factors[i][1].reshape(-1) for i in bucket.leaves])
-                self.left_factors.append(nn.Parameter(left.to(dtype)))
-                self.right_factors.append(nn.Parameter(right.to(dtype)))
-                if bucket.ragged:
-                    ranks = torch.tensor(bucket.ranks)[:, None, None]
-                    steps = torch.arange(bucket.rank)
-                    self.register_buffer(
-                        f"_left_mask_{number}", steps[None, None, :] < ranks, persistent=False
-                    )
-                    self.register_buffer(
-                        f"_right_mask_{number}", steps[None, :, None] < ranks, persistent=False
-                    )
-            rows, cols = block_indices(leaves, bucket)
-            self.register_buffer(f"_rows_{number}", rows, persistent=False)
-            self.register_buffer(f"_cols_{number}", cols, persistent=False)
+                left, right = bucket.stack(factors)
+                left_mask, right_mask = bucket.left_mask(), bucket.right_mask()
+                self.left_factors.append(nn.Parameter(left[left_mask].to(dtype)))
+                self.right_factors.append(nn.Parameter(right[right_mask].to(dtype)))
+                if bucket.padded:
+                    self.register_buffer(f"_left_mask_{number}", left_mask, persistent=False)
+                    self.register_buffer(f"_right_mask_{number}", right_mask, persistent=False)
+                self.register_buffer(
+                    f"_gather_{number}", bucket.gather_index(), persistent=False
+                )
+            for side, blocks in (("rows", bucket.rows), ("cols", bucket.cols)):
+                if not blocks.strided:
+                    self.register_buffer(f"_{side}_{number}", blocks.index(), persistent=False)
 
     def _stacked_factors(self) -> list[torch.Tensor]:
-        """Per bucket, ``D`` of shape (G, r, c), or ``L`` (G, r, k) and ``R`` (G, k, c)."""
+        """Per bucket, ``D`` of shape (G, r, c), or the stacked ``Lrow`` and ``Rcol``."""
         stacked = []
         low_rank = dense = 0
         for number, bucket in enumerate(self.buckets):
-            G, r, c, k = bucket.nb_leaves, bucket.nb_rows, bucket.nb_cols, bucket.rank
             if bucket.dense:
                 stacked.append(self.dense_blocks[dense])
                 dense += 1
                 continue
             left, right = self.left_factors[low_rank], self.right_factors[low_rank]
             low_rank += 1
-            if bucket.ragged:
-                left_mask = getattr(self, f"_left_mask_{number}").expand(G, r, k)
-                right_mask = getattr(self, f"_right_mask_{number}").expand(G, k, c)
-                left = left.new_zeros(G, r, k).masked_scatter(left_mask, left)
-                right = right.new_zeros(G, k, c).masked_scatter(right_mask, right)
+            if bucket.padded:
+                left_mask = getattr(self, f"_left_mask_{number}")
+                right_mask = getattr(self, f"_right_mask_{number}")
+                left = left.new_zeros(bucket.left_shape).masked_scatter(left_mask, left)
+                right = right.new_zeros(bucket.right_shape).masked_scatter(right_mask, right)
                 stacked += [left, right]
             else:
-                stacked += [left.view(G, r, k), right.view(G, k, c)]
+                stacked += [left.view(bucket.left_shape), right.view(bucket.right_shape)]
         return stacked
 
-    def _operands(self) -> list[BucketOperands]:
-        operands = []
+    def _operands(self) -> list[DenseOperands | LowRankOperands]:
+        operands: list[DenseOperands | LowRankOperands] = []
         for number, bucket in enumerate(self.buckets):
             rows = None if bucket.rows.strided else getattr(self, f"_rows_{number}")
             cols = None if bucket.cols.strided else getattr(self, f"_cols_{number}")
-            operands.append(BucketOperands(bucket, rows, cols))
+            if bucket.dense:
+                operands.append(DenseOperands(bucket, rows, cols))
+            else:
+                gather = getattr(self, f"_gather_{number}")
+                operands.append(LowRankOperands(bucket, rows, cols, gather))
         return operands
 
     # -- the layer --------------------------------------------------------------------------
@@ -305,41 +307,46 @@ class HMatLayer(StructuredLayer):
 
     def to_dense(self) -> torch.Tensor:
         reference = self._reference_parameter()
+        device = reference.device
         matrix = reference.new_zeros(self.output_dim, self.input_dim)
+        leaves = self.partition.leaves
         factors = iter(self._stacked_factors())
-        for number, bucket in enumerate(self.buckets):
-            blocks = next(factors) if bucket.dense else torch.bmm(next(factors), next(factors))
-            rows = getattr(self, f"_rows_{number}")
-            cols = getattr(self, f"_cols_{number}")
-            matrix = matrix.index_put((rows[:, :, None], cols[:, None, :]), blocks)
+        for bucket in self.buckets:
+            if bucket.dense:
+                blocks = next(factors)
+            else:
+                Lrow, Rcol = next(factors), next(factors)
+                rows, _, slots_rank = bucket.left_shape
+                Lrow = Lrow.view(rows, bucket.rows.size, bucket.row_slots, bucket.rank)
+                Rcol = Rcol.view(bucket.cols.count, bucket.col_slots, bucket.rank, bucket.cols.size)
+                index = partial(torch.tensor, device=device)
+                left = Lrow[index(bucket.row_of), :, index(bucket.row_slot)]  # (G, r, k)
+                right = Rcol[index(bucket.col_of), index(bucket.col_slot)]  # (G, k, c)
+                blocks = torch.bmm(left, right)
+            row_starts = torch.tensor([leaves[i].row_start for i in bucket.leaves], device=device)
+            col_starts = torch.tensor([leaves[i].col_start for i in bucket.leaves], device=device)
+            rows = row_starts[:, None, None] + torch.arange(bucket.shape[0], device=device)[:, None]
+            cols = col_starts[:, None, None] + torch.arange(bucket.shape[1], device=device)
+            matrix = matrix.index_put((rows, cols), blocks)
         return matrix
 
     def to_hmatrix(self) -> HMatrix:
         """The current weights as an :class:`~structurednets_hmat.HMatrix` (float64 copies)."""
-        factors: list[tuple[torch.Tensor, ...] | None] = [None] * len(self.partition.leaves)
-        low_rank = dense = 0
+        leaves = self.partition.leaves
+        factors: list[tuple[torch.Tensor, ...]] = [
+            (torch.zeros(leaf.nb_rows, 0), torch.zeros(0, leaf.nb_cols)) for leaf in leaves
+        ]
+        stacked = iter(self._stacked_factors())
         for bucket in self.buckets:
             if bucket.dense:
-                blocks = self.dense_blocks[dense].detach().to("cpu", torch.float64)
-                dense += 1
+                blocks = next(stacked).detach().to("cpu", torch.float64)
                 for position, index in enumerate(bucket.leaves):
                     factors[index] = (blocks[position].clone(),)
                 continue
-            left = self.left_factors[low_rank].detach().to("cpu", torch.float64)
-            right = self.right_factors[low_rank].detach().to("cpu", torch.float64)
-            low_rank += 1
-            left_offset = right_offset = 0
-            for index, rank in zip(bucket.leaves, bucket.ranks, strict=True):
-                size_left, size_right = bucket.nb_rows * rank, rank * bucket.nb_cols
-                factors[index] = (
-                    left[left_offset : left_offset + size_left].reshape(bucket.nb_rows, rank),
-                    right[right_offset : right_offset + size_right].reshape(rank, bucket.nb_cols),
-                )
-                left_offset += size_left
-                right_offset += size_right
-        for index, leaf in enumerate(self.partition.leaves):
-            if factors[index] is None:  # rank 0
-                factors[index] = (torch.zeros(leaf.nb_rows, 0), torch.zeros(0, leaf.nb_cols))
+            left = next(stacked).detach().to("cpu", torch.float64)
+            right = next(stacked).detach().to("cpu", torch.float64)
+            for index, pair in zip(bucket.leaves, bucket.unstack(left, right), strict=True):
+                factors[index] = tuple(factor.clone() for factor in pair)
         return HMatrix(self.partition, tuple(factors))
 
     def extra_repr(self) -> str:
