@@ -65,7 +65,9 @@ class HMatrix:
             if leaf.dense:
                 if len(factor) != 1:
                     raise ValueError(f"{name} must be (D,) for the dense leaf {leaf}")
-                checked.append((as_matrix(f"{name}[0] (D)", factor[0], *leaf.shape, "rows x cols"),))
+                checked.append(
+                    (as_matrix(f"{name}[0] (D)", factor[0], *leaf.shape, "rows x cols"),)
+                )
             else:
                 if len(factor) != 2:
                     raise ValueError(f"{name} must be (L, R) for the low-rank leaf {leaf}")
@@ -102,7 +104,9 @@ class HMatrix:
 def smallest_nb_parameters(partition: HMatrixPartition) -> int:
     """Scalars of the smallest full H-matrix on these blocks: rank 1 everywhere, or dense where
     a dense block is no dearer than rank 1 (blocks with a side of 1)."""
-    return sum(min(leaf.nb_rows + leaf.nb_cols, leaf.nb_rows * leaf.nb_cols) for leaf in partition.leaves)
+    return sum(
+        min(leaf.nb_rows + leaf.nb_cols, leaf.nb_rows * leaf.nb_cols) for leaf in partition.leaves
+    )
 
 
 def allocate_uniform(partition: HMatrixPartition, budget: int) -> HMatrixPartition:
@@ -262,9 +266,7 @@ def approximate(
         else:
             S = blocks.new_zeros(len(indices), 0)
         for position, index in enumerate(indices):
-            spectra[index] = _LeafSpectrum(
-                (S[position] ** 2).numpy(), float(energies[position])
-            )
+            spectra[index] = _LeafSpectrum((S[position] ** 2).numpy(), float(energies[position]))
             if usable > 0:
                 vectors[index] = (U[position], S[position], Vh[position])
     ranked = allocate_greedy(partition, spectra, budget)

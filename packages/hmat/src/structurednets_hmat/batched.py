@@ -166,7 +166,9 @@ class LowRankBucket:
             index[self.row_of[g], self.row_slot[g]] = torch.arange(first, first + self.rank)
         return index.reshape(-1)
 
-    def stack(self, factors: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def stack(
+        self, factors: Sequence[tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Lrow, Rcol)`` (float64) from per-leaf ``(L, R)`` pairs indexed like the partition."""
         left = torch.zeros(self.left_shape, dtype=torch.float64)
         right = torch.zeros(self.right_shape, dtype=torch.float64)
@@ -269,7 +271,12 @@ def _diagonals(leaves: Sequence[Leaf], indices: list[int]) -> list[list[int]]:
     # Short runs of small blocks go together into one gathered bucket: a copy is cheaper than
     # another call.
     long_runs = [run for run in runs if len(run) >= 4 or len(run) * rows * cols >= 4096]
-    rest = [index for run in runs if not (len(run) >= 4 or len(run) * rows * cols >= 4096) for index in run]
+    rest = [
+        index
+        for run in runs
+        if not (len(run) >= 4 or len(run) * rows * cols >= 4096)
+        for index in run
+    ]
     return [*long_runs, rest] if rest else long_runs
 
 

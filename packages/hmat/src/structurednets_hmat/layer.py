@@ -221,7 +221,11 @@ class HMatLayer(StructuredLayer):
         plan_args = dict(eta=eta, min_block_size=min_block_size, hmatrix=hmatrix)
         if target is None:
             ranked = plan_partition(
-                self.input_dim, self.output_dim, self.nb_params_share, partition=partition, **plan_args
+                self.input_dim,
+                self.output_dim,
+                self.nb_params_share,
+                partition=partition,
+                **plan_args,
             )
         else:
             blocks = _block_partition(
@@ -232,7 +236,9 @@ class HMatLayer(StructuredLayer):
             ranked = hmatrix.partition
         self.partition = ranked
         self.buckets = make_buckets(ranked.leaves)
-        factors = hmatrix.factors if hmatrix is not None else _random_factors(ranked, self.input_dim)
+        factors = (
+            hmatrix.factors if hmatrix is not None else _random_factors(ranked, self.input_dim)
+        )
         self._build_parameters(factors)
 
     # -- parameters -------------------------------------------------------------------------
@@ -256,9 +262,7 @@ class HMatLayer(StructuredLayer):
                 if bucket.padded:
                     self.register_buffer(f"_left_mask_{number}", left_mask, persistent=False)
                     self.register_buffer(f"_right_mask_{number}", right_mask, persistent=False)
-                self.register_buffer(
-                    f"_gather_{number}", bucket.gather_index(), persistent=False
-                )
+                self.register_buffer(f"_gather_{number}", bucket.gather_index(), persistent=False)
             for side, blocks in (("rows", bucket.rows), ("cols", bucket.cols)):
                 if not blocks.strided:
                     self.register_buffer(f"_{side}_{number}", blocks.index(), persistent=False)
@@ -316,8 +320,7 @@ class HMatLayer(StructuredLayer):
                 blocks = next(factors)
             else:
                 Lrow, Rcol = next(factors), next(factors)
-                rows, _, slots_rank = bucket.left_shape
-                Lrow = Lrow.view(rows, bucket.rows.size, bucket.row_slots, bucket.rank)
+                Lrow = Lrow.view(bucket.rows.count, bucket.rows.size, bucket.row_slots, bucket.rank)
                 Rcol = Rcol.view(bucket.cols.count, bucket.col_slots, bucket.rank, bucket.cols.size)
                 index = partial(torch.tensor, device=device)
                 left = Lrow[index(bucket.row_of), :, index(bucket.row_slot)]  # (G, r, k)
@@ -382,4 +385,3 @@ def _random_factors(
             right = torch.randn(leaf.rank, cols, dtype=torch.float64) * scale
             factors.append((left, right))
     return tuple(factors)
-
