@@ -89,7 +89,11 @@ def test_ranks_parameters_and_summary():
         for leaf, rank, is_dense in zip(partition.leaves, ranks, dense, strict=True)
     )
     assert ranked.nb_parameters == expected
-    assert ranked.ranks == tuple(ranks) and ranked.dense_flags == tuple(dense)
+    assert ranked.dense_flags == tuple(dense)
+    assert ranked.ranks == tuple(
+        min(leaf.shape) if is_dense else rank
+        for leaf, rank, is_dense in zip(partition.leaves, ranks, dense, strict=True)
+    )
     assert partition.nb_parameters == 0 and ranked.structure_matches(partition)
     assert ranked.share == pytest.approx(expected / (96 * 80))
     text = ranked.summary()
@@ -99,6 +103,9 @@ def test_ranks_parameters_and_summary():
         partition.with_ranks(ranks[:-1])
     with pytest.raises(ValueError, match="leaf rank must be in"):
         partition.with_ranks([100] * len(ranks))
+    with pytest.raises(TypeError, match="leaf ranks must be integers, got 1.5"):
+        partition.with_ranks([1.5] * len(ranks))
+    assert partition.with_ranks(np.ones(len(ranks), dtype=np.int64)).ranks == (1,) * len(ranks)
 
 
 def test_dense_rank():

@@ -53,7 +53,7 @@ class Leaf:
         level: depth in the block cluster tree (the root block is level 0).
         admissible: whether the block met the admissibility condition (far from the diagonal);
             inadmissible leaves are the near-diagonal blocks of the smallest size.
-        rank: rank of the low-rank form ``L @ R``; ignored when ``dense``.
+        rank: rank of the low-rank form ``L @ R``; ``min(rows, cols)`` for a dense leaf.
         dense: whether the block is stored as a full ``rows x cols`` matrix.
     """
 
@@ -139,7 +139,7 @@ class HMatrixPartition:
 
         >>> partition = HMatrixPartition.build(256, 256, eta=0.5, min_block_size=32)
         >>> len(partition.leaves), partition.leaves[0].shape
-        (34, (32, 32))
+        (46, (32, 32))
         """
         output_dim = check_dim("output_dim", output_dim)
         input_dim = check_dim("input_dim", input_dim)
@@ -189,7 +189,10 @@ class HMatrixPartition:
     def with_ranks(
         self, ranks: Sequence[int], dense: Sequence[bool] | None = None
     ) -> HMatrixPartition:
-        """The same blocks with new ranks (one per leaf) and dense flags (default: none dense)."""
+        """The same blocks with new ranks (one per leaf) and dense flags (default: none dense).
+
+        A dense leaf's rank is recorded as ``min(rows, cols)``, whatever ``ranks`` says.
+        """
         ranks = list(ranks)
         dense = [False] * len(ranks) if dense is None else list(dense)
         if len(ranks) != len(self.leaves) or len(dense) != len(self.leaves):
@@ -198,7 +201,7 @@ class HMatrixPartition:
                 f"got {len(ranks)} ranks and {len(dense)} flags"
             )
         leaves = tuple(
-            replace(leaf, rank=int(rank), dense=bool(is_dense))
+            replace(leaf, rank=min(leaf.shape) if is_dense else _integer(rank), dense=bool(is_dense))
             for leaf, rank, is_dense in zip(self.leaves, ranks, dense, strict=True)
         )
         return replace(self, leaves=leaves)
@@ -209,7 +212,7 @@ class HMatrixPartition:
 
     @property
     def ranks(self) -> tuple[int, ...]:
-        """Rank of each leaf's low-rank form (dense leaves: their rank field, unused)."""
+        """Rank of each leaf (a dense leaf counts as ``min(rows, cols)``)."""
         return tuple(leaf.rank for leaf in self.leaves)
 
     @property
@@ -332,6 +335,14 @@ class HMatrixPartition:
             fontsize=9,
         )
         return ax
+
+
+def _integer(value: object) -> object:
+    """``value`` as a plain ``int`` if it is an integer (numpy ones too); else unchanged, for
+    the check in ``HMatrixPartition.__post_init__`` to reject."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
 
 
 def _blocks(partition: HMatrixPartition) -> list[tuple[int, int, int, int]]:
