@@ -1,17 +1,14 @@
 """Draw docs/partition.png: the partitions of two fitted matrices with each leaf's rank.
 
-    .venv/bin/python packages/hmat/benchmarks/partition_picture.py
+.venv/bin/python packages/hmat/benchmarks/partition_picture.py
 """
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from structurednets_hmat import approximate, relative_error  # noqa: E402
+from structurednets_hmat import approximate, relative_error
 
 SHARE = 0.25
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "partition.png"

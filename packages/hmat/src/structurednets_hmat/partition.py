@@ -201,7 +201,9 @@ class HMatrixPartition:
                 f"got {len(ranks)} ranks and {len(dense)} flags"
             )
         leaves = tuple(
-            replace(leaf, rank=min(leaf.shape) if is_dense else _integer(rank), dense=bool(is_dense))
+            replace(
+                leaf, rank=min(leaf.shape) if is_dense else _integer(rank), dense=bool(is_dense)
+            )
             for leaf, rank, is_dense in zip(self.leaves, ranks, dense, strict=True)
         )
         return replace(self, leaves=leaves)
