@@ -27,7 +27,11 @@ OLD_LIBRARY = {
     ("gaussian", 512, 0.1): 0.907,
     ("gaussian", 512, 0.25): 0.787,
 }
-SETTINGS = {"default": {}, "min_block_size=2": {"min_block_size": 2}}
+SETTINGS = {
+    "default": {},
+    "merge_blocks": {"merge_blocks": True},
+    "min_block_size=2": {"min_block_size": 2},
+}
 
 
 def kernel(n: int) -> np.ndarray:
@@ -72,12 +76,15 @@ def timing_table() -> None:
     print("\ntime of approximate() on a Gaussian matrix, one thread (median of 3)")
     for n, share in [(512, 0.25), (1024, 0.1), (1024, 0.25), (2048, 0.1), (2048, 0.25)]:
         matrix = gaussian(n)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            approximate(matrix, int(share * n * n))
-            times.append(time.perf_counter() - start)
-        print(f"  {n} x {n}, share {share:g}: {np.median(times):.2f} s")
+        line = f"  {n} x {n}, share {share:g}:"
+        for merge_blocks in (False, True):
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                approximate(matrix, int(share * n * n), merge_blocks=merge_blocks)
+                times.append(time.perf_counter() - start)
+            line += f" {np.median(times):6.2f} s" + (" with merge_blocks" if merge_blocks else ",")
+        print(line)
 
 
 def trained_mlp(seed: int = 0, epochs: int = 300) -> nn.Sequential:
@@ -103,7 +110,11 @@ def trained_mlp(seed: int = 0, epochs: int = 300) -> nn.Sequential:
 def trained_table() -> None:
     model = trained_mlp()
     layers = {"hidden 256x256": model[2], "first 256x64": model[0]}
-    options = {"default": {}, "eta=4": {"eta": 4.0}, "min_block_size=32": {"min_block_size": 32}}
+    options = {
+        "default": {},
+        "merge_blocks": {"merge_blocks": True},
+        "min_block_size=32": {"min_block_size": 32},
+    }
     print("trained weights: relative error (Frobenius)")
     print(
         f"{'layer':<16} {'share':>5} "

@@ -150,3 +150,48 @@ def test_approximate_checks_its_arguments():
     partition = HMatrixPartition.build(6, 5)
     with pytest.raises(ValueError, match=r"partition is for a \(6, 5\) matrix"):
         approximate(np.ones((5, 5)), 10, partition=partition)
+
+
+def lowrank_relative_error(target, budget):
+    rank = budget // sum(target.shape)
+    singular_values = np.linalg.svd(target, compute_uv=False)
+    return np.sqrt(np.sum(singular_values[rank:] ** 2) / np.sum(singular_values**2))
+
+
+@pytest.mark.parametrize("share", [0.1, 0.3])
+def test_merging_blocks_is_never_worse_than_low_rank_or_the_standard_partition(share):
+    rng = np.random.default_rng(5)
+    index = np.arange(128)
+    matrices = {
+        # Global low rank plus noise, like a trained layer: one block wins.
+        "low rank": rng.standard_normal((96, 3)) @ rng.standard_normal((3, 80))
+        + 0.05 * rng.standard_normal((96, 80)),
+        "kernel": 1.0 / (1.0 + np.abs(index[:, None] - index[None, :])),
+        "gaussian": rng.standard_normal((64, 72)),
+    }
+    for name, target in matrices.items():
+        budget = int(share * target.size)
+        merged = approximate(target, budget, min_block_size=4, merge_blocks=True)
+        standard = approximate(target, budget, min_block_size=4)
+        merged_error = relative_error(merged.to_dense(), target)
+        assert merged.nb_parameters <= budget
+        coverage = np.zeros(target.shape, dtype=int)
+        for leaf in merged.partition.leaves:
+            coverage[leaf.rows, leaf.cols] += 1
+        assert (coverage == 1).all(), name
+        assert merged_error <= relative_error(standard.to_dense(), target) + 1e-12, name
+        assert merged_error <= lowrank_relative_error(target, budget) + 1e-12, name
+        if name == "low rank":
+            assert len(merged.partition.leaves) == 1  # the whole matrix, as one block
+        if name == "kernel":
+            # Near-diagonal blocks kept whole: fewer leaves, and a much smaller error.
+            assert len(merged.partition.leaves) < len(standard.partition.leaves)
+            assert merged_error < 0.6 * relative_error(standard.to_dense(), target)
+
+
+def test_merge_blocks_option_errors():
+    partition = HMatrixPartition.build(6, 5)
+    with pytest.raises(ValueError, match="merge_blocks needs the block cluster tree"):
+        approximate(np.ones((6, 5)), 10, partition=partition, merge_blocks=True)
+    with pytest.raises(TypeError, match="merge_blocks must be True or False"):
+        approximate(np.ones((6, 5)), 10, merge_blocks=1)

@@ -159,3 +159,17 @@ def test_budget_too_small_names_the_smallest_share():
     assert HMatLayer(100, 100, info.value.min_share).nb_weight_parameters >= needed
     with pytest.raises(BudgetTooSmallError):
         HMatLayer(100, 100, 0.01, initial_weight_matrix=np.ones((100, 100)))
+
+
+def test_merged_blocks_layer():
+    layer = fitted_layer(64, 64, 0.3, min_block_size=4, merge_blocks=True)
+    standard = fitted_layer(64, 64, 0.3, min_block_size=4)
+    target = smooth_matrix(64, 64)
+    assert relative_error(layer.to_dense(), target) <= relative_error(standard.to_dense(), target)
+    assert len(layer.partition.leaves) < len(standard.partition.leaves)
+    dense = layer.to_hmatrix().to_dense()
+    U = torch.randn(5, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(U), U @ dense.T + layer.bias, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="merge_blocks=True applies only to fitting"):
+        HMatLayer(64, 64, 0.3, merge_blocks=True)

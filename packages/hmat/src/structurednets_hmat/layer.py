@@ -93,6 +93,7 @@ def plan_partition(
     min_block_size: int | None = None,
     hmatrix: HMatrix | None = None,
     partition: HMatrixPartition | None = None,
+    merge_blocks: bool = False,
 ) -> HMatrixPartition:
     """The partition with ranks of a layer built with these arguments and no weight matrix.
 
@@ -101,6 +102,10 @@ def plan_partition(
     ``min_block_size`` define. Raises :class:`BudgetTooSmallError` when the budget cannot hold
     it, or cannot hold rank 1 in every block.
     """
+    if merge_blocks is not False:
+        raise ValueError(
+            f"merge_blocks={merge_blocks!r} applies only to fitting initial_weight_matrix"
+        )
     given = _check_options(hmatrix, partition)
     name = "hmatrix" if hmatrix is not None else "partition"
     blocks = _block_partition(input_dim, output_dim, eta, min_block_size, given, name)
@@ -145,6 +150,7 @@ def hmat_nb_weight_parameters(
     min_block_size: int | None = None,
     hmatrix: HMatrix | None = None,
     partition: HMatrixPartition | None = None,
+    merge_blocks: bool = False,
 ) -> int:
     """Weight scalars of an :class:`HMatLayer` built with these arguments (random start)."""
     return plan_partition(
@@ -155,6 +161,7 @@ def hmat_nb_weight_parameters(
         min_block_size=min_block_size,
         hmatrix=hmatrix,
         partition=partition,
+        merge_blocks=merge_blocks,
     ).nb_parameters
 
 
@@ -179,6 +186,10 @@ class HMatLayer(StructuredLayer):
         hmatrix: an :class:`~structurednets_hmat.HMatrix` (partition and factors) to start from.
         partition: an :class:`~structurednets_hmat.HMatrixPartition` whose ranks to use, with
             random factors (e.g. ``other_layer.partition``, to load ``other_layer``'s state dict).
+        merge_blocks: when fitting ``initial_weight_matrix``, also consider keeping split blocks
+            whole, up to the whole matrix as one low-rank block (see
+            :func:`~structurednets_hmat.approximate`): never worse than plain low rank, slower
+            to fit.
 
     Without ``initial_weight_matrix``, ``hmatrix`` or ``partition``, every leaf starts at rank 1
     and ranks grow evenly (by ``rank / min(rows, cols)``) until the budget is full; factors are
@@ -210,6 +221,7 @@ class HMatLayer(StructuredLayer):
         min_block_size: int | None = None,
         hmatrix: HMatrix | None = None,
         partition: HMatrixPartition | None = None,
+        merge_blocks: bool = False,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
@@ -218,7 +230,9 @@ class HMatLayer(StructuredLayer):
                 "pass either initial_weight_matrix or hmatrix/partition, not both "
                 "(structurednets_hmat.approximate fits a matrix on a given partition)"
             )
-        plan_args = dict(eta=eta, min_block_size=min_block_size, hmatrix=hmatrix)
+        plan_args = dict(
+            eta=eta, min_block_size=min_block_size, hmatrix=hmatrix, merge_blocks=merge_blocks
+        )
         if target is None:
             ranked = plan_partition(
                 self.input_dim,
@@ -232,7 +246,16 @@ class HMatLayer(StructuredLayer):
                 self.input_dim, self.output_dim, eta, min_block_size, None, "partition"
             )
             _require_smallest_form(blocks, self.input_dim, self.output_dim, self.nb_params_share)
-            hmatrix = approximate(target, self.weight_budget, partition=blocks)
+            if merge_blocks:
+                hmatrix = approximate(
+                    target,
+                    self.weight_budget,
+                    eta=blocks.eta,
+                    min_block_size=blocks.min_block_size,
+                    merge_blocks=merge_blocks,
+                )
+            else:
+                hmatrix = approximate(target, self.weight_budget, partition=blocks)
             ranked = hmatrix.partition
         self.partition = ranked
         self.buckets = make_buckets(ranked.leaves)

@@ -28,6 +28,8 @@ __all__ = [
     "DEFAULT_MIN_BLOCK_SIZE",
     "HMatrixPartition",
     "Leaf",
+    "TreeNode",
+    "block_cluster_tree",
     "check_eta",
 ]
 
@@ -141,30 +143,12 @@ class HMatrixPartition:
         >>> len(partition.leaves), partition.leaves[0].shape
         (46, (32, 32))
         """
-        output_dim = check_dim("output_dim", output_dim)
-        input_dim = check_dim("input_dim", input_dim)
-        eta = check_eta(eta)
-        min_block_size = check_positive_int("min_block_size", min_block_size)
-        leaves: list[Leaf] = []
-        # Iterative depth-first traversal of the block cluster tree.
-        stack = [(0, output_dim, 0, input_dim, 0)]
-        while stack:
-            r0, r1, c0, c1, level = stack.pop()
-            rows = _box(r0, r1, output_dim)
-            cols = _box(c0, c1, input_dim)
-            if _admissible(rows, cols, eta):
-                leaves.append(Leaf(r0, r1, c0, c1, level, admissible=True))
-                continue
-            row_parts = _halves(r0, r1, min_block_size)
-            col_parts = _halves(c0, c1, min_block_size)
-            if len(row_parts) == 1 and len(col_parts) == 1:
-                leaves.append(Leaf(r0, r1, c0, c1, level, admissible=False))
-                continue
-            for s0, s1 in row_parts:
-                for t0, t1 in col_parts:
-                    stack.append((s0, s1, t0, t1, level + 1))
-        leaves.sort(key=lambda leaf: (leaf.row_start, leaf.col_start))
-        return cls(output_dim, input_dim, eta, min_block_size, tuple(leaves))
+        tree = block_cluster_tree(output_dim, input_dim, eta, min_block_size)
+        leaves = sorted(
+            (node.block for node in tree if not node.children),
+            key=lambda leaf: (leaf.row_start, leaf.col_start),
+        )
+        return cls(output_dim, input_dim, tree[0].eta, tree[0].min_block_size, tuple(leaves))
 
     def __post_init__(self) -> None:
         covered = sum(leaf.nb_rows * leaf.nb_cols for leaf in self.leaves)
@@ -337,6 +321,56 @@ class HMatrixPartition:
             fontsize=9,
         )
         return ax
+
+
+@dataclass(frozen=True)
+class TreeNode:
+    """A node of the block cluster tree: its block, and its children's positions in the tree
+    list (none for a leaf of the standard partition)."""
+
+    block: Leaf
+    children: tuple[int, ...]
+    eta: float
+    min_block_size: int
+
+
+def block_cluster_tree(
+    output_dim: int,
+    input_dim: int,
+    eta: float = DEFAULT_ETA,
+    min_block_size: int = DEFAULT_MIN_BLOCK_SIZE,
+) -> list[TreeNode]:
+    """Every node of the block cluster tree, parents before children; ``[0]`` is the root.
+
+    The leaves are the blocks of :meth:`HMatrixPartition.build`; the inner nodes are the
+    inadmissible blocks that were split (admissible=False).
+    """
+    output_dim = check_dim("output_dim", output_dim)
+    input_dim = check_dim("input_dim", input_dim)
+    eta = check_eta(eta)
+    min_block_size = check_positive_int("min_block_size", min_block_size)
+    blocks: list[Leaf] = [Leaf(0, output_dim, 0, input_dim, 0, admissible=False)]
+    children: list[list[int]] = [[]]
+    position = 0
+    while position < len(blocks):  # breadth first
+        block = blocks[position]
+        r0, r1, c0, c1 = block.row_start, block.row_stop, block.col_start, block.col_stop
+        if _admissible(_box(r0, r1, output_dim), _box(c0, c1, input_dim), eta):
+            blocks[position] = replace(block, admissible=True)
+        else:
+            row_parts = _halves(r0, r1, min_block_size)
+            col_parts = _halves(c0, c1, min_block_size)
+            if len(row_parts) > 1 or len(col_parts) > 1:
+                for s0, s1 in row_parts:
+                    for t0, t1 in col_parts:
+                        children[position].append(len(blocks))
+                        blocks.append(Leaf(s0, s1, t0, t1, block.level + 1, admissible=False))
+                        children.append([])
+        position += 1
+    return [
+        TreeNode(block, tuple(kids), eta, min_block_size)
+        for block, kids in zip(blocks, children, strict=True)
+    ]
 
 
 def _integer(value: object) -> object:
