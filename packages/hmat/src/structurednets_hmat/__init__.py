@@ -2,6 +2,7 @@
 
 from structurednets_hmat.approximation import (
     HMatrix,
+    LeafSpectrum,
     allocate_greedy,
     allocate_uniform,
     approximate,
@@ -18,6 +19,7 @@ __all__ = [
     "HMatrix",
     "HMatrixPartition",
     "Leaf",
+    "LeafSpectrum",
     "__version__",
     "allocate_greedy",
     "allocate_uniform",

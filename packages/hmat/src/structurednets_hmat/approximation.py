@@ -8,6 +8,9 @@ the better deal or when the next triplet would make the low-rank form no cheaper
 one. Within a leaf the triplet steps have falling ratios (the singular values fall), so the
 greedy choice over leaves is the classic convex-hull allocation; the budget is used exactly up
 to the last step that still fits.
+
+With ``merge_blocks=True`` the approximator also chooses which split blocks of the block
+cluster tree to keep whole (see :func:`approximate`).
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from structurednets_hmat.partition import (
 
 __all__ = [
     "HMatrix",
+    "LeafSpectrum",
     "allocate_greedy",
     "allocate_uniform",
     "approximate",
+    "relative_error",
     "smallest_nb_parameters",
 ]
 
@@ -155,15 +160,21 @@ def allocate_uniform(partition: HMatrixPartition, budget: int) -> HMatrixPartiti
 
 
 @dataclass(frozen=True)
-class _LeafSpectrum:
-    """What the greedy allocation needs from one leaf's SVD."""
+class LeafSpectrum:
+    """What the greedy allocation needs to know about one block.
 
-    squared_singular_values: np.ndarray  # the leading ones, as many as can ever be used
-    energy: float  # squared Frobenius norm of the block
+    Attributes:
+        squared_singular_values: the leading squared singular values, largest first, as many
+            as the block can ever use (fewer than its dense rank, within the budget).
+        energy: the block's squared Frobenius norm.
+    """
+
+    squared_singular_values: np.ndarray
+    energy: float
 
 
 def allocate_greedy(
-    partition: HMatrixPartition, spectra: list[_LeafSpectrum], budget: int
+    partition: HMatrixPartition, spectra: list[LeafSpectrum], budget: int
 ) -> HMatrixPartition:
     """Ranks (and dense leaves) that remove the most squared error for ``budget`` scalars.
 
@@ -235,11 +246,11 @@ class _Svd:
 
 def _spectra(
     target: torch.Tensor, blocks: list[Leaf], budget: int, with_vectors: bool
-) -> tuple[list[_LeafSpectrum], dict[int, _Svd]]:
+) -> tuple[list[LeafSpectrum], dict[int, _Svd]]:
     """Spectrum of every block (and its singular vectors if asked), same-shaped blocks in one
     batched SVD; only the triplets a block can ever use are kept: fewer than its dense rank,
     and within the budget."""
-    spectra: list[_LeafSpectrum | None] = [None] * len(blocks)
+    spectra: list[LeafSpectrum | None] = [None] * len(blocks)
     vectors: dict[int, _Svd] = {}
     for (rows, cols), indices in leaf_groups(blocks).items():
         usable = min(blocks[indices[0]].dense_rank - 1, budget // (rows + cols))
@@ -257,7 +268,7 @@ def _spectra(
             gram = stacked.mT @ stacked if cols <= rows else stacked @ stacked.mT
             squares = torch.linalg.eigvalsh(gram).flip(-1)[:, :usable].clamp_min(0.0)
         for position, index in enumerate(indices):
-            spectra[index] = _LeafSpectrum(squares[position].numpy(), float(energies[position]))
+            spectra[index] = LeafSpectrum(squares[position].numpy(), float(energies[position]))
             if usable > 0 and with_vectors:
                 vectors[index] = _Svd(U[position], S[position], Vh[position])
     return spectra, vectors
@@ -273,7 +284,7 @@ class _Cut:
     nb_parameters: int
 
 
-def _best_cut(tree: list[TreeNode], spectra: list[_LeafSpectrum], budget: int) -> _Cut:
+def _best_cut(tree: list[TreeNode], spectra: list[LeafSpectrum], budget: int) -> _Cut:
     """The cut of the block cluster tree (each inner node either a leaf itself or split as in
     the standard partition) and ranks minimising ``error + lam * parameters``, for the
     smallest ``lam`` (found by bisection) whose minimiser fits the budget.
@@ -416,7 +427,7 @@ def approximate(
     return HMatrix(ranked, tuple(factors))
 
 
-def _discarded_energy(partition: HMatrixPartition, spectra: list[_LeafSpectrum]) -> float:
+def _discarded_energy(partition: HMatrixPartition, spectra: list[LeafSpectrum]) -> float:
     """Squared error of the allocation: each low-rank leaf's energy beyond its rank."""
     return sum(
         max(0.0, spectrum.energy - float(spectrum.squared_singular_values[: leaf.rank].sum()))
@@ -427,7 +438,7 @@ def _discarded_energy(partition: HMatrixPartition, spectra: list[_LeafSpectrum])
 
 def _merged_allocation(
     target: torch.Tensor, tree: list[TreeNode], budget: int
-) -> tuple[HMatrixPartition, list[_LeafSpectrum], dict[int, _Svd]]:
+) -> tuple[HMatrixPartition, list[LeafSpectrum], dict[int, _Svd]]:
     """Cut, ranks and singular vectors for ``approximate(..., merge_blocks=True)``.
 
     The best cut (:func:`_best_cut`), the standard partition and the whole matrix as one
@@ -441,7 +452,7 @@ def _merged_allocation(
         target, [tree[p].block for p in outer], budget, with_vectors=True
     )
     inner_spectra, _ = _spectra(target, [tree[p].block for p in inner], budget, with_vectors=False)
-    node_spectra: list[_LeafSpectrum] = [None] * len(tree)  # type: ignore[list-item]
+    node_spectra: list[LeafSpectrum] = [None] * len(tree)  # type: ignore[list-item]
     node_vectors: dict[int, _Svd] = {}
     for position, spectrum in zip(outer, outer_spectra, strict=True):
         node_spectra[position] = spectrum

@@ -230,32 +230,29 @@ class HMatLayer(StructuredLayer):
                 "pass either initial_weight_matrix or hmatrix/partition, not both "
                 "(structurednets_hmat.approximate fits a matrix on a given partition)"
             )
-        plan_args = dict(
-            eta=eta, min_block_size=min_block_size, hmatrix=hmatrix, merge_blocks=merge_blocks
-        )
         if target is None:
             ranked = plan_partition(
                 self.input_dim,
                 self.output_dim,
                 self.nb_params_share,
+                eta=eta,
+                min_block_size=min_block_size,
+                hmatrix=hmatrix,
                 partition=partition,
-                **plan_args,
+                merge_blocks=merge_blocks,
             )
         else:
             blocks = _block_partition(
                 self.input_dim, self.output_dim, eta, min_block_size, None, "partition"
             )
             _require_smallest_form(blocks, self.input_dim, self.output_dim, self.nb_params_share)
-            if merge_blocks:
-                hmatrix = approximate(
-                    target,
-                    self.weight_budget,
-                    eta=blocks.eta,
-                    min_block_size=blocks.min_block_size,
-                    merge_blocks=merge_blocks,
-                )
-            else:
-                hmatrix = approximate(target, self.weight_budget, partition=blocks)
+            hmatrix = approximate(
+                target,
+                self.weight_budget,
+                eta=blocks.eta,
+                min_block_size=blocks.min_block_size,
+                merge_blocks=merge_blocks,
+            )
             ranked = hmatrix.partition
         self.partition = ranked
         self.buckets = make_buckets(ranked.leaves)
