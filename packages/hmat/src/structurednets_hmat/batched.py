@@ -220,12 +220,14 @@ def _slots(keys: list[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int
 
 
 def _low_rank_bucket(leaves: Sequence[Leaf], members: list[int]) -> LowRankBucket:
-    members = sorted(members, key=lambda i: (leaves[i].row_start, leaf_col(leaves, i)))
+    """A bucket of same-shaped low-rank leaves: their block rows and columns, and their slots
+    in each (same-shaped leaves of a partition have equal or disjoint row and column ranges)."""
+    members = sorted(members, key=lambda i: (leaves[i].row_start, leaves[i].col_start))
     nb_rows, nb_cols = leaves[members[0]].shape
     row_starts, row_of, row_slot = _slots([leaves[i].row_start for i in members])
-    by_column = sorted(range(len(members)), key=lambda g: (leaf_col(leaves, members[g]), g))
+    by_column = sorted(range(len(members)), key=lambda g: (leaves[members[g]].col_start, g))
     col_starts, col_of_sorted, col_slot_sorted = _slots(
-        [leaf_col(leaves, members[g]) for g in by_column]
+        [leaves[members[g]].col_start for g in by_column]
     )
     col_of = [0] * len(members)
     col_slot = [0] * len(members)
@@ -244,10 +246,6 @@ def _low_rank_bucket(leaves: Sequence[Leaf], members: list[int]) -> LowRankBucke
         col_of=tuple(col_of),
         col_slot=tuple(col_slot),
     )
-
-
-def leaf_col(leaves: Sequence[Leaf], index: int) -> int:
-    return leaves[index].col_start
 
 
 def _diagonals(leaves: Sequence[Leaf], indices: list[int]) -> list[list[int]]:
