@@ -24,7 +24,13 @@ PLUGINS = sorted(
 TORCH = os.environ.get("STRUCTUREDNETS_TORCH", "torch==2.13.0")
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests-core", *(f"tests-{name}" for name in PLUGINS), "wheels"]
+nox.options.sessions = [
+    "lint",
+    "tests-core",
+    *(f"tests-{name}" for name in PLUGINS),
+    "tests-compile",
+    "wheels",
+]
 
 
 def install_torch(session: nox.Session) -> None:
@@ -95,9 +101,25 @@ def wheels(session: nox.Session) -> None:
         session.run("structurednets", "list")
 
 
-def _install_everything(session: nox.Session) -> None:
+def _install_everything(session: nox.Session, extras: str = "") -> None:
     install_torch(session)
-    session.install(str(PACKAGES / "core"), *(str(PACKAGES / name) for name in PLUGINS))
+    session.install(f"{PACKAGES / 'core'}{extras}", *(str(PACKAGES / name) for name in PLUGINS))
+
+
+@nox.session(name="tests-compile")
+def tests_compile(session: nox.Session) -> None:
+    """The kit's torch.compile check with the inductor backend (real code generation) for
+    every structure; the per-package sessions use the faster aot_eager backend."""
+    _install_everything(session, "[test]")
+    for package in ("core", *PLUGINS):
+        session.run(
+            "pytest",
+            str(PACKAGES / package / "tests"),
+            "-k",
+            "torch_compile",
+            *session.posargs,
+            env={"STRUCTUREDNETS_COMPILE_BACKEND": "inductor"},
+        )
 
 
 @nox.session

@@ -2,8 +2,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from structurednets.benchmark import format_table, run_benchmark, time_against_dense
 from structurednets.cli import main
 
@@ -73,15 +71,3 @@ def test_module_entry_point_and_usage_errors():
     assert run.returncode == 2
     assert "share must be a number in (0, 1], got '1.5'" in run.stderr
     assert "Traceback" not in run.stderr
-
-
-@pytest.mark.parametrize(
-    "argv", [["demo", "--structures", "diagonal", "--shares", "0.5", "--epochs", "2"]]
-)
-def test_demo_command(diagonal_structure, capsys, argv):
-    assert main(argv) == 0
-    captured = capsys.readouterr()
-    lines = captured.out.splitlines()
-    assert lines[0].split()[:3] == ["structure", "share", "params"]
-    assert lines[2].startswith("dense") and lines[3].startswith("diagonal")
-    assert "fitting the 256 x 256 hidden layer" in captured.err

@@ -7,6 +7,9 @@ from diagonal_structure import DiagonalLayer, diagonal_nb_weight_parameters
 import structurednets
 from structurednets.testing import ConformanceCase, check_structure, conformance_checks
 
+# Checks that take seconds; the tests of the kit itself skip them where they are not the point.
+SLOW = ("distributed_training", "torch_compile", "random_valid_arguments")
+
 
 @pytest.mark.parametrize("check", conformance_checks(), ids=str)
 def test_diagonal_structure_passes_every_check(diagonal_structure, check):
@@ -75,10 +78,12 @@ def test_kit_catches_broken_structures(layer_class, count, failing_check):
     structurednets.register("broken", layer_class, count)
     try:
         with pytest.raises(AssertionError, match=failing_check):
-            check_structure("broken")
+            check_structure("broken", skip={name: "slow, not under test" for name in SLOW})
     finally:
         structurednets.unregister("broken")
 
 
 def test_skip_is_honoured(diagonal_structure):
-    check_structure("diagonal", skip={"gradients": "not differentiable"})
+    skips = {"gradients": "not differentiable", **{name: "slow" for name in SLOW}}
+    skipped = check_structure("diagonal", skip=skips)
+    assert "gradients: diagonal: not differentiable" in skipped

@@ -4,8 +4,17 @@
 >>> structurednets.available()  # doctest: +SKIP
 ['lowrank']
 >>> layer = structurednets.create("lowrank", 784, 256, nb_params_share=0.1)  # doctest: +SKIP
+>>> fit = structurednets.approximate(weight, "best", 0.1)  # doctest: +SKIP
+>>> small_model, report = structurednets.compress(model, "lowrank", 0.1)  # doctest: +SKIP
 """
 
+from structurednets.approximation import (
+    Approximation,
+    NoStructureFitsError,
+    SkippedStructure,
+    approximate,
+)
+from structurednets.compression import CompressionReport, CompressionResult, compress
 from structurednets.hookspecs import hookimpl, hookspec
 from structurednets.layers import StructuredLayer, get_nb_model_parameters
 from structurednets.registry import (
@@ -24,12 +33,19 @@ from structurednets.validation import BudgetTooSmallError
 __version__ = "0.1.0"
 
 __all__ = [
+    "Approximation",
     "BudgetTooSmallError",
+    "CompressionReport",
+    "CompressionResult",
+    "NoStructureFitsError",
+    "SkippedStructure",
     "Structure",
     "StructuredLayer",
     "UnknownStructureError",
     "__version__",
+    "approximate",
     "available",
+    "compress",
     "create",
     "get_nb_model_parameters",
     "get_structure",

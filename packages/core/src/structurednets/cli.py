@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
+import pickle
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, NoReturn
 
+import numpy as np
 import torch
 
 from structurednets import __version__
+from structurednets.approximation import as_weight_matrix
+from structurednets.demo import DEFAULT_SHARES
 from structurednets.registry import available, get_structure
 
 __all__ = ["main"]
@@ -20,6 +25,13 @@ __all__ = ["main"]
 
 class CommandError(Exception):
     """An error to report as one line on stderr, with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit code 2), pointing to ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -45,6 +57,16 @@ def _share(text: str) -> float:
         ) from None
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"share must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
@@ -80,9 +102,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from structurednets.benchmark import format_table, run_benchmark
 
     torch.set_num_threads(args.threads)
-    options: dict[str, dict[str, Any]] = {}
-    for structure, key, value in args.option:
-        options.setdefault(get_structure(structure).name, {})[key] = value
+    options = _options(args.option)
     structures = _check_structures(args.structures)
     if not (structures or available()):
         raise CommandError("no structures installed; e.g. pip install structurednets-lowrank")
@@ -100,6 +120,149 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         print(format_table(results))
 
 
+def _options(pairs: Sequence[tuple[str, str, Any]]) -> dict[str, dict[str, Any]]:
+    options: dict[str, dict[str, Any]] = {}
+    for structure, key, value in pairs:
+        options.setdefault(get_structure(structure).name, {})[key] = value
+    return options
+
+
+def _progress(quiet: bool) -> Callable[[str], None] | None:
+    return None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _check_plot(path: str | None) -> None:
+    """Fail before the long work if ``--plot`` cannot be written."""
+    if path is None:
+        return
+    from structurednets.plotting import check_plot_path
+
+    try:
+        check_plot_path(path)
+    except ImportError as error:
+        raise CommandError(f"--plot: {error}") from None
+
+
+def load_matrix(path: str, key: str | None = None) -> torch.Tensor:
+    """The matrix stored in a ``.npy``, ``.npz`` or ``.pt``/``.pth`` file, as a float64 tensor.
+
+    A ``.npz`` file or a ``.pt`` file holding a dict (e.g. a ``state_dict``) needs ``key`` to
+    pick the array, unless it holds exactly one. Raises :class:`CommandError` with one line
+    for a missing, unreadable or unsuitable file.
+    """
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in (".npy", ".npz", ".pt", ".pth"):
+        raise CommandError(f"{path}: expected a .npy, .npz, .pt or .pth file")
+    if not os.path.exists(path):
+        raise CommandError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CommandError(f"{path}: is a folder, not a file")
+    if extension == ".npy":
+        with open(path, "rb") as file:
+            if file.read(6) != b"\x93NUMPY":
+                raise CommandError(f"{path}: not a .npy file (no NumPy header; see numpy.save)")
+    try:
+        if extension == ".npy":
+            content: Any = np.load(path, allow_pickle=False)
+        elif extension == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                content = {name: archive[name] for name in archive.files}
+        else:
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - whatever the parser says, the file is unreadable
+        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+            # Only tensors and containers of them are loaded: never run code from a pickle.
+            raise CommandError(
+                f"{path}: holds Python objects other than tensors (a whole model?); save a "
+                "tensor or a state_dict instead: torch.save(model.state_dict(), path)"
+            ) from None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CommandError(
+            f"{path}: cannot read it as a {extension} file ({type(error).__name__}: {reason})"
+        ) from None
+    if isinstance(content, dict):
+        arrays = {
+            str(name): value
+            for name, value in content.items()
+            if isinstance(value, (np.ndarray, torch.Tensor))
+        }
+        if key is not None:
+            if key not in arrays:
+                raise CommandError(
+                    f"{path}: no array named {key!r}; it holds {_list_names(arrays)}"
+                )
+            content = arrays[key]
+        elif len(arrays) == 1:
+            content = next(iter(arrays.values()))
+        else:
+            matrices = {name: value for name, value in arrays.items() if value.ndim == 2}
+            raise CommandError(
+                f"{path}: holds {len(arrays)} arrays; pick one with --key "
+                f"(2-D ones: {_list_names(matrices)})"
+            )
+    elif key is not None:
+        raise CommandError(f"{path}: holds a single array, so --key {key!r} does not apply")
+    if not isinstance(content, (np.ndarray, torch.Tensor)):
+        raise CommandError(f"{path}: holds a {type(content).__name__}, not an array or tensor")
+    if content.ndim != 2 or 0 in content.shape:
+        raise CommandError(
+            f"{path}: holds an array of shape {tuple(content.shape)}; expected a 2-D matrix "
+            "(output_dim x input_dim)"
+        )
+    try:
+        return as_weight_matrix(content, name=f"the matrix in {path}")
+    except (TypeError, ValueError) as error:
+        raise CommandError(str(error)) from None
+
+
+def _list_names(arrays: dict[str, Any]) -> str:
+    names = list(arrays)
+    if not names:
+        return "none"
+    shown = ", ".join(names[:12])
+    return shown + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from structurednets.comparison import compare_structures, format_comparison_table
+
+    structures = _check_structures(args.structures)
+    options = _options(args.option)
+    matrix = load_matrix(args.matrix, args.key)
+    _check_plot(args.plot)
+    if not (structures or available()):
+        raise CommandError("no structures installed; e.g. pip install structurednets-lowrank")
+    torch.set_num_threads(args.threads)
+    progress = _progress(args.quiet or args.json)
+    output_dim, input_dim = matrix.shape
+    if progress:
+        progress(
+            f"comparing on a {output_dim} x {input_dim} matrix; forward timed against nn.Linear "
+            f"with batch {args.batch}, {torch.get_num_threads()} thread(s), float32, "
+            f"medians of {args.repeats} rounds"
+        )
+    rows = compare_structures(
+        matrix,
+        args.shares,
+        structures,
+        batch_size=args.batch,
+        repeats=args.repeats,
+        time_forward=not args.no_timing,
+        options=options,
+        progress=progress,
+    )
+    if args.json:
+        print(json.dumps([asdict(row) for row in rows], indent=2))
+    else:
+        print(format_comparison_table(rows))
+    if args.plot:
+        from structurednets.plotting import plot_comparison
+
+        plot_comparison(rows, args.plot)
+        if progress:
+            progress(f"wrote {args.plot}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from structurednets.demo import format_demo_table, run_demo
 
@@ -107,15 +270,23 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     structures = _check_structures(args.structures)
     if not (structures or available()):
         raise CommandError("no structures installed; e.g. pip install structurednets-lowrank")
-    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    _check_plot(args.plot)
+    progress = _progress(args.quiet)
     rows = run_demo(structures, args.shares, args.epochs, args.seed, progress)
     print(format_demo_table(rows))
+    if args.plot:
+        from structurednets.plotting import plot_demo
+
+        plot_demo(rows, args.plot)
+        if progress:
+            progress(f"wrote {args.plot}")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="structurednets",
-        description="Structured-matrix layers for PyTorch: benchmarks and demos.",
+        description="Structured-matrix layers for PyTorch: compare structures on a matrix, "
+        "benchmark their speed, and run the demo.",
     )
     parser.add_argument("--version", action="version", version=f"structurednets {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -173,15 +344,68 @@ def _parser() -> argparse.ArgumentParser:
         "--shares",
         nargs="+",
         type=_share,
-        default=[0.1, 0.25],
+        default=list(DEFAULT_SHARES),
         metavar="SHARE",
-        help="nb_params_share values (default: 0.1 0.25)",
+        help="nb_params_share values of the hidden layer (default: "
+        + " ".join(f"{share:g}" for share in DEFAULT_SHARES)
+        + ")",
     )
     demo.add_argument("--epochs", type=int, default=30, help="most epochs per training round")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    demo.add_argument(
+        "--plot", metavar="FILE", help="also draw accuracy against share (needs matplotlib)"
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(run=_cmd_demo)
+
+    compare = commands.add_parser(
+        "compare",
+        help="fit every structure to a matrix: error, parameters, fitting time, forward speed",
+        description="Fit each installed structure to the matrix in MATRIX (.npy, .npz, .pt or "
+        ".pth; the weight of a layer: output_dim x input_dim) at each share, and print the "
+        "relative Frobenius error, the parameter count, the fitting time and the forward "
+        "speed against nn.Linear of the same shape.",
+    )
+    compare.add_argument("matrix", metavar="MATRIX", help="a .npy, .npz, .pt or .pth file")
+    compare.add_argument(
+        "--key", help="the array to use from a .npz file or a dict (e.g. a state_dict) in a .pt"
+    )
+    compare.add_argument(
+        "--shares",
+        nargs="+",
+        type=_share,
+        default=[0.05, 0.1, 0.25, 0.5],
+        metavar="SHARE",
+        help="nb_params_share values (default: 0.05 0.1 0.25 0.5)",
+    )
+    compare.add_argument("--structures", nargs="+", metavar="NAME", help="default: all installed")
+    compare.add_argument(
+        "--batch", type=_positive_int, default=256, help="rows of the timed input (default: 256)"
+    )
+    compare.add_argument(
+        "--repeats", type=_positive_int, default=15, help="rounds per median (default: 15)"
+    )
+    compare.add_argument(
+        "--threads", type=_positive_int, default=1, help="torch threads (default: 1)"
+    )
+    compare.add_argument(
+        "--no-timing", action="store_true", help="skip the forward timing (faster)"
+    )
+    compare.add_argument(
+        "--option",
+        action="append",
+        type=_option,
+        default=[],
+        metavar="S.KEY=VALUE",
+        help="structure option, e.g. --option lowrank.rank=8 (repeatable)",
+    )
+    compare.add_argument(
+        "--plot", metavar="FILE", help="draw error against share to FILE.png (needs matplotlib)"
+    )
+    compare.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    compare.add_argument("--quiet", action="store_true", help="no progress lines")
+    compare.set_defaults(run=_cmd_compare)
     return parser
 
 

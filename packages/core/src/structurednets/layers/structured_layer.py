@@ -127,6 +127,8 @@ class StructuredLayer(nn.Module, abc.ABC):
         Y = self.multiply(U.reshape(-1, self.input_dim))
         if self.bias is not None:
             Y = Y + self.bias
+        if U.dim() == 2:  # no reshape: a view would trip FSDP's output hooks
+            return Y
         return Y.reshape(*batch_shape, self.output_dim)
 
     def to_dense(self) -> torch.Tensor:
@@ -150,6 +152,45 @@ class StructuredLayer(nn.Module, abc.ABC):
             f"input_dim={self.input_dim}, output_dim={self.output_dim}, "
             f"nb_params_share={self.nb_params_share:g}, "
             f"nb_parameters={self.get_nb_parameters()}, bias={self.bias is not None}"
+        )
+
+    # -- saving and loading -----------------------------------------------------------------
+
+    def get_extra_state(self) -> dict[str, object]:
+        """Saved with the state dict, so that loading it into another layer can be refused."""
+        return {
+            "structure": self.structure_name,
+            "input_dim": self.input_dim,
+            "output_dim": self.output_dim,
+        }
+
+    def set_extra_state(self, state: object) -> None:
+        """Checked in :meth:`_load_from_state_dict`; nothing to restore."""
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, object],
+        prefix: str,
+        local_metadata: dict[str, object],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        saved = state_dict.get(prefix + "_extra_state")
+        if isinstance(saved, dict):
+            mine = self.get_extra_state()
+            if any(saved.get(key) != value for key, value in mine.items()):
+                error_msgs.append(
+                    f"the state dict holds a '{saved.get('structure')}' layer of "
+                    f"{saved.get('output_dim')} x {saved.get('input_dim')} (output x input), "
+                    f"but it is loaded into a '{mine['structure']}' layer of "
+                    f"{mine['output_dim']} x {mine['input_dim']}; create the layer with the "
+                    "arguments the state dict was saved from"
+                )
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     # -- internals --------------------------------------------------------------------------

@@ -14,12 +14,7 @@ In a plugin's test suite::
 or, in one call that reports every failure at once, ``check_structure("lowrank")``.
 """
 
-from structurednets.testing.conformance import (
-    Check,
-    ConformanceCase,
-    check_structure,
-    conformance_checks,
-    default_dtype,
-)
+from structurednets.testing.case import Check, ConformanceCase, default_dtype
+from structurednets.testing.conformance import check_structure, conformance_checks
 
 __all__ = ["Check", "ConformanceCase", "check_structure", "conformance_checks", "default_dtype"]

@@ -1,0 +1,348 @@
+"""Fit a structured layer to a given matrix, with one structure or the best of several.
+
+>>> import numpy as np, structurednets
+>>> W = np.random.default_rng(0).standard_normal((256, 512))
+>>> result = structurednets.approximate(W, "lowrank", 0.1)  # doctest: +SKIP
+>>> result.relative_error, result.nb_parameters  # doctest: +SKIP
+(0.86..., 13056)
+>>> best = structurednets.approximate(W, "best", 0.1)  # doctest: +SKIP
+>>> [(each.structure, each.relative_error) for each in best.tried]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from structurednets.layers.structured_layer import StructuredLayer
+from structurednets.registry import available, create, get_structure
+from structurednets.validation import BudgetTooSmallError, as_matrix, as_vector, check_share
+
+__all__ = [
+    "Approximation",
+    "NoStructureFitsError",
+    "SkippedStructure",
+    "approximate",
+    "as_weight_matrix",
+    "format_error",
+    "relative_error",
+    "structure_names",
+]
+
+#: The ``structure`` argument that tries every installed structure.
+BEST = "best"
+
+
+@dataclass(frozen=True)
+class SkippedStructure:
+    """A structure that was tried and gave no layer.
+
+    Attributes:
+        structure: its registered name.
+        nb_params_share: the share it was tried at.
+        reason: why, in words (e.g. the :class:`BudgetTooSmallError` message).
+        min_share: the smallest share that would work, where the structure said so.
+    """
+
+    structure: str
+    nb_params_share: float
+    reason: str
+    min_share: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Always ``False``: no layer was built (see :attr:`Approximation.ok`)."""
+        return False
+
+
+@dataclass(frozen=True)
+class Approximation:
+    """A structured layer fitted to a matrix ``W`` (output_dim x input_dim).
+
+    Attributes:
+        structure: the structure's registered name.
+        nb_params_share: the share the layer was built with.
+        layer: the fitted layer; ``layer.to_dense()`` approximates ``W``.
+        relative_error: ``||layer.to_dense() - W||_F / ||W||_F``, in float64 (for an all-zero
+            ``W``, the absolute error ``||layer.to_dense()||_F``).
+        nb_parameters: trainable scalars of the layer (bias included when it has one).
+        seconds: wall-clock time of the fit (building the layer from ``W``).
+        tried: every structure tried, in the order tried: :class:`Approximation` results and
+            :class:`SkippedStructure` entries. For a single structure it holds that one.
+    """
+
+    structure: str
+    nb_params_share: float
+    layer: StructuredLayer
+    relative_error: float
+    nb_parameters: int
+    seconds: float
+    tried: tuple[Approximation | SkippedStructure, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """Always ``True``: a layer was built (see :attr:`SkippedStructure.ok`)."""
+        return True
+
+    @property
+    def skipped(self) -> tuple[SkippedStructure, ...]:
+        """The structures among :attr:`tried` that gave no layer."""
+        return tuple(each for each in self.tried if isinstance(each, SkippedStructure))
+
+    def __str__(self) -> str:
+        return (
+            f"{self.structure} at share {self.nb_params_share:g}: relative error "
+            f"{self.relative_error:.4g}, {self.nb_parameters} parameters, {self.seconds:.3g} s"
+        )
+
+
+class NoStructureFitsError(ValueError):
+    """None of the structures tried could build a layer (budget too small, or all failed).
+
+    Attributes:
+        skipped: one :class:`SkippedStructure` per structure tried.
+    """
+
+    def __init__(self, message: str, skipped: Sequence[SkippedStructure]):
+        super().__init__(message)
+        self.skipped = tuple(skipped)
+
+
+def as_weight_matrix(matrix: object, name: str = "matrix") -> torch.Tensor:
+    """Check a 2-D real finite numpy array or tensor; return a float64 CPU copy.
+
+    Raises ``TypeError``/``ValueError`` whose message names ``name``, the expected and the
+    given type or shape.
+    """
+    if not isinstance(matrix, (np.ndarray, torch.Tensor)):
+        raise TypeError(
+            f"{name} must be a 2-D numpy array or torch tensor (output_dim x input_dim), "
+            f"got {type(matrix).__name__}"
+        )
+    if matrix.ndim != 2 or 0 in matrix.shape:
+        raise ValueError(
+            f"{name} must be a 2-D, non-empty matrix (output_dim x input_dim), "
+            f"got shape {tuple(matrix.shape)}"
+        )
+    return as_matrix(name, matrix, matrix.shape[0], matrix.shape[1])
+
+
+def relative_error(approximation: torch.Tensor, target: torch.Tensor) -> float:
+    """``||approximation - target||_F / ||target||_F`` in float64 (the absolute error if
+    ``target`` is all zeros)."""
+    approximation = approximation.detach().to(device="cpu", dtype=torch.float64)
+    target = target.detach().to(device="cpu", dtype=torch.float64)
+    error = float(torch.linalg.norm(approximation - target))
+    norm = float(torch.linalg.norm(target))
+    return error / norm if norm > 0 else error
+
+
+def format_error(value: float) -> str:
+    """A relative error for tables: ``0.2144``, or ``8.54e-05`` below 1e-3 (width 10)."""
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:>10.4f}"
+    return f"{value:>10.2e}"
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _fit(
+    name: str,  # canonical
+    target: torch.Tensor,
+    nb_params_share: float,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+    options: Mapping[str, Any],
+) -> Approximation:
+    output_dim, input_dim = target.shape
+    # Parameters are created in the default dtype; float32 and float64 are built directly
+    # so that a float64 layer keeps the float64 fit, other dtypes are converted afterwards.
+    build_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    start = time.perf_counter()
+    with _default_dtype(build_dtype):
+        layer = create(
+            name,
+            input_dim,
+            output_dim,
+            nb_params_share,
+            use_bias=bias is not None,
+            initial_weight_matrix=target,
+            initial_bias=bias,
+            **options,
+        )
+    seconds = time.perf_counter() - start
+    layer = layer.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        error = relative_error(layer.to_dense(), target)
+    return Approximation(
+        structure=name,
+        nb_params_share=nb_params_share,
+        layer=layer,
+        relative_error=error,
+        nb_parameters=layer.get_nb_parameters(),
+        seconds=seconds,
+    )
+
+
+def structure_names(structure: str | Sequence[str]) -> tuple[list[str], bool]:
+    """Canonical names to try for ``structure`` (a name, ``"best"`` or a list), and whether
+    the caller asked for a choice among several; raises for unknown names or an empty choice."""
+    if isinstance(structure, str):
+        if structure == BEST:
+            names = available()
+            if not names:
+                raise NoStructureFitsError(
+                    "structure='best' but no structures are installed; "
+                    "e.g. pip install structurednets-lowrank",
+                    [],
+                )
+            return names, True
+        return [get_structure(structure).name], False
+    if not isinstance(structure, Sequence) or not all(isinstance(s, str) for s in structure):
+        raise TypeError(
+            "structure must be a structure name, 'best', or a list of names, "
+            f"got {structure!r} ({type(structure).__name__})"
+        )
+    if not structure:
+        raise ValueError("structure must name at least one structure, got an empty list")
+    names = []
+    for each in structure:
+        canonical = get_structure(each).name
+        if canonical not in names:
+            names.append(canonical)
+    return names, True
+
+
+def approximate(
+    matrix: object,
+    structure: str | Sequence[str],
+    nb_params_share: float,
+    *,
+    bias: object = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    structure_options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> Approximation:
+    """Fit a layer of ``structure`` to ``matrix`` within ``nb_params_share`` of its size.
+
+    Args:
+        matrix: the ``(output_dim, input_dim)`` weight to approximate (numpy array or tensor,
+            e.g. ``linear.weight``), real and finite.
+        structure: a structure name (``"lowrank"``), ``"best"`` for every installed structure,
+            or a list of names. With several, each is fitted and the one with the smallest
+            relative error is returned (ties: fewer parameters, then the order tried); those
+            whose budget is too small or whose fit fails are skipped with the reason recorded
+            in :attr:`Approximation.tried`.
+        nb_params_share: share in (0, 1] of ``output_dim * input_dim`` the weight may hold.
+        bias: an ``(output_dim,)`` bias for the layer; without it the layer has no bias, so
+            ``layer(U) == U @ layer.to_dense().T``.
+        dtype: the layer's dtype (default: ``torch.get_default_dtype()``). The fit itself is
+            computed by the structure, in float64.
+        device: where the layer lives (default: the CPU).
+        structure_options: options per structure name, e.g. ``{"lowrank": {"rank": 8}}``, for
+            a choice among several structures.
+        progress: called with a line of text after each structure is tried.
+        **options: the structure's own options (only for a single structure).
+
+    Returns:
+        The :class:`Approximation` (the most accurate one, for several structures).
+
+    Raises:
+        UnknownStructureError: a name is not installed.
+        BudgetTooSmallError: a single structure does not fit the share.
+        NoStructureFitsError: none of several structures fits the share.
+        TypeError, ValueError: a bad ``matrix``, ``bias``, share or option.
+    """
+    target = as_weight_matrix(matrix)
+    nb_params_share = check_share(nb_params_share)
+    names, choose = structure_names(structure)
+    if choose and options:
+        raise TypeError(
+            f"options {sorted(options)} apply to a single structure; to pass options while "
+            "choosing among several, use structure_options={'name': {'option': value}}"
+        )
+    structure_options = dict(structure_options or {})
+    for key in structure_options:
+        if not isinstance(structure_options[key], Mapping):
+            raise TypeError(
+                f"structure_options[{key!r}] must be a dict of options, "
+                f"got {structure_options[key]!r}"
+            )
+    per_structure = {
+        get_structure(key).name: dict(value) for key, value in structure_options.items()
+    }
+    if not choose:
+        per_structure[names[0]] = {**per_structure.get(names[0], {}), **options}
+    if bias is not None:
+        bias = as_vector("bias", bias, target.shape[0])
+    layer_dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not (isinstance(layer_dtype, torch.dtype) and layer_dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    say = progress or (lambda line: None)
+
+    tried: list[Approximation | SkippedStructure] = []
+    for name in names:
+        try:
+            result = _fit(
+                name,
+                target,
+                nb_params_share,
+                bias,
+                layer_dtype,
+                device,
+                per_structure.get(name, {}),
+            )
+        except BudgetTooSmallError as error:
+            if not choose:
+                raise
+            tried.append(SkippedStructure(name, nb_params_share, str(error), error.min_share))
+            say(f"{name}: skipped, {error}")
+            continue
+        except (ValueError, RuntimeError, ArithmeticError) as error:
+            # One structure failing on this matrix must not hide the others' results.
+            if not choose:
+                raise
+            reason = f"failed: {type(error).__name__}: {error}"
+            tried.append(SkippedStructure(name, nb_params_share, reason))
+            say(f"{name}: {reason}")
+            continue
+        tried.append(result)
+        say(f"{name}: relative error {result.relative_error:.4g}, {result.seconds:.3g} s")
+
+    fitted = [each for each in tried if isinstance(each, Approximation)]
+    if not fitted:
+        raise NoStructureFitsError(_nothing_fits_message(target, nb_params_share, tried), tried)
+    best = min(fitted, key=lambda each: (each.relative_error, each.nb_parameters))
+    return dataclasses.replace(best, tried=tuple(tried))
+
+
+def _nothing_fits_message(
+    target: torch.Tensor, nb_params_share: float, skipped: Sequence[SkippedStructure]
+) -> str:
+    output_dim, input_dim = target.shape
+    message = (
+        f"no structure fits a {output_dim} x {input_dim} matrix at nb_params_share="
+        f"{nb_params_share:g}: " + "; ".join(f"{s.structure}: {s.reason}" for s in skipped)
+    )
+    shares = [s.min_share for s in skipped if s.min_share is not None and s.min_share <= 1]
+    if shares:
+        message += f". The smallest share that works for one of them is {min(shares):g}"
+    return message

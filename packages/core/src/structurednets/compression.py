@@ -1,0 +1,312 @@
+"""Replace the ``nn.Linear`` modules of a model by structured layers fitted to their weights.
+
+>>> import structurednets
+>>> compressed, report = structurednets.compress(model, "lowrank", 0.1)  # doctest: +SKIP
+>>> print(report)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from structurednets.approximation import (
+    BEST,
+    NoStructureFitsError,
+    approximate,
+    format_error,
+    structure_names,
+)
+from structurednets.layers.layer_helpers import get_nb_model_parameters
+from structurednets.validation import BudgetTooSmallError, check_positive_int, check_share
+
+__all__ = [
+    "CompressedLayer",
+    "CompressionReport",
+    "CompressionResult",
+    "SkippedLayer",
+    "compress",
+]
+
+
+@dataclass(frozen=True)
+class CompressedLayer:
+    """One ``nn.Linear`` that was replaced.
+
+    Attributes:
+        name: its qualified module name in the model (``""`` for the model itself).
+        input_dim, output_dim: its ``in_features`` and ``out_features``.
+        structure: the structure it was replaced by.
+        nb_parameters_before: the ``nn.Linear``'s parameters (weight and bias).
+        nb_parameters_after: the structured layer's parameters (weight and bias).
+        relative_error: ``||W_structured - W||_F / ||W||_F`` of the weight right after fitting.
+        seconds: wall-clock time of the fit.
+    """
+
+    name: str
+    input_dim: int
+    output_dim: int
+    structure: str
+    nb_parameters_before: int
+    nb_parameters_after: int
+    relative_error: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A selected ``nn.Linear`` that was kept dense, and why (e.g. the budget is too small)."""
+
+    name: str
+    input_dim: int
+    output_dim: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """What :func:`compress` did. ``str(report)`` is a table.
+
+    Attributes:
+        layers: the replaced layers, in module order.
+        skipped: selected layers kept dense, with the reason.
+        model_nb_parameters_before, model_nb_parameters_after: parameters of the whole model.
+        seconds: wall-clock time of the whole compression.
+    """
+
+    layers: tuple[CompressedLayer, ...]
+    skipped: tuple[SkippedLayer, ...]
+    model_nb_parameters_before: int
+    model_nb_parameters_after: int
+    seconds: float
+
+    @property
+    def nb_parameters_before(self) -> int:
+        """Parameters of the replaced layers before (weights and biases)."""
+        return sum(layer.nb_parameters_before for layer in self.layers)
+
+    @property
+    def nb_parameters_after(self) -> int:
+        """Parameters of the replaced layers after (weights and biases)."""
+        return sum(layer.nb_parameters_after for layer in self.layers)
+
+    def __str__(self) -> str:
+        names = [layer.name or "(model)" for layer in self.layers]
+        width = max([len("layer"), len("total"), *(len(name) for name in names)])
+        header = (
+            f"{'layer':<{width}} {'out x in':>11} {'structure':<10} {'params before':>13} "
+            f"{'params after':>12} {'rel. error':>10}"
+        )
+        lines = [header, "-" * len(header)]
+        for name, layer in zip(names, self.layers, strict=True):
+            shape = f"{layer.output_dim}x{layer.input_dim}"
+            lines.append(
+                f"{name:<{width}} {shape:>11} {layer.structure:<10} "
+                f"{layer.nb_parameters_before:>13} {layer.nb_parameters_after:>12} "
+                f"{format_error(layer.relative_error)}"
+            )
+        lines.append("-" * len(header))
+        lines.append(
+            f"{'total':<{width}} {'':>11} {'':<10} {self.nb_parameters_before:>13} "
+            f"{self.nb_parameters_after:>12}"
+        )
+        before, after = self.model_nb_parameters_before, self.model_nb_parameters_after
+        lines.append(
+            f"model: {before} -> {after} parameters ({after / max(before, 1):.1%}); "
+            f"{len(self.layers)} layer(s) replaced in {self.seconds:.2f} s"
+        )
+        for skipped in self.skipped:
+            lines.append(
+                f"kept dense: {skipped.name or '(model)'} ({skipped.output_dim}x{skipped.input_dim}): "
+                f"{skipped.reason}"
+            )
+        return "\n".join(lines)
+
+
+class CompressionResult(NamedTuple):
+    """What :func:`compress` returns: ``model, report = compress(...)``."""
+
+    model: nn.Module
+    report: CompressionReport
+
+
+def _patterns(name: str, value: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(pattern, str) for pattern in patterns):
+        raise TypeError(f"{name} must be a glob pattern or a list of them, got {value!r}")
+    return patterns
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _select(
+    model: nn.Module,
+    include: tuple[str, ...] | None,
+    exclude: tuple[str, ...] | None,
+    min_size: int | None,
+) -> list[tuple[str, nn.Linear]]:
+    # Only modules that are exactly nn.Linear: subclasses may use their weight elsewhere
+    # (nn.MultiheadAttention reads out_proj.weight directly), so replacing them is unsafe.
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    if not linears:
+        raise ValueError(f"the model has no nn.Linear module to compress ({type(model).__name__})")
+    selected = [
+        (name, module)
+        for name, module in linears
+        if (include is None or _matches(name, include))
+        and not (exclude is not None and _matches(name, exclude))
+        and (min_size is None or module.in_features * module.out_features >= min_size)
+    ]
+    if not selected:
+        names = ", ".join(repr(name) for name, _ in linears[:20])
+        more = f" and {len(linears) - 20} more" if len(linears) > 20 else ""
+        raise ValueError(
+            f"no nn.Linear module matches include={include!r}, exclude={exclude!r}, "
+            f"min_size={min_size!r}; the model's nn.Linear modules are {names}{more}"
+        )
+    return selected
+
+
+def _replace(model: nn.Module, replacements: Mapping[int, nn.Module]) -> None:
+    """Swap every reference to a replaced module, including shared ones."""
+    for module in model.modules():
+        # _modules, not named_children(): the latter lists a module shared twice only once
+        for child_name, child in list(module._modules.items()):
+            if id(child) in replacements:
+                setattr(module, child_name, replacements[id(child)])
+
+
+def compress(
+    model: nn.Module,
+    structure: str | Sequence[str],
+    nb_params_share: float,
+    *,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    min_size: int | None = None,
+    inplace: bool = False,
+    structure_options: Mapping[str, Mapping[str, Any]] | None = None,
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> CompressionResult:
+    """Replace ``nn.Linear`` modules of ``model`` by structured layers fitted to their weights.
+
+    Each selected layer's weight is approximated (see :func:`structurednets.approximate`) and
+    its bias copied; the new layer has the old one's dtype, device, training mode and
+    ``requires_grad``. Fine-tune the result with any training loop, e.g.
+    :func:`structurednets.training_helpers.train_with_decreasing_lr`.
+
+    Args:
+        model: any module; only modules whose type is exactly ``nn.Linear`` are considered.
+        structure: a structure name, ``"best"`` (per layer, the installed structure with the
+            smallest relative error) or a list of names to choose from per layer.
+        nb_params_share: share in (0, 1] of each layer's ``in_features * out_features``
+            weights that its structured weight may hold.
+        include: glob patterns over qualified module names (``"encoder.*"``, ``"fc?"``); only
+            matching layers are replaced. Default: all.
+        exclude: glob patterns of layers to leave dense (applied after ``include``).
+        min_size: leave layers with fewer than this many weight entries dense.
+        inplace: modify ``model`` itself instead of a deep copy. If ``model`` is itself an
+            ``nn.Linear``, the returned model is the new layer either way.
+        structure_options: options per structure name, e.g. ``{"lowrank": {"rank": 8}}``.
+        progress: called with a line of text per layer.
+        **options: the structure's own options (single structure only).
+
+    Returns:
+        ``(model, report)``: the compressed model and a :class:`CompressionReport`. A layer
+        whose budget is too small for the structure is kept dense and listed in
+        ``report.skipped``.
+
+    Raises:
+        ValueError: no ``nn.Linear`` matches the selection, or a bad share or ``min_size``.
+        UnknownStructureError: a structure name is not installed.
+    """
+    start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    nb_params_share = check_share(nb_params_share)
+    if min_size is not None:
+        min_size = check_positive_int("min_size", min_size)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r}")
+    selected = _select(
+        model, _patterns("include", include), _patterns("exclude", exclude), min_size
+    )
+    model_before = get_nb_model_parameters(model)
+    structure_names(structure)  # unknown names, or 'best' with nothing installed, fail first
+    if not inplace:
+        # Copy the whole model once (shared modules stay shared) and find the layers by name.
+        model = copy.deepcopy(model)
+        copied = dict(model.named_modules())
+        selected = [(name, copied[name]) for name, _ in selected]
+    say = progress or (lambda line: None)
+    several = not (isinstance(structure, str) and structure != BEST)
+    say_tried = (lambda line: say(f"    {line}")) if several else None
+
+    replacements: dict[int, nn.Module] = {}
+    layers: list[CompressedLayer] = []
+    skipped: list[SkippedLayer] = []
+    for index, (name, linear) in enumerate(selected, start=1):
+        label = name or "(model)"
+        shape = f"{linear.out_features}x{linear.in_features}"
+        weight = linear.weight
+        try:
+            result = approximate(
+                weight,
+                structure,
+                nb_params_share,
+                bias=linear.bias,
+                dtype=weight.dtype,
+                device=weight.device,
+                structure_options=structure_options,
+                progress=say_tried,
+                **options,
+            )
+        except (BudgetTooSmallError, NoStructureFitsError) as error:
+            skipped.append(SkippedLayer(name, linear.in_features, linear.out_features, str(error)))
+            say(f"[{index}/{len(selected)}] {label} ({shape}): kept dense, {error}")
+            continue
+        layer = result.layer
+        layer.train(linear.training)
+        layer.requires_grad_(weight.requires_grad)
+        replacements[id(linear)] = layer
+        before = get_nb_model_parameters(linear)
+        layers.append(
+            CompressedLayer(
+                name=name,
+                input_dim=linear.in_features,
+                output_dim=linear.out_features,
+                structure=result.structure,
+                nb_parameters_before=before,
+                nb_parameters_after=result.nb_parameters,
+                relative_error=result.relative_error,
+                seconds=result.seconds,
+            )
+        )
+        say(
+            f"[{index}/{len(selected)}] {label} ({shape}): {result.structure}, relative error "
+            f"{result.relative_error:.4g}, {before} -> {result.nb_parameters} parameters, "
+            f"{result.seconds:.2f} s"
+        )
+    if id(model) in replacements:  # the model is itself an nn.Linear
+        model = replacements[id(model)]
+    else:
+        _replace(model, replacements)
+    report = CompressionReport(
+        layers=tuple(layers),
+        skipped=tuple(skipped),
+        model_nb_parameters_before=model_before,
+        model_nb_parameters_after=get_nb_model_parameters(model),
+        seconds=time.perf_counter() - start,
+    )
+    return CompressionResult(model, report)
