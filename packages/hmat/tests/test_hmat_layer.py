@@ -6,7 +6,7 @@ import torch
 
 import structurednets
 from structurednets import BudgetTooSmallError
-from structurednets.testing.conformance import default_dtype
+from structurednets.testing import default_dtype
 from structurednets_hmat import (
     HMatLayer,
     HMatrixPartition,

@@ -17,6 +17,7 @@ copying them for every bucket.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -307,14 +308,13 @@ def make_buckets(leaves: Sequence[Leaf]) -> list[DenseBucket | LowRankBucket]:
 
 def _blocks(matrix: torch.Tensor, blocks: BlockRange, index: torch.Tensor | None) -> torch.Tensor:
     """The ``(count, size, batch)`` row blocks of a contiguous ``(n, batch)`` matrix: a strided
-    view, or a gathered copy (``index`` of shape ``(count, size)``)."""
-    batch = matrix.shape[1]
+    view (``narrow`` and ``unfold``, so it stays a view that in-place products can write
+    into), or a gathered copy (``index`` of shape ``(count, size)``)."""
     if blocks.strided:
-        return matrix.as_strided(
-            (blocks.count, blocks.size, batch),
-            (blocks.step * batch, batch, 1),
-            matrix.storage_offset() + blocks.starts[0] * batch,
-        )
+        span = (blocks.count - 1) * blocks.step + blocks.size
+        window = matrix.narrow(0, blocks.starts[0], span)
+        return window.unfold(0, blocks.size, blocks.step).transpose(1, 2)
+    batch = matrix.shape[1]
     return matrix.index_select(0, index.reshape(-1)).view(blocks.count, blocks.size, batch)
 
 
@@ -444,5 +444,14 @@ def multiply_buckets(
     factors: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """``W @ Xt`` (shape ``(output_dim, batch)``) for the H-matrix given by buckets and factors."""
-    with torch.autocast(Xt.device.type, enabled=False):
+    autocast = torch.autocast(Xt.device.type, enabled=False) if _autocasting(Xt) else nullcontext()
+    with autocast:
         return _HMatrixProduct.apply(tuple(operands), output_dim, Xt, *factors)
+
+
+def _autocasting(tensor: torch.Tensor) -> bool:
+    """Whether autocast is on for the tensor's device (devices without autocast: no)."""
+    try:
+        return torch.is_autocast_enabled(tensor.device.type)
+    except RuntimeError:  # e.g. the meta device has no autocast
+        return False
