@@ -157,8 +157,13 @@ def test_budget_too_small_names_the_smallest_share():
     assert info.value.needed == needed
     assert f"rank 1 in each of its {len(blocks.leaves)} blocks" in str(info.value)
     assert HMatLayer(100, 100, info.value.min_share).nb_weight_parameters >= needed
-    with pytest.raises(BudgetTooSmallError):
-        HMatLayer(100, 100, 0.01, initial_weight_matrix=np.ones((100, 100)))
+    # A fitted layer may leave blocks at rank 0: it needs only one block of rank 1.
+    target = smooth_matrix(100, 100)
+    fitted = HMatLayer(100, 100, 0.01, initial_weight_matrix=target)
+    assert 0 < fitted.nb_weight_parameters <= fitted.weight_budget
+    assert relative_error(fitted.to_dense(), target) < 1.0
+    with pytest.raises(BudgetTooSmallError, match="its smallest block at rank 1 needs 50"):
+        HMatLayer(100, 100, 0.003, initial_weight_matrix=target)
 
 
 def test_merged_blocks_layer():

@@ -141,6 +141,19 @@ def _require_smallest_form(
         )
 
 
+def _require_one_block(
+    blocks: HMatrixPartition, input_dim: int, output_dim: int, nb_params_share: float
+) -> None:
+    """A fitted layer may leave blocks at rank 0, but needs room for one block of rank 1."""
+    needed = min(
+        min(leaf.nb_rows + leaf.nb_cols, leaf.nb_rows * leaf.nb_cols) for leaf in blocks.leaves
+    )
+    if needed > weight_budget(input_dim, output_dim, nb_params_share):
+        raise BudgetTooSmallError(
+            "hmat", input_dim, output_dim, nb_params_share, needed, "its smallest block at rank 1"
+        )
+
+
 def hmat_nb_weight_parameters(
     input_dim: int,
     output_dim: int,
@@ -193,7 +206,8 @@ class HMatLayer(StructuredLayer):
 
     Without ``initial_weight_matrix``, ``hmatrix`` or ``partition``, every leaf starts at rank 1
     and ranks grow evenly (by ``rank / min(rows, cols)``) until the budget is full; factors are
-    random with ``nn.Linear``'s scale.
+    random with ``nn.Linear``'s scale. So a random layer needs a budget of rank 1 in every
+    block, while a fitted one may leave blocks at rank 0 and needs only one block of rank 1.
 
     Attributes:
         partition: the :class:`~structurednets_hmat.HMatrixPartition` with every leaf's rank.
@@ -245,7 +259,7 @@ class HMatLayer(StructuredLayer):
             blocks = _block_partition(
                 self.input_dim, self.output_dim, eta, min_block_size, None, "partition"
             )
-            _require_smallest_form(blocks, self.input_dim, self.output_dim, self.nb_params_share)
+            _require_one_block(blocks, self.input_dim, self.output_dim, self.nb_params_share)
             hmatrix = approximate(
                 target,
                 self.weight_budget,
