@@ -166,6 +166,8 @@ def test_merging_blocks_is_never_worse_than_low_rank_or_the_standard_partition(s
         # Global low rank plus noise, like a trained layer: one block wins.
         "low rank": rng.standard_normal((96, 3)) @ rng.standard_normal((3, 80))
         + 0.05 * rng.standard_normal((96, 80)),
+        "low rank, wide": rng.standard_normal((60, 4)) @ rng.standard_normal((4, 110))
+        + 0.05 * rng.standard_normal((60, 110)),
         "kernel": 1.0 / (1.0 + np.abs(index[:, None] - index[None, :])),
         "gaussian": rng.standard_normal((64, 72)),
     }
@@ -181,8 +183,10 @@ def test_merging_blocks_is_never_worse_than_low_rank_or_the_standard_partition(s
         assert (coverage == 1).all(), name
         assert merged_error <= relative_error(standard.to_dense(), target) + 1e-12, name
         assert merged_error <= lowrank_relative_error(target, budget) + 1e-12, name
-        if name == "low rank":
+        if name.startswith("low rank"):
             assert len(merged.partition.leaves) == 1  # the whole matrix, as one block
+            expected = lowrank_relative_error(target, budget)
+            assert merged_error == pytest.approx(expected, rel=1e-9), name
         if name == "kernel":
             # Near-diagonal blocks kept whole: fewer leaves, and a much smaller error.
             assert len(merged.partition.leaves) < len(standard.partition.leaves)

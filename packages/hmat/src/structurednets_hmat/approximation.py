@@ -427,6 +427,23 @@ def approximate(
     return HMatrix(ranked, tuple(factors))
 
 
+def _leading_triplets(block: torch.Tensor, rank: int) -> _Svd:
+    """The ``rank`` leading singular triplets of a (large, merged) block, from the eigenvectors
+    of its smaller Gram matrix: about half the time of an SVD, and the same subspace to
+    rounding (what the approximation error depends on)."""
+    transposed = block.shape[0] < block.shape[1]
+    matrix = block.T if transposed else block  # tall: rows >= cols
+    values, vectors = torch.linalg.eigh(matrix.T @ matrix)
+    V = vectors[:, -rank:].flip(1)
+    S = values[-rank:].flip(0).clamp_min(0.0).sqrt()
+    product = matrix @ V  # U * S
+    scale = torch.where(S > 0, S, torch.ones_like(S))
+    U = torch.where(S > 0, product / scale, torch.zeros_like(product))
+    if transposed:
+        return _Svd(V, S, U.T)
+    return _Svd(U, S, V.T)
+
+
 def _discarded_energy(partition: HMatrixPartition, spectra: list[LeafSpectrum]) -> float:
     """Squared error of the allocation: each low-rank leaf's energy beyond its rank."""
     return sum(
@@ -489,9 +506,8 @@ def _merged_allocation(
     for index, (node, leaf) in enumerate(zip(nodes, ranked.leaves, strict=True)):
         if leaf.dense or leaf.rank == 0:
             continue
-        if node not in node_vectors:  # a merged block: its singular vectors now
-            U, S, Vh = torch.linalg.svd(target[leaf.rows, leaf.cols], full_matrices=False)
-            node_vectors[node] = _Svd(U, S, Vh)
+        if node not in node_vectors:  # a merged block: its leading singular vectors now
+            node_vectors[node] = _leading_triplets(target[leaf.rows, leaf.cols], leaf.rank)
         vectors[index] = node_vectors[node]
     return ranked, spectra, vectors
 
