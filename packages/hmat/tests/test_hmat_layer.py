@@ -178,3 +178,16 @@ def test_merged_blocks_layer():
         torch.testing.assert_close(layer(U), U @ dense.T + layer.bias, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="merge_blocks=True applies only to fitting"):
         HMatLayer(64, 64, 0.3, merge_blocks=True)
+
+
+@pytest.mark.parametrize("rows, cols, share, min_block_size", LAYERS[:2])
+def test_empty_batch_and_strided_input(rows, cols, share, min_block_size):
+    layer = fitted_layer(rows, cols, share, min_block_size=min_block_size)
+    empty = torch.zeros(0, cols, dtype=torch.float64, requires_grad=True)
+    result = layer(empty)
+    result.sum().backward()
+    assert result.shape == (0, rows) and empty.grad.shape == (0, cols)
+    strided = torch.randn(4, 2 * cols, dtype=torch.float64)[:, ::2]
+    with torch.no_grad():
+        expected = strided @ layer.to_dense().T + layer.bias
+        torch.testing.assert_close(layer(strided), expected, rtol=1e-12, atol=1e-12)

@@ -334,7 +334,8 @@ def _add_product(
         _blocks(matrix, blocks, None).baddbmm_(left, right)
     else:
         product = torch.bmm(left, right)
-        matrix.index_add_(0, index.reshape(-1), product.reshape(-1, matrix.shape[1]))
+        rows = product.shape[0] * product.shape[1]
+        matrix.index_add_(0, index.reshape(-1), product.reshape(rows, matrix.shape[1]))
 
 
 @dataclass(frozen=True)
@@ -377,8 +378,9 @@ class LowRankOperands:
         bucket = self.bucket
         X = _blocks(Xt, bucket.cols, self.col_index)  # (J, c, B)
         T = torch.bmm(Rcol, X)  # (J, col_slots * k, B): every leaf's R @ x
-        Trow = T.view(-1, T.shape[2]).index_select(0, self.gather_index)
-        Trow = Trow.view(bucket.rows.count, -1, T.shape[2])  # (I, row_slots * k, B)
+        batch = T.shape[2]  # explicit sizes throughout: the batch may be empty
+        Trow = T.reshape(T.shape[0] * T.shape[1], batch).index_select(0, self.gather_index)
+        Trow = Trow.view(bucket.rows.count, bucket.row_slots * bucket.rank, batch)
         _add_product(Yt, bucket.rows, self.row_index, Lrow, Trow)
         return Trow
 
@@ -389,7 +391,7 @@ class LowRankOperands:
         dLrow = torch.bmm(dY, Trow.transpose(1, 2)) if needs[0] else None
         dTrow = torch.bmm(Lrow.transpose(1, 2), dY)  # (I, row_slots * k, B)
         dT = dTrow.new_zeros(Rcol.shape[0] * Rcol.shape[1], batch)
-        dT.index_add_(0, self.gather_index, dTrow.view(-1, batch))
+        dT.index_add_(0, self.gather_index, dTrow.view(dTrow.shape[0] * dTrow.shape[1], batch))
         dT = dT.view(Rcol.shape[0], Rcol.shape[1], batch)
         dRcol = None
         if needs[1]:
