@@ -11,16 +11,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from structurednets.layers.layer_helpers import default_dtype
 from structurednets.layers.structured_layer import StructuredLayer
 from structurednets.registry import available, create, get_structure
 from structurednets.validation import BudgetTooSmallError, as_matrix, as_vector, check_share
@@ -151,16 +151,6 @@ def format_error(value: float) -> str:
     return f"{value:>10.2e}"
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _fit(
     name: str,  # canonical
     target: torch.Tensor,
@@ -175,7 +165,7 @@ def _fit(
     # so that a float64 layer keeps the float64 fit, other dtypes are converted afterwards.
     build_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     start = time.perf_counter()
-    with _default_dtype(build_dtype):
+    with default_dtype(build_dtype):
         layer = create(
             name,
             input_dim,

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import nn
 
-__all__ = ["get_nb_model_parameters"]
+__all__ = ["default_dtype", "get_nb_model_parameters"]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily set torch's default floating-point dtype (the dtype new layers get).
+
+    The setting is process-wide: do not build layers from several threads meanwhile.
+    """
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def get_nb_model_parameters(model: nn.Module, count_gradientless_parameters: bool = True) -> int:

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 import structurednets
+from structurednets.approximation import relative_error
+from structurednets.layers.layer_helpers import default_dtype
 from structurednets.layers.structured_layer import StructuredLayer
 
 __all__ = [
@@ -131,17 +133,6 @@ class Check:
 
 
 @contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """Temporarily set ``torch``'s default floating-point dtype."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-@contextlib.contextmanager
 def raises(
     exception: type[BaseException] | tuple[type[BaseException], ...], *fragments: str
 ) -> Iterator[None]:
@@ -162,10 +153,6 @@ def inputs(layer: StructuredLayer, *batch_shape: int, seed: int = 1) -> torch.Te
     generator = torch.Generator().manual_seed(seed)
     dtype = next(layer.parameters()).dtype
     return torch.randn(*batch_shape, layer.input_dim, generator=generator, dtype=dtype)
-
-
-def relative_error(approximation: torch.Tensor, target: torch.Tensor) -> float:
-    return float(torch.linalg.norm(approximation - target) / torch.linalg.norm(target))
 
 
 def assert_same_outputs(first: StructuredLayer, second: StructuredLayer, what: str) -> None:
