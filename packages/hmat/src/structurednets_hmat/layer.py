@@ -1,0 +1,421 @@
+"""H-matrix layer: ``W`` is a hierarchical matrix, low-rank far from the diagonal."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch import nn
+
+from structurednets import StructuredLayer
+from structurednets.layers.structured_layer import dense_init_std
+from structurednets.validation import BudgetTooSmallError, check_positive_int, weight_budget
+from structurednets_hmat.approximation import (
+    HMatrix,
+    allocate_uniform,
+    approximate,
+    smallest_nb_parameters,
+)
+from structurednets_hmat.batched import (
+    DenseOperands,
+    LowRankOperands,
+    make_buckets,
+    multiply_buckets,
+)
+from structurednets_hmat.partition import (
+    DEFAULT_ETA,
+    DEFAULT_MIN_BLOCK_SIZE,
+    HMatrixPartition,
+    check_eta,
+)
+
+__all__ = ["HMatLayer", "hmat_nb_weight_parameters", "plan_partition"]
+
+
+def _block_partition(
+    input_dim: int,
+    output_dim: int,
+    eta: float | None,
+    min_block_size: int | None,
+    given: HMatrixPartition | None,
+    given_name: str,
+) -> HMatrixPartition:
+    """The given partition (checked against the dims and options), or the one they define."""
+    if given is None:
+        return HMatrixPartition.build(
+            output_dim,
+            input_dim,
+            DEFAULT_ETA if eta is None else eta,
+            DEFAULT_MIN_BLOCK_SIZE if min_block_size is None else min_block_size,
+        )
+    if given.shape != (output_dim, input_dim):
+        raise ValueError(
+            f"{given_name} is for a {given.output_dim} x {given.input_dim} matrix, but the layer's "
+            f"weight is {output_dim} x {input_dim} (output_dim x input_dim)"
+        )
+    if eta is not None and check_eta(eta) != given.eta:
+        raise ValueError(f"eta={eta!r} disagrees with the eta of {given_name} ({given.eta:g})")
+    if min_block_size is not None and (
+        check_positive_int("min_block_size", min_block_size) != given.min_block_size
+    ):
+        raise ValueError(
+            f"min_block_size={min_block_size!r} disagrees with {given_name}'s "
+            f"({given.min_block_size})"
+        )
+    return given
+
+
+def _check_options(hmatrix: object, partition: object) -> HMatrixPartition | None:
+    if hmatrix is not None and partition is not None:
+        raise ValueError("pass either hmatrix or partition, not both")
+    if hmatrix is not None:
+        if not isinstance(hmatrix, HMatrix):
+            raise TypeError(
+                "hmatrix must be a structurednets_hmat.HMatrix (e.g. from "
+                f"structurednets_hmat.approximate or layer.to_hmatrix()), got {type(hmatrix).__name__}"
+            )
+        return hmatrix.partition
+    if partition is not None and not isinstance(partition, HMatrixPartition):
+        raise TypeError(
+            "partition must be a structurednets_hmat.HMatrixPartition (e.g. layer.partition), "
+            f"got {type(partition).__name__}"
+        )
+    return partition
+
+
+def plan_partition(
+    input_dim: int,
+    output_dim: int,
+    nb_params_share: float,
+    *,
+    eta: float | None = None,
+    min_block_size: int | None = None,
+    hmatrix: HMatrix | None = None,
+    partition: HMatrixPartition | None = None,
+    merge_blocks: bool = False,
+) -> HMatrixPartition:
+    """The partition with ranks of a layer built with these arguments and no weight matrix.
+
+    That is the ranks of ``hmatrix`` or ``partition`` when given, else the random start's
+    allocation (:func:`~structurednets_hmat.allocate_uniform`) on the partition that ``eta`` and
+    ``min_block_size`` define. Raises :class:`BudgetTooSmallError` when the budget cannot hold
+    it, or cannot hold rank 1 in every block.
+    """
+    if merge_blocks is not False:
+        raise ValueError(
+            f"merge_blocks={merge_blocks!r} applies only to fitting initial_weight_matrix"
+        )
+    given = _check_options(hmatrix, partition)
+    name = "hmatrix" if hmatrix is not None else "partition"
+    blocks = _block_partition(input_dim, output_dim, eta, min_block_size, given, name)
+    budget = weight_budget(input_dim, output_dim, nb_params_share)
+    if given is not None:
+        if given.nb_parameters > budget:
+            raise BudgetTooSmallError(
+                "hmat",
+                input_dim,
+                output_dim,
+                nb_params_share,
+                given.nb_parameters,
+                f"the given {name}",
+            )
+        return given
+    _require_smallest_form(blocks, input_dim, output_dim, nb_params_share)
+    return allocate_uniform(blocks, budget)
+
+
+def _require_smallest_form(
+    blocks: HMatrixPartition, input_dim: int, output_dim: int, nb_params_share: float
+) -> None:
+    needed = smallest_nb_parameters(blocks)
+    if needed > weight_budget(input_dim, output_dim, nb_params_share):
+        raise BudgetTooSmallError(
+            "hmat",
+            input_dim,
+            output_dim,
+            nb_params_share,
+            needed,
+            f"rank 1 in each of its {len(blocks.leaves)} blocks (eta={blocks.eta:g}, "
+            f"min_block_size={blocks.min_block_size})",
+        )
+
+
+def _require_one_block(
+    blocks: HMatrixPartition, input_dim: int, output_dim: int, nb_params_share: float
+) -> None:
+    """A fitted layer may leave blocks at rank 0, but needs room for one block of rank 1."""
+    needed = min(
+        min(leaf.nb_rows + leaf.nb_cols, leaf.nb_rows * leaf.nb_cols) for leaf in blocks.leaves
+    )
+    if needed > weight_budget(input_dim, output_dim, nb_params_share):
+        raise BudgetTooSmallError(
+            "hmat", input_dim, output_dim, nb_params_share, needed, "its smallest block at rank 1"
+        )
+
+
+def hmat_nb_weight_parameters(
+    input_dim: int,
+    output_dim: int,
+    nb_params_share: float,
+    *,
+    eta: float | None = None,
+    min_block_size: int | None = None,
+    hmatrix: HMatrix | None = None,
+    partition: HMatrixPartition | None = None,
+    merge_blocks: bool = False,
+) -> int:
+    """Weight scalars of an :class:`HMatLayer` built with these arguments (random start)."""
+    return plan_partition(
+        input_dim,
+        output_dim,
+        nb_params_share,
+        eta=eta,
+        min_block_size=min_block_size,
+        hmatrix=hmatrix,
+        partition=partition,
+        merge_blocks=merge_blocks,
+    ).nb_parameters
+
+
+class HMatLayer(StructuredLayer):
+    """Hierarchical-matrix layer: ``W`` is split into blocks, low rank away from the diagonal.
+
+    The block partition (see :class:`~structurednets_hmat.HMatrixPartition`) halves row and
+    column index ranges recursively; blocks that are far from the diagonal relative to their
+    size (``max(diam(rows), diam(cols)) <= 2 * eta * dist(rows, cols)``) stop there, the others
+    are split down to ``min_block_size``. Each leaf holds ``L @ R`` of its own rank, or a dense
+    block where that is cheaper. Forward and backward cost ``O(batch * nb_parameters)``, in one
+    pair of batched products per group of same-shaped leaves.
+
+    Args:
+        input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
+            as for every :class:`~structurednets.StructuredLayer`. ``initial_weight_matrix`` is
+            approximated by :func:`~structurednets_hmat.approximate`: the SVD of every leaf,
+            then a greedy allocation of the budget over all leaves.
+        eta: admissibility parameter (default 0.5); larger gives bigger low-rank blocks.
+        min_block_size: index ranges are halved only while both halves keep at least this
+            many indices (default 16).
+        hmatrix: an :class:`~structurednets_hmat.HMatrix` (partition and factors) to start from.
+        partition: an :class:`~structurednets_hmat.HMatrixPartition` whose ranks to use, with
+            random factors (e.g. ``other_layer.partition``, to load ``other_layer``'s state dict).
+        merge_blocks: when fitting ``initial_weight_matrix``, also consider keeping split blocks
+            whole, up to the whole matrix as one low-rank block (see
+            :func:`~structurednets_hmat.approximate`): never worse than plain low rank, slower
+            to fit.
+
+    Without ``initial_weight_matrix``, ``hmatrix`` or ``partition``, every leaf starts at rank 1
+    and ranks grow evenly (by ``rank / min(rows, cols)``) until the budget is full; factors are
+    random with ``nn.Linear``'s scale. So a random layer needs a budget of rank 1 in every
+    block, while a fitted one may leave blocks at rank 0 and needs only one block of rank 1.
+
+    Attributes:
+        partition: the :class:`~structurednets_hmat.HMatrixPartition` with every leaf's rank.
+
+    Example:
+        >>> layer = HMatLayer(512, 512, nb_params_share=0.1)
+        >>> len(layer.partition.leaves), layer.nb_weight_parameters <= 0.1 * 512 * 512
+        (250, True)
+        >>> layer(torch.randn(8, 512)).shape
+        torch.Size([8, 512])
+    """
+
+    structure_name = "hmat"
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        nb_params_share: float,
+        use_bias: bool = True,
+        initial_weight_matrix: object = None,
+        initial_bias: object = None,
+        *,
+        eta: float | None = None,
+        min_block_size: int | None = None,
+        hmatrix: HMatrix | None = None,
+        partition: HMatrixPartition | None = None,
+        merge_blocks: bool = False,
+    ):
+        super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
+        target = self.checked_weight_matrix(initial_weight_matrix)
+        if target is not None and (hmatrix is not None or partition is not None):
+            raise ValueError(
+                "pass either initial_weight_matrix or hmatrix/partition, not both "
+                "(structurednets_hmat.approximate fits a matrix on a given partition)"
+            )
+        if target is None:
+            ranked = plan_partition(
+                self.input_dim,
+                self.output_dim,
+                self.nb_params_share,
+                eta=eta,
+                min_block_size=min_block_size,
+                hmatrix=hmatrix,
+                partition=partition,
+                merge_blocks=merge_blocks,
+            )
+        else:
+            blocks = _block_partition(
+                self.input_dim, self.output_dim, eta, min_block_size, None, "partition"
+            )
+            _require_one_block(blocks, self.input_dim, self.output_dim, self.nb_params_share)
+            hmatrix = approximate(
+                target,
+                self.weight_budget,
+                eta=blocks.eta,
+                min_block_size=blocks.min_block_size,
+                merge_blocks=merge_blocks,
+            )
+            ranked = hmatrix.partition
+        self.partition = ranked
+        self.buckets = make_buckets(ranked.leaves)
+        factors = (
+            hmatrix.factors if hmatrix is not None else _random_factors(ranked, self.input_dim)
+        )
+        self._build_parameters(factors)
+
+    # -- parameters -------------------------------------------------------------------------
+
+    def _build_parameters(self, factors: tuple[tuple[torch.Tensor, ...], ...]) -> None:
+        """One parameter per dense bucket (``(G, r, c)``), two flat ones per low-rank bucket:
+        the entries of its stacked factors ``Lrow`` and ``Rcol`` that are not padding."""
+        dtype = torch.get_default_dtype()
+        self.left_factors = nn.ParameterList()
+        self.right_factors = nn.ParameterList()
+        self.dense_blocks = nn.ParameterList()
+        for number, bucket in enumerate(self.buckets):
+            if bucket.dense:
+                blocks = torch.stack([factors[i][0] for i in bucket.leaves])
+                self.dense_blocks.append(nn.Parameter(blocks.to(dtype)))
+            else:
+                left, right = bucket.stack(factors)
+                left_mask, right_mask = bucket.left_mask(), bucket.right_mask()
+                self.left_factors.append(nn.Parameter(left[left_mask].to(dtype)))
+                self.right_factors.append(nn.Parameter(right[right_mask].to(dtype)))
+                if bucket.padded:
+                    self.register_buffer(f"_left_mask_{number}", left_mask, persistent=False)
+                    self.register_buffer(f"_right_mask_{number}", right_mask, persistent=False)
+                self.register_buffer(f"_gather_{number}", bucket.gather_index(), persistent=False)
+            for side, blocks in (("rows", bucket.rows), ("cols", bucket.cols)):
+                if not blocks.strided:
+                    self.register_buffer(f"_{side}_{number}", blocks.index(), persistent=False)
+
+    def _stacked_factors(self) -> list[torch.Tensor]:
+        """Per bucket, ``D`` of shape (G, r, c), or the stacked ``Lrow`` and ``Rcol``."""
+        stacked = []
+        low_rank = dense = 0
+        for number, bucket in enumerate(self.buckets):
+            if bucket.dense:
+                stacked.append(self.dense_blocks[dense])
+                dense += 1
+                continue
+            left, right = self.left_factors[low_rank], self.right_factors[low_rank]
+            low_rank += 1
+            if bucket.padded:
+                left_mask = getattr(self, f"_left_mask_{number}")
+                right_mask = getattr(self, f"_right_mask_{number}")
+                left = left.new_zeros(bucket.left_shape).masked_scatter(left_mask, left)
+                right = right.new_zeros(bucket.right_shape).masked_scatter(right_mask, right)
+                stacked += [left, right]
+            else:
+                stacked += [left.view(bucket.left_shape), right.view(bucket.right_shape)]
+        return stacked
+
+    def _operands(self) -> list[DenseOperands | LowRankOperands]:
+        operands: list[DenseOperands | LowRankOperands] = []
+        for number, bucket in enumerate(self.buckets):
+            rows = None if bucket.rows.strided else getattr(self, f"_rows_{number}")
+            cols = None if bucket.cols.strided else getattr(self, f"_cols_{number}")
+            if bucket.dense:
+                operands.append(DenseOperands(bucket, rows, cols))
+            else:
+                gather = getattr(self, f"_gather_{number}")
+                operands.append(LowRankOperands(bucket, rows, cols, gather))
+        return operands
+
+    # -- the layer --------------------------------------------------------------------------
+
+    def multiply(self, U: torch.Tensor) -> torch.Tensor:
+        factors = self._stacked_factors()
+        if not factors:  # every leaf at rank 0
+            return U.new_zeros(U.shape[0], self.output_dim)
+        Yt = multiply_buckets(self._operands(), self.output_dim, U.t(), factors)
+        return Yt.t()
+
+    def to_dense(self) -> torch.Tensor:
+        reference = self._reference_parameter()
+        device = reference.device
+        matrix = reference.new_zeros(self.output_dim, self.input_dim)
+        leaves = self.partition.leaves
+        factors = iter(self._stacked_factors())
+        for bucket in self.buckets:
+            if bucket.dense:
+                blocks = next(factors)
+            else:
+                Lrow, Rcol = next(factors), next(factors)
+                Lrow = Lrow.view(bucket.rows.count, bucket.rows.size, bucket.row_slots, bucket.rank)
+                Rcol = Rcol.view(bucket.cols.count, bucket.col_slots, bucket.rank, bucket.cols.size)
+                index = partial(torch.tensor, device=device)
+                left = Lrow[index(bucket.row_of), :, index(bucket.row_slot)]  # (G, r, k)
+                right = Rcol[index(bucket.col_of), index(bucket.col_slot)]  # (G, k, c)
+                blocks = torch.bmm(left, right)
+            row_starts = torch.tensor([leaves[i].row_start for i in bucket.leaves], device=device)
+            col_starts = torch.tensor([leaves[i].col_start for i in bucket.leaves], device=device)
+            rows = row_starts[:, None, None] + torch.arange(bucket.shape[0], device=device)[:, None]
+            cols = col_starts[:, None, None] + torch.arange(bucket.shape[1], device=device)
+            matrix = matrix.index_put((rows, cols), blocks)
+        return matrix
+
+    def to_hmatrix(self) -> HMatrix:
+        """The current weights as an :class:`~structurednets_hmat.HMatrix` (float64 copies)."""
+        leaves = self.partition.leaves
+        factors: list[tuple[torch.Tensor, ...]] = [
+            (torch.zeros(leaf.nb_rows, 0), torch.zeros(0, leaf.nb_cols)) for leaf in leaves
+        ]
+        stacked = iter(self._stacked_factors())
+        for bucket in self.buckets:
+            if bucket.dense:
+                blocks = next(stacked).detach().to("cpu", torch.float64)
+                for position, index in enumerate(bucket.leaves):
+                    factors[index] = (blocks[position].clone(),)
+                continue
+            left = next(stacked).detach().to("cpu", torch.float64)
+            right = next(stacked).detach().to("cpu", torch.float64)
+            for index, pair in zip(bucket.leaves, bucket.unstack(left, right), strict=True):
+                factors[index] = tuple(factor.clone() for factor in pair)
+        return HMatrix(self.partition, tuple(factors))
+
+    def extra_repr(self) -> str:
+        partition = self.partition
+        return (
+            f"{super().extra_repr()}, eta={partition.eta:g}, "
+            f"min_block_size={partition.min_block_size}, leaves={len(partition.leaves)}, "
+            f"buckets={len(self.buckets)}"
+        )
+
+
+def _random_factors(
+    partition: HMatrixPartition, input_dim: int
+) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """Random leaves whose entries have ``nn.Linear``'s standard deviation (float64).
+
+    Dense leaves are uniform like ``nn.Linear``'s weights; a rank-``k`` leaf has normal
+    factors of deviation ``s`` with ``k * s**4 = std**2``.
+    """
+    std = dense_init_std(input_dim)
+    factors: list[tuple[torch.Tensor, ...]] = []
+    for leaf in partition.leaves:
+        rows, cols = leaf.shape
+        if leaf.dense:
+            bound = std * math.sqrt(3.0)
+            block = torch.empty(rows, cols, dtype=torch.float64).uniform_(-bound, bound)
+            factors.append((block,))
+        elif leaf.rank == 0:
+            factors.append((torch.zeros(rows, 0), torch.zeros(0, cols)))
+        else:
+            scale = (std**2 / leaf.rank) ** 0.25
+            left = torch.randn(rows, leaf.rank, dtype=torch.float64) * scale
+            right = torch.randn(leaf.rank, cols, dtype=torch.float64) * scale
+            factors.append((left, right))
+    return tuple(factors)
