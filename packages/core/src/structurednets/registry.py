@@ -58,9 +58,9 @@ class Structure:
 
     @property
     def summary(self) -> str:
-        """First line of the layer class's docstring."""
+        """First line of the layer class's docstring, without reStructuredText markup."""
         doc = (self.layer_class.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
+        return doc.splitlines()[0].replace("``", "") if doc else ""
 
     def __str__(self) -> str:
         aliases = f" (alias: {', '.join(self.aliases)})" if self.aliases else ""
