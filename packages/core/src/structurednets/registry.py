@@ -58,9 +58,10 @@ class Structure:
 
     @property
     def summary(self) -> str:
-        """First line of the layer class's docstring, without reStructuredText markup."""
+        """First paragraph of the layer class's docstring on one line, without RST markup."""
         doc = (self.layer_class.__doc__ or "").strip()
-        return doc.splitlines()[0].replace("``", "") if doc else ""
+        paragraph = " ".join(doc.split("\n\n")[0].split())
+        return paragraph.replace("``", "")
 
     def __str__(self) -> str:
         aliases = f" (alias: {', '.join(self.aliases)})" if self.aliases else ""
