@@ -161,10 +161,12 @@ def _band_dots(left: torch.Tensor, right: torch.Tensor, chunk: int = 16) -> torc
 # -- plans ---------------------------------------------------------------------------------
 
 # Rough single-thread costs (seconds) of one multiply-add in a large matrix product, of one
-# element of an elementwise operation, and of one coarse step per row and generator; they
-# only steer the choice of form and chain length.
+# element of an elementwise operation, of one operation whatever its size (dispatch), and
+# of one coarse step per row and generator; they only steer the choice of form and chain
+# length.
 _MULTIPLY_ADD = 2e-11
 _ELEMENT = 3e-10
+_OPERATION = 5e-6
 _COARSE_STEP = 25e-6
 _COARSE_ROW = 4e-9
 
@@ -194,13 +196,16 @@ def _estimate(explicit: bool, out_dim, in_dim, m, r, batch, b) -> float:
     M = math.ceil(m / b)
     coarse = 2 * (M - 1) * (_COARSE_STEP + _COARSE_ROW * (out_dim + in_dim) * r)
     powers = 40 * b * b * (out_dim + in_dim) * _ELEMENT if M > 1 else 0.0
+    operations = 60 * (b - 1) + 20 * b * (M > 1)  # Horner steps (forward and backward), P
     if explicit:
         products = 3 * out_dim * in_dim * (M * r + (batch or 0))
         elements = 18 * (b - 1) * out_dim * in_dim
     else:
         products = 3 * m * r * (out_dim + in_dim) * batch
         elements = 18 * (b - 1) * (out_dim + in_dim) * batch
-    return products * _MULTIPLY_ADD + elements * _ELEMENT + coarse + powers
+    return (
+        products * _MULTIPLY_ADD + elements * _ELEMENT + operations * _OPERATION + coarse + powers
+    )
 
 
 def choose_plan(
