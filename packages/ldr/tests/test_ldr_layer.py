@@ -119,7 +119,7 @@ def test_gradcheck_with_cut_chains_and_coarse_steps():
         plan = make_plan(9, 11, 9, explicit, 2)  # 5 chains, the last one cut
         assert plan.chain.nb_chains == 5 and plan.chain.last_chain_length == 1
         inputs = [t.clone().requires_grad_(True) for t in (U, A_bands, B_bands, G, H)]
-        assert torch.autograd.gradcheck(lambda *args: ldr_multiply(*args, plan), inputs)
+        assert torch.autograd.gradcheck(lambda *args, plan=plan: ldr_multiply(*args, plan), inputs)
 
 
 def test_interleaved_forward_and_backward_passes_share_the_workspace_safely():
