@@ -264,3 +264,26 @@ def test_adam_learns_an_ldr_teacher():
         loss.backward()
         optimiser.step()
     assert loss.item() < 0.02 * initial
+
+
+def test_cached_inference_weight_follows_parameter_updates():
+    torch.manual_seed(0)
+    layer = LDRLayer(40, 30, 0.5, cache_weight=True)
+    U = torch.randn(4, 40)
+    with torch.no_grad():
+        first = layer(U)
+        torch.testing.assert_close(first, U @ layer.to_dense().T + layer.bias)
+        assert layer._cached is not None
+        layer.G.mul_(2.0)  # in-place update: a new version, so a new W
+        torch.testing.assert_close(layer(U), U @ layer.to_dense().T + layer.bias)
+    optimiser = torch.optim.SGD(layer.parameters(), lr=1e-4)
+    layer(U).square().mean().backward()  # with gradients: the cache is not used
+    optimiser.step()
+    assert torch.isfinite(layer.to_dense()).all()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(U), U @ layer.to_dense().T + layer.bias)
+    clone = copy.deepcopy(layer)
+    assert clone._cached is None or torch.equal(clone(U), layer(U))
+    double = copy.deepcopy(layer).double()
+    with torch.no_grad():
+        assert double(U.double()).dtype == torch.float64

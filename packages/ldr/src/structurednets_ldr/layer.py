@@ -85,11 +85,13 @@ def ldr_nb_weight_parameters(
     operators: tuple[object, object] | None = None,
     fit_max_evaluations: int = 400,
     fit_max_seconds: float = 50.0,
+    cache_weight: bool = False,
 ) -> int:
     """Weight scalars of an :class:`LDRLayer` built with these arguments:
     ``(r + 3) (input_dim + output_dim)``.
 
-    ``krylov_columns``, ``operators`` and the fitting options do not change the count.
+    ``krylov_columns``, ``operators``, the fitting options and ``cache_weight`` do not change
+    the count.
     """
     if generators is not None:
         displacement_rank = _generator_rank(generators)
@@ -97,6 +99,7 @@ def ldr_nb_weight_parameters(
     return (rank + 3) * (input_dim + output_dim)
 
 
+@torch.compiler.disable  # a cached, pure-Python choice: nothing for dynamo to trace
 @functools.lru_cache(maxsize=256)
 def _plan(out_dim: int, in_dim: int, nb_columns: int, rank: int, batch: int | None) -> LDRPlan:
     explicit, chain_length = choose_plan(out_dim, in_dim, nb_columns, rank, batch)
@@ -133,6 +136,9 @@ class LDRLayer(StructuredLayer):
             start of the fit when ``initial_weight_matrix`` is given).
         generators: ``(G, H)`` to start from; their columns are the displacement rank.
         fit_max_evaluations, fit_max_seconds: limits of the fit to ``initial_weight_matrix``.
+        cache_weight: keep the built ``W`` for calls that need no gradient (inference) while
+            the parameters are unchanged: such calls then cost one dense product, at the
+            price of holding an ``output_dim x input_dim`` matrix. Off by default.
 
     Attributes:
         A_bands: ``(3, output_dim)``: ``A[i, i-1]``, ``A[i, i]``, ``A[i, i+1]`` (indices
@@ -167,8 +173,13 @@ class LDRLayer(StructuredLayer):
         generators: tuple[object, object] | None = None,
         fit_max_evaluations: int = 400,
         fit_max_seconds: float = 50.0,
+        cache_weight: bool = False,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
+        if not isinstance(cache_weight, bool):
+            raise TypeError(f"cache_weight must be True or False, got {cache_weight!r}")
+        self.cache_weight = cache_weight
+        self._cached: tuple[tuple, torch.Tensor] | None = None
         target = self.checked_weight_matrix(initial_weight_matrix)
         if generators is not None:
             if target is not None:
@@ -242,6 +253,10 @@ class LDRLayer(StructuredLayer):
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         if U.dtype != self.G.dtype:  # autocast: the kernels run in the parameters' dtype
             U = U.to(self.G.dtype)
+        if self.cache_weight and not (
+            torch.is_grad_enabled() and (U.requires_grad or self.G.requires_grad)
+        ):
+            return U @ self._inference_weight().T
         plan = _plan(
             self.output_dim,
             self.input_dim,
@@ -250,6 +265,21 @@ class LDRLayer(StructuredLayer):
             U.shape[0],
         )
         return ldr_multiply(U, self.A_bands, self.B_bands, self.G, self.H, plan)
+
+    @torch.compiler.disable
+    def _inference_weight(self) -> torch.Tensor:
+        """``W`` built once per state of the parameters (their versions, storage, dtype)."""
+        parameters = (self.A_bands, self.B_bands, self.G, self.H)
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in parameters)
+        if self._cached is None or self._cached[0] != key:
+            with torch.no_grad():
+                self._cached = (key, self.to_dense())
+        return self._cached[1]
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_cached"] = None  # not part of the layer's state
+        return state
 
     def to_dense(self) -> torch.Tensor:
         plan = _plan(
