@@ -196,7 +196,9 @@ def _estimate(explicit: bool, out_dim, in_dim, m, r, batch, b) -> float:
     M = math.ceil(m / b)
     coarse = 2 * (M - 1) * (_COARSE_STEP + _COARSE_ROW * (out_dim + in_dim) * r)
     powers = 40 * b * b * (out_dim + in_dim) * _ELEMENT if M > 1 else 0.0
-    operations = 60 * (b - 1) + 20 * b * (M > 1)  # Horner steps (forward and backward), P
+    # Operations issued per Horner step (forward and backward; the explicit form also takes
+    # two banded dot products per step) and per step of the recursion that builds P.
+    operations = (48 if explicit else 20) * (b - 1) + 18 * b * (M > 1)
     if explicit:
         products = 3 * out_dim * in_dim * (M * r + (batch or 0))
         elements = 18 * (b - 1) * out_dim * in_dim
