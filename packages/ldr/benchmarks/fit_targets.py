@@ -34,14 +34,16 @@ kernel = 1.0 / (1.0 + np.abs(i[:, None] - i[None, :]))
 singular_values = np.linalg.svd(kernel, compute_uv=False)
 low_rank = int(share * n * n) // (2 * n)
 low_rank_error = np.sqrt(np.sum(singular_values[low_rank:] ** 2) / np.sum(singular_values**2))
-print(f"{n} x {n}, share {share}: displacement rank {rank}; low rank {low_rank} for the same budget")
+print(
+    f"{n} x {n}, share {share}: displacement rank {rank}; low rank {low_rank} for the same budget"
+)
 print(f"{'Toeplitz 1/(1+|i-j|), low rank':<44} {low_rank_error:9.3f}")
 report("Toeplitz 1/(1+|i-j|), LDR", kernel)
 for noise in (0.0, 0.01, 0.05):
     for seed in range(3):
         generator = torch.Generator().manual_seed(seed)
 
-        def normal(*shape):
+        def normal(*shape, generator=generator):
             return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
         A = cyclic_shift_bands(n, 1.0, dtype=torch.float64) + noise * normal(3, n)

@@ -277,7 +277,7 @@ class LDRLayer(StructuredLayer):
         return self._cached[1]
 
     def __getstate__(self) -> dict:
-        state = super().__getstate__()
+        state = self.__dict__.copy()
         state["_cached"] = None  # not part of the layer's state
         return state
 
