@@ -232,10 +232,12 @@ def choose_plan(
             {min(nb_columns, max(1, round(nb_columns / M))) for M in range(1, nb_columns + 1)}
         )
     )
+    # The explicit form keeps b - 1 matrices H_l: at most 2 r, the size of K_A and K_B.
     best = min(
         (_estimate(form, out_dim, in_dim, nb_columns, nb_generators, batch, b), form, b)
         for form in forms
         for b in lengths
+        if chain_length or not form or b - 1 <= 2 * nb_generators
     )
     return best[1], best[2]
 
@@ -274,10 +276,11 @@ def _cut(chain: ChainPlan, r: int) -> int | None:
 # -- explicit form -------------------------------------------------------------------------
 
 
-def _horner_weight(A_bands, B_bands, S_A, S_B, chain: ChainPlan, H, X_steps, W) -> None:
-    """``W = sum_l A^l W_0 B^l`` by Horner's rule, keeping ``H_(l+1)`` and ``X_l = A H_(l+1)``.
+def _horner_weight(A_bands, B_bands, S_A, S_B, chain: ChainPlan, H, X, W) -> None:
+    """``W = sum_l A^l W_0 B^l`` by Horner's rule, keeping every ``H_(l+1)``.
 
-    ``H`` is ``(out, b - 1, in)`` (``H[:, l] = H_(l+1)``), ``X_steps`` ``(b - 1, out, in)``.
+    ``H`` is ``(out, b - 1, in)`` (``H[:, l] = H_(l+1)``); ``X`` ``(out, in)`` is scratch for
+    ``A H_(l+1)``.
     """
     b, last = chain.chain_length, chain.last_chain_length
     cut = _cut(chain, S_A.shape[1] // chain.nb_chains)
@@ -292,9 +295,9 @@ def _horner_weight(A_bands, B_bands, S_A, S_B, chain: ChainPlan, H, X_steps, W) 
     B_T = transpose_bands(B_bands)
     H[:, b - 2].copy_(W0 if b - 1 < last else W0_cut)
     for step in range(b - 2, -1, -1):
-        _stencil_rows(A_bands, H[:, step], X_steps[step])
+        _stencil_rows(A_bands, H[:, step], X)
         target = H[:, step - 1] if step > 0 else W
-        _stencil_columns(B_T, X_steps[step], target, base=W0 if step < last else W0_cut)
+        _stencil_columns(B_T, X, target, base=W0 if step < last else W0_cut)
 
 
 class _Weight(torch.autograd.Function):
@@ -308,9 +311,9 @@ class _Weight(torch.autograd.Function):
         starts = chain_starts(P, X, chain)
         S_A, S_B = _split_starts(starts, chain)
         H = _WORKSPACE.take("horner", (out_dim, max(b - 1, 0), in_dim), X)
-        X_steps = _WORKSPACE.take("horner_x", (max(b - 1, 0), out_dim, in_dim), X)
+        scratch = _WORKSPACE.take("horner_x", (out_dim, in_dim), X)
         W = X.new_empty(out_dim, in_dim)
-        _horner_weight(A_bands, B_bands, S_A, S_B, chain, H, X_steps, W)
+        _horner_weight(A_bands, B_bands, S_A, S_B, chain, H, scratch, W)
         ctx.plan = plan
         ctx.token = _WORKSPACE.claim(X)
         ctx.save_for_backward(A_bands, B_bands, P, X, starts, S_A, S_B)
@@ -324,10 +327,10 @@ class _Weight(torch.autograd.Function):
         out_dim, in_dim = chain.block_sizes
         b, last, r = chain.chain_length, chain.last_chain_length, X.shape[1]
         H = _WORKSPACE.take("horner", (out_dim, max(b - 1, 0), in_dim), X)
-        X_steps = _WORKSPACE.take("horner_x", (max(b - 1, 0), out_dim, in_dim), X)
+        X_step = _WORKSPACE.take("horner_x", (out_dim, in_dim), X)
         if b > 1 and not _WORKSPACE.owns(X, ctx.token):
             W = _WORKSPACE.take("horner_w", (out_dim, in_dim), X)
-            _horner_weight(A_bands, B_bands, S_A, S_B, chain, H, X_steps, W)
+            _horner_weight(A_bands, B_bands, S_A, S_B, chain, H, X_step, W)
             ctx.token = _WORKSPACE.claim(X)
         dA = A_bands.new_zeros(3, out_dim)
         dB = B_bands.new_zeros(3, in_dim)
@@ -339,7 +342,8 @@ class _Weight(torch.autograd.Function):
             dX = _WORKSPACE.take("horner_dx", (out_dim, in_dim), X)
             for step in range(b - 1):
                 # H_l = W0 + X_l B and X_l = A H_(l+1)
-                dB += _band_dots(X_steps[step].T, dH.T)
+                _stencil_rows(A_bands, H[:, step], X_step)
+                dB += _band_dots(X_step.T, dH.T)
                 _stencil_columns(B_bands, dH, dX)
                 dA += _band_dots(dX, H[:, step])
                 _stencil_rows(A_T, dX, dH)
