@@ -1,0 +1,220 @@
+"""Chain starts of Krylov sequences of tridiagonal-plus-corner operators.
+
+An LDR matrix ``W = sum_(k<m) A^k G H^T B^k`` never needs its Krylov matrices: cutting
+``k = J b + l`` (``J < M`` chains of ``b`` columns) gives
+
+    ``W = sum_(l<b) A^l W_0 B^l``,  ``W_0 = S_A S_B^T``,
+
+where ``S_A = [G, A^b G, A^(2b) G, ...]`` (``out x M r``) and ``S_B = [H, (B^T)^b H, ...]``
+(``in x M r``) are the *chain starts*. This module computes the chain starts of the stacked
+operator ``T = diag(A, B^T)`` in ``M - 1`` *coarse* steps with ``P = T^b`` and runs their
+adjoint; :mod:`structurednets_ldr.products` does the rest with ``b`` Horner steps.
+
+``P`` is banded (bandwidth ``b``) and kept in *row chunks*: chunk ``c`` holds ``q``
+consecutive rows of one diagonal block and the window of ``w = q + 2 b`` columns around
+them. The chunks come out of ``b`` steps of a small recursion on ``(chunks, w, q)`` arrays
+(``T^T`` applied to the unit vectors of the chunk's rows inside the window, which a walk of
+``b`` steps never leaves, so it is exact even where a window wraps around a small periodic
+block); that recursion runs under ordinary autograd. A coarse step is one batched product of
+``(r x w)`` by ``(w x q)`` blocks: keeping the state as ``(r, rows)`` (not ``(rows, r)``)
+makes the small products several times faster.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from structurednets_ldr.operators import transpose_bands
+
+__all__ = [
+    "ChainPlan",
+    "chain_starts",
+    "chain_starts_backward",
+    "combined_coefficients",
+    "power_chunks",
+]
+
+
+@dataclass
+class _Indices:
+    """Index tensors of a plan on one device."""
+
+    chunk_rows: torch.Tensor  # (N,) chunk-layout row of every real row
+    nb_minus: torch.Tensor  # (N,) real row of the periodic neighbour i - 1
+    nb_plus: torch.Tensor  # (N,) real row of the periodic neighbour i + 1
+    window_rows: torch.Tensor  # (chunks * w,) chunk-layout row of every window slot
+    window_real: torch.Tensor  # (chunks, w) real row of every window slot
+    unit: torch.Tensor  # (chunks, w, q) float32: 1 where slot b + li holds real row li
+
+
+@dataclass(frozen=True, eq=False)
+class ChainPlan:
+    """How the chain starts of a block-diagonal tridiagonal-plus-corner operator are built.
+
+    Rows live in a *chunk layout*: every block is padded with zero rows to a multiple of the
+    chunk size ``q``, blocks one after the other, so the rows of block ``k`` are the range
+    :meth:`rows`.
+
+    Attributes:
+        block_sizes: sizes of the diagonal blocks (each periodic on its own), e.g.
+            ``(output_dim, input_dim)`` for ``diag(A, B^T)``.
+        nb_columns: ``m``, the number of Krylov columns.
+        chain_length: ``b``; the last chain is cut to ``m - (M - 1) b`` columns.
+        nb_chains: ``M = ceil(m / b)``.
+        chunk_size: ``q``, rows per chunk of ``P``.
+    """
+
+    block_sizes: tuple[int, ...]
+    nb_columns: int
+    chain_length: int
+    nb_chains: int
+    chunk_size: int
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def block_chunks(self) -> tuple[int, ...]:
+        return tuple(math.ceil(n / self.chunk_size) for n in self.block_sizes)
+
+    @property
+    def nb_chunks(self) -> int:
+        return sum(self.block_chunks)
+
+    @property
+    def nb_chunk_rows(self) -> int:
+        """Rows of the chunk layout, padding included."""
+        return self.nb_chunks * self.chunk_size
+
+    @property
+    def window(self) -> int:
+        """``w = q + 2 b``: columns of a chunk's window."""
+        return self.chunk_size + 2 * self.chain_length
+
+    @property
+    def last_chain_length(self) -> int:
+        return self.nb_columns - (self.nb_chains - 1) * self.chain_length
+
+    def rows(self, block: int) -> slice:
+        """The chunk-layout rows of the real rows of ``block``."""
+        start = sum(self.block_chunks[:block]) * self.chunk_size
+        return slice(start, start + self.block_sizes[block])
+
+    def indices(self, device: torch.device) -> _Indices:
+        key = str(device)
+        if key not in self._cache:
+            self._cache[key] = _build_indices(self, torch.device(device))
+        return self._cache[key]
+
+
+def make_chain_plan(
+    block_sizes: tuple[int, ...], nb_columns: int, chain_length: int, chunk_size: int | None = None
+) -> ChainPlan:
+    """A :class:`ChainPlan`; the chain length is evened out so that ``M b - m < M``."""
+    if nb_columns < 1 or not block_sizes or min(block_sizes) < 1:
+        raise ValueError(
+            f"need nb_columns >= 1 and block sizes >= 1, got {nb_columns}, {block_sizes}"
+        )
+    chain_length = min(max(1, int(chain_length)), nb_columns)
+    nb_chains = math.ceil(nb_columns / chain_length)
+    chain_length = math.ceil(nb_columns / nb_chains)
+    if chunk_size is None:  # (r x w) @ (w x q) products are fastest for q about 2-3 b
+        chunk_size = min(max(4, 2 * chain_length), max(block_sizes))
+    return ChainPlan(
+        tuple(int(n) for n in block_sizes), int(nb_columns), chain_length, nb_chains, chunk_size
+    )
+
+
+def _build_indices(plan: ChainPlan, device: torch.device) -> _Indices:
+    q, b, w = plan.chunk_size, plan.chain_length, plan.window
+    chunk_rows, nb_minus, nb_plus, window_rows, window_real = [], [], [], [], []
+    real_start = 0
+    for block, (n, chunks) in enumerate(zip(plan.block_sizes, plan.block_chunks, strict=True)):
+        layout_start = plan.rows(block).start
+        local = torch.arange(n)
+        chunk_rows.append(layout_start + local)
+        nb_minus.append(real_start + (local - 1) % n)
+        nb_plus.append(real_start + (local + 1) % n)
+        slots = (torch.arange(chunks)[:, None] * q - b + torch.arange(w)) % n
+        window_rows.append(layout_start + slots)
+        window_real.append(real_start + slots)
+        real_start += n
+    chunk_rows_t = torch.cat(chunk_rows)
+    valid = torch.zeros(plan.nb_chunk_rows, dtype=torch.bool)
+    valid[chunk_rows_t] = True
+    unit = torch.zeros(plan.nb_chunks, w, q, dtype=torch.float32)
+    li = torch.arange(q)
+    unit[:, li + b, li] = valid.view(plan.nb_chunks, q).to(torch.float32)
+    return _Indices(
+        chunk_rows=chunk_rows_t.to(device),
+        nb_minus=torch.cat(nb_minus).to(device),
+        nb_plus=torch.cat(nb_plus).to(device),
+        window_rows=torch.cat(window_rows).reshape(-1).to(device),
+        window_real=torch.cat(window_real).to(device),
+        unit=unit.to(device),
+    )
+
+
+def combined_coefficients(A_bands: torch.Tensor, B_bands: torch.Tensor) -> torch.Tensor:
+    """Bands ``(3, out + in)`` of ``T = diag(A, B^T)``, whose Krylov sequences an LDR matrix
+    is made of (``K(A, g)`` and ``K(B^T, h)``)."""
+    return torch.cat((A_bands, transpose_bands(B_bands)), dim=1)
+
+
+def power_chunks(coefficients: torch.Tensor, plan: ChainPlan) -> torch.Tensor | None:
+    """Row chunks of ``P = T^b``, transposed: ``(chunks, w, q)``; differentiable.
+
+    Entry ``[c, p, li]`` is ``P[row li of chunk c, column of window slot p]``. ``None`` with a
+    single chain (no coarse steps).
+    """
+    if plan.nb_chains == 1:
+        return None
+    idx = plan.indices(coefficients.device)
+    transposed = torch.stack(
+        (coefficients[2][idx.nb_minus], coefficients[1], coefficients[0][idx.nb_plus])
+    )
+    window = transposed[:, idx.window_real].unsqueeze(-1)  # (3, chunks, w, 1)
+    power = idx.unit.to(coefficients.dtype)
+    for _ in range(plan.chain_length):
+        padded = torch.nn.functional.pad(power, (0, 0, 1, 1))
+        power = window[1] * power + window[0] * padded[:, :-2] + window[2] * padded[:, 2:]
+    return power
+
+
+def chain_starts(P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan) -> torch.Tensor:
+    """``starts[J] = (T^(J b) X)^T`` in the chunk layout: ``(M, r, rows)``; not differentiable.
+
+    ``X`` is ``(N, r)``, the vectors of every block stacked (``[G; H]`` for an LDR matrix).
+    """
+    idx = plan.indices(X.device)
+    r, q, w, chunks = X.shape[1], plan.chunk_size, plan.window, plan.nb_chunks
+    starts = X.new_zeros(plan.nb_chains, r, plan.nb_chunk_rows)
+    starts[0][:, idx.chunk_rows] = X.T
+    for J in range(plan.nb_chains - 1):
+        window = starts[J].index_select(1, idx.window_rows).view(r, chunks, w).transpose(0, 1)
+        starts[J + 1].view(r, chunks, q).copy_(torch.bmm(window, P).transpose(0, 1))
+    return starts
+
+
+def chain_starts_backward(
+    P: torch.Tensor | None, starts: torch.Tensor, gradient: torch.Tensor, plan: ChainPlan
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Gradients of ``P`` and ``X`` from the gradient ``(M, r, rows)`` of the chain starts.
+
+    ``gradient`` is overwritten. In the transposed layout ``s_(J+1) = s_J P^T``, so the
+    adjoint runs ``sigma_J = mu_J + sigma_(J+1) P`` from the last chain back.
+    """
+    idx = plan.indices(starts.device)
+    M, r, _ = starts.shape
+    chunks, q, w = plan.nb_chunks, plan.chunk_size, plan.window
+    if P is None:
+        return None, gradient[0][:, idx.chunk_rows].T
+    P_T = P.transpose(1, 2)
+    for J in range(M - 2, -1, -1):
+        spread = torch.bmm(gradient[J + 1].view(r, chunks, q).transpose(0, 1), P_T)
+        gradient[J].index_add_(1, idx.window_rows, spread.transpose(0, 1).reshape(r, -1))
+    windows = starts[: M - 1].view((M - 1) * r, -1).index_select(1, idx.window_rows)
+    windows = windows.view((M - 1) * r, chunks, w).permute(1, 2, 0)
+    later = gradient[1:].view((M - 1) * r, chunks, q).transpose(0, 1)
+    return torch.bmm(windows, later), gradient[0][:, idx.chunk_rows].T

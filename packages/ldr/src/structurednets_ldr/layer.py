@@ -1,0 +1,294 @@
+"""Low displacement rank layer: ``W = sum_i K(A, g_i) K(B^T, h_i)^T``."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from structurednets import StructuredLayer
+from structurednets.layers.structured_layer import dense_init_std
+from structurednets.validation import (
+    BudgetTooSmallError,
+    as_matrix,
+    check_positive_int,
+    weight_budget,
+)
+from structurednets_ldr.approximation import fit_ldr
+from structurednets_ldr.operators import bands_from_dense, bands_to_dense, cyclic_shift_bands
+from structurednets_ldr.products import LDRPlan, choose_plan, ldr_multiply, ldr_weight, make_plan
+
+__all__ = ["LDRLayer", "ldr_nb_weight_parameters", "plan_displacement_rank"]
+
+
+def plan_displacement_rank(
+    input_dim: int,
+    output_dim: int,
+    nb_params_share: float,
+    displacement_rank: int | None = None,
+) -> int:
+    """The displacement rank ``r`` of an LDR layer: ``displacement_rank`` if given and within
+    budget, else the largest ``r`` whose ``(r + 3) (input_dim + output_dim)`` scalars fit.
+
+    The ``3 (input_dim + output_dim)`` are the nonzeros of the operators ``A`` and ``B``.
+    """
+    budget = weight_budget(input_dim, output_dim, nb_params_share)
+    per_rank = input_dim + output_dim
+    if displacement_rank is None:
+        rank = budget // per_rank - 3
+        if rank < 1:
+            raise BudgetTooSmallError(
+                "ldr",
+                input_dim,
+                output_dim,
+                nb_params_share,
+                4 * per_rank,
+                "displacement rank 1 (operators A, B and generators G, H)",
+            )
+        return rank
+    rank = check_positive_int("displacement_rank", displacement_rank)
+    if (rank + 3) * per_rank > budget:
+        raise BudgetTooSmallError(
+            "ldr",
+            input_dim,
+            output_dim,
+            nb_params_share,
+            (rank + 3) * per_rank,
+            f"displacement rank {rank} (operators A, B and generators G, H)",
+        )
+    return rank
+
+
+def _generator_rank(generators: object) -> int:
+    if not isinstance(generators, (tuple, list)) or len(generators) != 2:
+        raise TypeError(
+            "generators must be a pair (G, H) with G of shape (output_dim, r) and H of shape "
+            f"(input_dim, r), got {type(generators).__name__}"
+        )
+    first = generators[0]
+    if not hasattr(first, "shape") or len(first.shape) != 2:
+        raise TypeError(
+            f"generators[0] (G) must be a 2-D array or tensor, got {type(first).__name__}"
+        )
+    return int(first.shape[1])
+
+
+def ldr_nb_weight_parameters(
+    input_dim: int,
+    output_dim: int,
+    nb_params_share: float,
+    *,
+    displacement_rank: int | None = None,
+    generators: tuple[object, object] | None = None,
+    krylov_columns: int | None = None,
+    operators: tuple[object, object] | None = None,
+    fit_max_evaluations: int = 400,
+    fit_max_seconds: float = 50.0,
+    cache_weight: bool = False,
+) -> int:
+    """Weight scalars of an :class:`LDRLayer` built with these arguments:
+    ``(r + 3) (input_dim + output_dim)``.
+
+    ``krylov_columns``, ``operators``, the fitting options and ``cache_weight`` do not change
+    the count.
+    """
+    if generators is not None:
+        displacement_rank = _generator_rank(generators)
+    rank = plan_displacement_rank(input_dim, output_dim, nb_params_share, displacement_rank)
+    return (rank + 3) * (input_dim + output_dim)
+
+
+@torch.compiler.disable  # a cached, pure-Python choice: nothing for dynamo to trace
+@functools.lru_cache(maxsize=256)
+def _plan(out_dim: int, in_dim: int, nb_columns: int, rank: int, batch: int | None) -> LDRPlan:
+    explicit, chain_length = choose_plan(out_dim, in_dim, nb_columns, rank, batch)
+    return make_plan(out_dim, in_dim, nb_columns, explicit, chain_length)
+
+
+class LDRLayer(StructuredLayer):
+    """Low displacement rank layer: ``W = sum_i K(A, g_i) K(B^T, h_i)^T`` (Thomas et al., 2018).
+
+    ``K(M, v) = [v, M v, ..., M^(m-1) v]`` is a Krylov matrix with ``m`` columns; ``A``
+    (output_dim square) and ``B`` (input_dim square) are tridiagonal plus the two corner
+    entries, all of whose ``3 n`` nonzeros are trainable; ``G = [g_i]`` is
+    ``(output_dim, r)`` and ``H = [h_i]`` ``(input_dim, r)``. Equivalently
+    ``W = sum_(k<m) A^k G H^T B^k``. For ``output_dim != input_dim`` both Krylov matrices have
+    the same ``m`` columns, ``m = min(output_dim, input_dim)`` by default: then every
+    matrix whose displacement ``W - A W B`` has rank ``<= r`` for nilpotent ``A`` or ``B``
+    (e.g. shifts; this includes Toeplitz matrices with ``r = 2``) is represented exactly.
+
+    Forward and backward never form a Krylov matrix: ``W = sum_(l<b) A^l W_0 B^l`` with
+    ``W_0`` of rank ``r ceil(m / b)`` built from ``ceil(m / b)`` "chain starts"; the product
+    with a batch is applied with the explicit ``W`` or in factored form, whichever the cost
+    model says is cheaper for the batch size.
+
+    Args:
+        input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
+            as for every :class:`~structurednets.StructuredLayer`. ``initial_weight_matrix`` is
+            fitted by :func:`~structurednets_ldr.approximation.fit_ldr` (float64 L-BFGS from
+            shift and low-rank starts).
+        displacement_rank: ``r``; by default the largest the budget allows,
+            ``floor(share * in * out / (in + out)) - 3``.
+        krylov_columns: ``m``; default ``min(input_dim, output_dim)``.
+        operators: ``(A, B)`` as dense ``(output_dim, output_dim)`` and ``(input_dim,
+            input_dim)`` arrays or tensors, tridiagonal plus corners, to start from (also the
+            start of the fit when ``initial_weight_matrix`` is given).
+        generators: ``(G, H)`` to start from; their columns are the displacement rank.
+        fit_max_evaluations, fit_max_seconds: limits of the fit to ``initial_weight_matrix``.
+        cache_weight: keep the built ``W`` for calls that need no gradient (inference) while
+            the parameters are unchanged: such calls then cost one dense product, at the
+            price of holding an ``output_dim x input_dim`` matrix. Off by default.
+
+    Attributes:
+        A_bands: ``(3, output_dim)``: ``A[i, i-1]``, ``A[i, i]``, ``A[i, i+1]`` (indices
+            modulo ``output_dim``; the corners ``A[0, -1]`` and ``A[-1, 0]`` are
+            ``A_bands[0, 0]`` and ``A_bands[2, -1]``).
+        B_bands: ``(3, input_dim)``, likewise.
+        G: ``(output_dim, r)``.
+        H: ``(input_dim, r)``.
+
+    Example:
+        >>> layer = LDRLayer(512, 512, nb_params_share=0.1)
+        >>> layer.displacement_rank
+        22
+        >>> layer(torch.randn(8, 512)).shape
+        torch.Size([8, 512])
+    """
+
+    structure_name = "ldr"
+
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        nb_params_share: float,
+        use_bias: bool = True,
+        initial_weight_matrix: object = None,
+        initial_bias: object = None,
+        *,
+        displacement_rank: int | None = None,
+        krylov_columns: int | None = None,
+        operators: tuple[object, object] | None = None,
+        generators: tuple[object, object] | None = None,
+        fit_max_evaluations: int = 400,
+        fit_max_seconds: float = 50.0,
+        cache_weight: bool = False,
+    ):
+        super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
+        if not isinstance(cache_weight, bool):
+            raise TypeError(f"cache_weight must be True or False, got {cache_weight!r}")
+        self.cache_weight = cache_weight
+        self._cached: tuple[tuple, torch.Tensor] | None = None
+        target = self.checked_weight_matrix(initial_weight_matrix)
+        if generators is not None:
+            if target is not None:
+                raise ValueError("pass either initial_weight_matrix or generators, not both")
+            rank = _generator_rank(generators)
+            if displacement_rank is not None and displacement_rank != rank:
+                raise ValueError(
+                    f"displacement_rank={displacement_rank!r} disagrees with the columns of "
+                    f"generators ({rank})"
+                )
+            displacement_rank = rank
+        self.displacement_rank = plan_displacement_rank(
+            self.input_dim, self.output_dim, self.nb_params_share, displacement_rank
+        )
+        if krylov_columns is None:
+            krylov_columns = min(self.input_dim, self.output_dim)
+        self.krylov_columns = check_positive_int("krylov_columns", krylov_columns)
+        A_bands, B_bands = self._operator_bands(operators)
+        r = self.displacement_rank
+        #: Relative Frobenius error of the fit to ``initial_weight_matrix`` (else ``None``).
+        self.fit_relative_error: float | None = None
+        if generators is not None:
+            G = as_matrix("generators[0] (G)", generators[0], self.output_dim, r, "output_dim x r")
+            H = as_matrix("generators[1] (H)", generators[1], self.input_dim, r, "input_dim x r")
+        elif target is not None:
+            fit = fit_ldr(
+                target,
+                r,
+                self.krylov_columns,
+                operators=None if operators is None else (A_bands, B_bands),
+                max_evaluations=check_positive_int("fit_max_evaluations", fit_max_evaluations),
+                max_seconds=float(fit_max_seconds),
+            )
+            A_bands, B_bands, G, H = fit.A_bands, fit.B_bands, fit.G, fit.H
+            self.fit_relative_error = fit.relative_error
+        else:
+            # With orthogonal (cyclic shift) operators the entries of W are sums of m r
+            # products of independent entries of G and H: scale them to nn.Linear's std.
+            scale = (dense_init_std(self.input_dim) ** 2 / (self.krylov_columns * r)) ** 0.25
+            G = torch.randn(self.output_dim, r, dtype=torch.float64) * scale
+            H = torch.randn(self.input_dim, r, dtype=torch.float64) * scale
+        dtype = torch.get_default_dtype()
+        self.A_bands = nn.Parameter(A_bands.to(dtype))
+        self.B_bands = nn.Parameter(B_bands.to(dtype))
+        self.G = nn.Parameter(G.to(dtype))
+        self.H = nn.Parameter(H.to(dtype))
+
+    def _operator_bands(self, operators: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if operators is None:
+            # A = Z_1 and B = Z_(-1)^T: cyclic shifts, so powers stay bounded, and
+            # W is Toeplitz-like for square layers.
+            return (
+                cyclic_shift_bands(self.output_dim, 1.0, dtype=torch.float64),
+                cyclic_shift_bands(self.input_dim, -1.0, down=False, dtype=torch.float64),
+            )
+        if not isinstance(operators, (tuple, list)) or len(operators) != 2:
+            raise TypeError(
+                "operators must be a pair (A, B) of dense arrays or tensors of shapes "
+                f"(output_dim, output_dim) and (input_dim, input_dim), got {type(operators).__name__}"
+            )
+        return (
+            bands_from_dense("operators[0] (A)", operators[0], self.output_dim),
+            bands_from_dense("operators[1] (B)", operators[1], self.input_dim),
+        )
+
+    @property
+    def operators(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` as dense matrices (differentiable)."""
+        return bands_to_dense(self.A_bands), bands_to_dense(self.B_bands)
+
+    def multiply(self, U: torch.Tensor) -> torch.Tensor:
+        if U.dtype != self.G.dtype:  # autocast: the kernels run in the parameters' dtype
+            U = U.to(self.G.dtype)
+        if self.cache_weight and not (
+            torch.is_grad_enabled() and (U.requires_grad or self.G.requires_grad)
+        ):
+            return U @ self._inference_weight().T
+        plan = _plan(
+            self.output_dim,
+            self.input_dim,
+            self.krylov_columns,
+            self.displacement_rank,
+            U.shape[0],
+        )
+        return ldr_multiply(U, self.A_bands, self.B_bands, self.G, self.H, plan)
+
+    @torch.compiler.disable
+    def _inference_weight(self) -> torch.Tensor:
+        """``W`` built once per state of the parameters (their versions, storage, dtype)."""
+        parameters = (self.A_bands, self.B_bands, self.G, self.H)
+        key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in parameters)
+        if self._cached is None or self._cached[0] != key:
+            with torch.no_grad():
+                self._cached = (key, self.to_dense())
+        return self._cached[1]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cached"] = None  # not part of the layer's state
+        return state
+
+    def to_dense(self) -> torch.Tensor:
+        plan = _plan(
+            self.output_dim, self.input_dim, self.krylov_columns, self.displacement_rank, None
+        )
+        return ldr_weight(self.A_bands, self.B_bands, self.G, self.H, plan)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, displacement_rank={self.displacement_rank}, "
+            f"krylov_columns={self.krylov_columns}"
+        )

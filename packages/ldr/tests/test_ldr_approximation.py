@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import torch
+
+from structurednets_ldr import (
+    LDRLayer,
+    cyclic_shift_bands,
+    fit_ldr,
+    ldr_weight,
+    plan_displacement_rank,
+)
+from structurednets_ldr.products import make_plan
+
+
+def toeplitz_kernel(n):
+    i = np.arange(n)
+    return 1.0 / (1.0 + np.abs(i[:, None] - i[None, :]))
+
+
+def low_rank_error(target, rank):
+    singular_values = np.linalg.svd(target, compute_uv=False)
+    return np.sqrt(np.sum(singular_values[rank:] ** 2) / np.sum(singular_values**2))
+
+
+def relative_error(layer, target):
+    dense = layer.to_dense().detach().double().numpy()
+    return np.linalg.norm(dense - target) / np.linalg.norm(target)
+
+
+def generated(n, rank, noise, seed, out_dim=None):
+    """An LDR matrix from cyclic-shift operators (``A = Z_1``, ``B = Z_(-1)^T``) whose
+    nonzeros are perturbed by ``noise`` standard normal, and random generators."""
+    out_dim = out_dim or n
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    A = cyclic_shift_bands(out_dim, 1.0, dtype=torch.float64) + noise * normal(3, out_dim)
+    B = cyclic_shift_bands(n, -1.0, down=False, dtype=torch.float64) + noise * normal(3, n)
+    G, H = normal(out_dim, rank), normal(n, rank)
+    plan = make_plan(out_dim, n, min(out_dim, n), True, 4)
+    return ldr_weight(A, B, G, H, plan).detach()
+
+
+def test_toeplitz_kernel_256_beats_low_rank_with_the_same_budget():
+    """1 / (1 + |i - j|), 256 x 256, share 0.1: low rank with the same budget (rank 12)
+    has relative error 0.645; shift operators represent Toeplitz matrices exactly."""
+    target = toeplitz_kernel(256)
+    budget_rank = int(0.1 * 256 * 256) // (2 * 256)
+    assert low_rank_error(target, budget_rank) == pytest.approx(0.645, abs=5e-4)
+    layer = LDRLayer(256, 256, 0.1, initial_weight_matrix=target)
+    assert layer.displacement_rank == 9
+    assert layer.nb_weight_parameters <= layer.weight_budget
+    assert relative_error(layer, target) < 1e-6  # float32 parameters
+    assert layer.fit_relative_error < 1e-12  # float64 fit
+
+
+def test_rectangular_toeplitz_and_hankel_are_exact():
+    """For out != in, m = min(out, in) Krylov columns and nilpotent shifts represent every
+    Toeplitz (and Hankel) matrix with displacement rank 2."""
+    rng = np.random.default_rng(0)
+    column, row = rng.standard_normal(96), rng.standard_normal(64)
+    i, j = np.arange(96)[:, None], np.arange(64)[None, :]
+    toeplitz = np.where(i >= j, column[np.clip(i - j, 0, None)], row[np.clip(j - i, 0, None)])
+    hankel = rng.standard_normal(96 + 64)[i + j]
+    for target in (toeplitz, hankel):
+        fit = fit_ldr(torch.from_numpy(target), 2, 64)
+        assert fit.relative_error < 1e-12, fit.start
+
+
+def test_generated_from_shift_operators_is_recovered_exactly():
+    rank = plan_displacement_rank(256, 256, 0.1)
+    target = generated(256, rank, noise=0.0, seed=0)
+    fit = fit_ldr(target, rank, 256)
+    assert fit.relative_error < 1e-12
+    assert fit.start == "cyclic"
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_generated_from_perturbed_operators_is_fitted_to_1e_3(seed):
+    """Operators that are not among the starts (each nonzero of the cyclic shifts perturbed
+    by 1% noise): estimated from the displacement, then refined."""
+    rank = plan_displacement_rank(64, 64, 0.25)
+    target = generated(64, rank, noise=0.01, seed=seed)
+    fit = fit_ldr(target, rank, 64)
+    assert fit.relative_error <= 1e-3
+    assert "estimated" in fit.start
+
+
+def test_random_target_is_never_worse_than_low_rank_of_the_displacement_rank():
+    rng = np.random.default_rng(1)
+    target = rng.standard_normal((40, 30)) * np.logspace(0, -2, 30)
+    rank = 2
+    fit = fit_ldr(torch.from_numpy(target), rank, 30, max_evaluations=100)
+    assert fit.relative_error <= low_rank_error(target, rank) + 1e-12
+
+
+def test_fit_is_deterministic_and_respects_given_operators():
+    target = torch.from_numpy(np.random.default_rng(2).standard_normal((24, 20)))
+    first = fit_ldr(target, 2, 20, max_evaluations=60)
+    second = fit_ldr(target, 2, 20, max_evaluations=60)
+    for a, b in zip(
+        (first.A_bands, first.B_bands, first.G, first.H),
+        (second.A_bands, second.B_bands, second.G, second.H),
+        strict=True,
+    ):
+        assert torch.equal(a, b)
+    A, B = torch.zeros(24, 24), torch.zeros(20, 20)
+    layer = LDRLayer(
+        20, 24, 1.0, initial_weight_matrix=target, operators=(A, B), fit_max_evaluations=5
+    )
+    assert (
+        layer.fit_relative_error <= low_rank_error(target.numpy(), layer.displacement_rank) + 1e-6
+    )
+
+
+def test_zero_target():
+    layer = LDRLayer(16, 16, 1.0, initial_weight_matrix=np.zeros((16, 16)))
+    assert not layer.to_dense().any()
