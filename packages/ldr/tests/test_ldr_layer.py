@@ -6,7 +6,7 @@ import torch
 
 import structurednets
 from structurednets import BudgetTooSmallError
-from structurednets.testing.conformance import default_dtype
+from structurednets.testing import default_dtype
 from structurednets_ldr import (
     LDRLayer,
     bands_from_dense,
