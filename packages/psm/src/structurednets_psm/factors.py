@@ -115,7 +115,9 @@ def random_support(
     size = rows * cols
     cover = max(rows, cols)
     if not cover <= nnz <= size:
-        raise ValueError(f"a {rows}x{cols} support touching every row and column needs between {cover} and {size} entries, got {nnz}")
+        raise ValueError(
+            f"a {rows}x{cols} support touching every row and column needs between {cover} and {size} entries, got {nnz}"
+        )
     steps = torch.arange(cover)
     row_perm = torch.randperm(rows, generator=generator)
     col_perm = torch.randperm(cols, generator=generator)
@@ -161,7 +163,10 @@ def as_coordinates(
         coo = scipy.sparse.coo_matrix(factor)
         coo.sum_duplicates()
         given_shape = coo.shape
-        rows, cols = torch.from_numpy(coo.row.astype(np.int64)), torch.from_numpy(coo.col.astype(np.int64))
+        rows, cols = (
+            torch.from_numpy(coo.row.astype(np.int64)),
+            torch.from_numpy(coo.col.astype(np.int64)),
+        )
         values = _real_values(name, coo.data)
     elif isinstance(factor, torch.Tensor) and factor.layout in (torch.sparse_coo, torch.sparse_csr):
         if factor.dim() != 2:
@@ -171,16 +176,26 @@ def as_coordinates(
         rows, cols = coo.indices()
         values = _real_values(name, coo.values())
     elif isinstance(factor, (tuple, list)) and len(factor) == 2:
-        indices = torch.as_tensor(np.asarray(factor[0]) if not isinstance(factor[0], torch.Tensor) else factor[0])
+        indices = torch.as_tensor(
+            np.asarray(factor[0]) if not isinstance(factor[0], torch.Tensor) else factor[0]
+        )
         if indices.dim() != 2 or indices.shape[0] != 2 or indices.is_floating_point():
-            raise ValueError(f"{name}: indices must be an integer array of shape (2, nnz), got shape {tuple(indices.shape)}")
+            raise ValueError(
+                f"{name}: indices must be an integer array of shape (2, nnz), got shape {tuple(indices.shape)}"
+            )
         values = _real_values(name, factor[1])
         if values.shape != (indices.shape[1],):
-            raise ValueError(f"{name}: values must have shape ({indices.shape[1]},) to match the indices, got {tuple(values.shape)}")
+            raise ValueError(
+                f"{name}: values must have shape ({indices.shape[1]},) to match the indices, got {tuple(values.shape)}"
+            )
         if shape is None:
-            raise ValueError(f"{name}: give a scipy sparse matrix or a sparse tensor, whose shape is known")
+            raise ValueError(
+                f"{name}: give a scipy sparse matrix or a sparse tensor, whose shape is known"
+            )
         given_shape = shape
-        coo = torch.sparse_coo_tensor(indices.to(torch.int64).cpu(), values, shape).coalesce()
+        coo = torch.sparse_coo_tensor(
+            indices.to(torch.int64).cpu(), values, shape, check_invariants=True
+        ).coalesce()
         rows, cols = coo.indices()
         values = coo.values()
     else:
@@ -190,14 +205,31 @@ def as_coordinates(
         )
     if shape is not None and tuple(given_shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(given_shape)}")
-    if rows.numel() and (rows.min() < 0 or cols.min() < 0 or rows.max() >= given_shape[0] or cols.max() >= given_shape[1]):
+    if rows.numel() and (
+        rows.min() < 0
+        or cols.min() < 0
+        or rows.max() >= given_shape[0]
+        or cols.max() >= given_shape[1]
+    ):
         raise ValueError(f"{name} has indices outside its shape {tuple(given_shape)}")
-    return (int(given_shape[0]), int(given_shape[1])), rows.to(torch.int64), cols.to(torch.int64), values
+    return (
+        (int(given_shape[0]), int(given_shape[1])),
+        rows.to(torch.int64),
+        cols.to(torch.int64),
+        values,
+    )
 
 
 def _real_values(name: str, values: object) -> torch.Tensor:
-    tensor = values.detach().cpu() if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
-    if tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)):
+    tensor = (
+        values.detach().cpu()
+        if isinstance(values, torch.Tensor)
+        else torch.as_tensor(np.asarray(values))
+    )
+    if tensor.is_complex() or not (
+        tensor.is_floating_point()
+        or tensor.dtype in (torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+    ):
         raise TypeError(f"{name} must hold real numbers, got dtype {tensor.dtype}")
     tensor = tensor.to(torch.float64).reshape(-1) if tensor.dim() <= 1 else tensor.to(torch.float64)
     if not torch.isfinite(tensor).all():

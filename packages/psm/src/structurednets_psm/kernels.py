@@ -86,7 +86,9 @@ def csr_matmul(
 
 
 @csr_matmul.register_fake
-def _(values, crow_indices, col_indices, transpose_perm, transpose_crow, transpose_col, dense, nb_rows):
+def _(
+    values, crow_indices, col_indices, transpose_perm, transpose_crow, transpose_col, dense, nb_rows
+):
     return dense.new_empty((nb_rows, dense.shape[1]))
 
 

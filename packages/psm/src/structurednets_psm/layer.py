@@ -169,7 +169,7 @@ class PSMLayer(StructuredLayer):
             )
             modules = [
                 SparseFactor(rows, cols, *coords)
-                for (rows, cols), coords in zip(plan.shapes, coordinates)
+                for (rows, cols), coords in zip(plan.shapes, coordinates, strict=True)
             ]
         elif target is not None:
             shapes = factor_shapes(self.input_dim, self.output_dim, nb_matrices, inner_dim)
@@ -187,11 +187,11 @@ class PSMLayer(StructuredLayer):
                 settings=palm_settings,
             )
             modules = []
-            for (rows, cols), matrix, support in zip(shapes, self.fit.factors, self.fit.supports):
+            for (rows, cols), matrix, support in zip(
+                shapes, self.fit.factors, self.fit.supports, strict=True
+            ):
                 row_indices, col_indices = support.nonzero(as_tuple=True)
-                modules.append(
-                    SparseFactor(rows, cols, row_indices, col_indices, matrix[support])
-                )
+                modules.append(SparseFactor(rows, cols, row_indices, col_indices, matrix[support]))
         else:
             plan = plan_psm(
                 self.input_dim,
@@ -238,13 +238,13 @@ def _random_factors(plan: PSMPlan, std: float) -> list[SparseFactor]:
     ``prod_j (p_j s^2) * prod_{j<J} d_j``.
     """
     log_gain = 0.0
-    for j, ((rows, cols), nnz) in enumerate(zip(plan.shapes, plan.nonzeros)):
+    for j, ((rows, cols), nnz) in enumerate(zip(plan.shapes, plan.nonzeros, strict=True)):
         log_gain += math.log(nnz / (rows * cols))
         if j < len(plan.shapes) - 1:
             log_gain += math.log(cols)
     scale = math.exp((2 * math.log(std) - log_gain) / (2 * len(plan.shapes)))
     modules = []
-    for (rows, cols), nnz in zip(plan.shapes, plan.nonzeros):
+    for (rows, cols), nnz in zip(plan.shapes, plan.nonzeros, strict=True):
         row_indices, col_indices = random_support(rows, cols, nnz)
         values = torch.randn(nnz, dtype=torch.float64) * scale
         modules.append(SparseFactor(rows, cols, row_indices, col_indices, values))

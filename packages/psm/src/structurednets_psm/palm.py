@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 _LIPSCHITZ_MARGIN = 1.001
-_EXACT = 1e-12  # relative error below which a factorisation counts as exact
+_EXACT = 1e-10  # relative error below which a factorisation counts as exact
 DTYPE = torch.float64
 
 
@@ -56,13 +56,23 @@ class PALMSettings:
             number of PALM sweeps is this divided by the cost of one sweep, clamped to
             ``[min_sweeps, max_sweeps]``. The default keeps a 512 x 512 fit near 10 s on
             one busy core.
-        min_sweeps, max_sweeps: bounds on the total number of PALM sweeps.
+        min_sweeps, max_sweeps: bounds on the total number of PALM sweeps (a sweep updates
+            every factor once; the budget is counted in factor updates).
         min_round_sweeps: the shortest run that ranks a candidate strategy; fewer candidates
             are tried when the budget cannot give each this many.
         power_iterations: warm-started power iterations per spectral-norm estimate.
         search: try several strategies; if False only the first candidate is run.
         polish_sweeps: exact least-squares sweeps on the values of the first and last
             factor with the supports fixed, after PALM.
+        cycle_sweeps, reheat: the winner is refined in cycles of ``cycle_sweeps`` sweeps,
+            each starting with ``reheat`` times more entries per factor and tightening back
+            (the best state is kept). Measured on 64 x 64 and 128 x 128 Gaussian and
+            Toeplitz-like targets, such cycles lower the error by 10-35% over plain sweeps.
+        threads: torch threads while fitting (restored afterwards); ``None`` keeps torch's
+            setting. PALM is a long chain of medium-sized products that gains little from
+            threads and slows down many times over when a core is shared (measured: a
+            512 x 512 fit takes 8 s on one thread, 35-64 s on two threads of a busy
+            two-core machine), so the default is 1.
     """
 
     flop_budget: float = 1.6e11
@@ -72,6 +82,9 @@ class PALMSettings:
     power_iterations: int = 4
     search: bool = True
     polish_sweeps: int = 10
+    cycle_sweeps: int = 300
+    reheat: float = 1.5
+    threads: int | None = 1
 
 
 @dataclass(frozen=True)
@@ -107,25 +120,29 @@ class Factorization:
         supports: boolean masks of the supports (a support may hold zero values).
         relative_error: ``||X - S_1 ... S_J||_F / ||X||_F``.
         strategy: the strategy that won the search.
-        nb_sweeps: PALM sweeps spent in total (all candidates).
+        nb_updates: PALM factor updates spent in total (all candidates); a sweep over
+            ``J`` factors is ``J`` updates.
     """
 
     factors: list[torch.Tensor]
     supports: list[torch.Tensor]
     relative_error: float
     strategy: Strategy
-    nb_sweeps: int = 0
+    nb_updates: int = 0
     tried: list[tuple[Strategy, float]] = field(default_factory=list)
 
 
 # -- projections ------------------------------------------------------------------------
 
 
-def largest_entries_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+def largest_entries_mask(
+    magnitudes: torch.Tensor, k: int, priority: torch.Tensor | None = None
+) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries of each row of ``magnitudes`` (2-D).
 
-    Ties are broken towards the lower index, so that the result does not depend on the sort
-    algorithm (and exactly tied matrices such as Hadamard's get regular supports).
+    Ties at the threshold go to the lower index, or, for a single row with a ``priority``
+    of the same shape (distinct values), to the higher priority. Either way the result does
+    not depend on the sort algorithm.
     """
     count = magnitudes.shape[-1]
     if k >= count:
@@ -136,23 +153,32 @@ def largest_entries_mask(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     above = magnitudes > threshold
     tied = magnitudes == threshold
     room = k - above.sum(-1, keepdim=True)
-    return above | (tied & (tied.cumsum(-1) <= room))
+    if priority is None or magnitudes.shape[0] != 1:
+        return above | (tied & (tied.cumsum(-1) <= room))
+    ranked = torch.where(tied, priority, torch.full_like(priority, -1.0))
+    cut = ranked.kthvalue(count - int(room) + 1, dim=-1, keepdim=True).values
+    return above | (tied & (ranked >= cut))
 
 
-def project(matrix: torch.Tensor, k: int, kind: str = "global") -> tuple[torch.Tensor, torch.Tensor]:
+def project(
+    matrix: torch.Tensor, k: int, kind: str = "global", priority: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the largest entries of ``matrix`` and normalise to Frobenius norm 1.
 
-    ``"global"`` keeps the ``k`` largest entries; ``"rowcol"`` keeps the union of the
-    ``k // rows`` largest of each row and the ``k // cols`` largest of each column, which can
-    exceed ``k`` (up to twice) while the supports settle (see :class:`Strategy`). Returns the
-    projected matrix and the boolean support.
+    ``"global"`` keeps the ``k`` largest entries, ties going to the higher ``priority``
+    (same shape as ``matrix``) if given, else to the lower index; ``"rowcol"`` keeps the
+    union of the ``k // rows`` largest of each row and the ``k // cols`` largest of each
+    column (ties to the lower index), which can exceed ``k`` (up to twice) while the
+    supports settle (see :class:`Strategy`). Returns the projected matrix and the support.
     """
     rows, cols = matrix.shape
     magnitudes = matrix.abs()
     if k >= rows * cols:
         support = torch.ones_like(matrix, dtype=torch.bool)
     elif kind == "global":
-        support = largest_entries_mask(magnitudes.reshape(1, -1), k).reshape(rows, cols)
+        flat_priority = None if priority is None else priority.reshape(1, -1)
+        support = largest_entries_mask(magnitudes.reshape(1, -1), k, flat_priority)
+        support = support.reshape(rows, cols)
     elif kind == "rowcol":
         support = largest_entries_mask(magnitudes, max(1, k // rows))
         support |= largest_entries_mask(magnitudes.T, max(1, k // cols)).T
@@ -168,13 +194,28 @@ def project(matrix: torch.Tensor, k: int, kind: str = "global") -> tuple[torch.T
 # -- PALM -------------------------------------------------------------------------------
 
 
-class _SpectralNorms:
-    """Squared spectral norms by power iteration, warm-started per key."""
+class _Numerics:
+    """Squared spectral norms by power iteration, warm-started per key, and the fixed random
+    priorities that break ties in global projections (seeded: results depend on the seed)."""
 
     def __init__(self, generator: torch.Generator, iterations: int):
         self.generator = generator
         self.iterations = iterations
         self.vectors: dict[object, torch.Tensor] = {}
+        self.priorities: dict[tuple[int, int], torch.Tensor] = {}
+
+    def priority(self, shape: tuple[int, int]) -> torch.Tensor:
+        """A random permutation of ``0 .. rows * cols - 1`` as a float tensor of ``shape``.
+
+        Exact ties are common in structured targets (a Toeplitz matrix is constant along its
+        diagonals); breaking them towards the lower index would favour the top rows, which
+        measurably hurts (64 x 64 Toeplitz-like matrix: 0.0119 vs 0.0105 after 1000 sweeps).
+        """
+        shape = (int(shape[0]), int(shape[1]))
+        if shape not in self.priorities:
+            order = torch.randperm(shape[0] * shape[1], generator=self.generator)
+            self.priorities[shape] = order.to(DTYPE).reshape(shape)
+        return self.priorities[shape]
 
     def squared(self, matrix: torch.Tensor | None, key: object) -> float:
         if matrix is None:
@@ -227,11 +268,12 @@ def _palm(
     state: _PALMState,
     nb_sweeps: int,
     update_way: str,
-    norms: _SpectralNorms,
+    norms: _Numerics,
     key: object,
     continuation: float = 1.0,
-) -> None:
-    """Run ``nb_sweeps`` PALM sweeps on ``state`` in place."""
+) -> int:
+    """Run up to ``nb_sweeps`` PALM sweeps on ``state`` in place; stop early once the
+    approximation is exact (at the final sparsity). Returns the factor updates done."""
     target, factors, count = state.target, state.factors, len(state.factors)
     left_to_right = update_way == "left_to_right"
     order = range(count) if left_to_right else range(count - 1, -1, -1)
@@ -269,8 +311,10 @@ def _palm(
             else:
                 gradient = residual
             k = min(round(state.nonzeros[j] * factor), factors[j].numel())
+            kind = state.projections[j]
+            priority = norms.priority(factors[j].shape) if kind == "global" else None
             factors[j], state.supports[j] = project(
-                factors[j] - (lam / c) * gradient, k, state.projections[j]
+                factors[j] - (lam / c) * gradient, k, kind, priority
             )
             if left_to_right:
                 moving = factors[j] if moving is None else moving @ factors[j]
@@ -280,12 +324,17 @@ def _palm(
         squared = float((moving * moving).sum())
         if squared > 0:
             state.lam = float((target * moving).sum()) / squared
+        if factor == 1.0 and state.error() <= _EXACT:
+            return (sweep + 1) * count
+    return nb_sweeps * count
 
 
 # -- hierarchical factorisation ----------------------------------------------------------
 
 
-def _residual_nonzeros(shapes: Sequence[tuple[int, int]], nonzeros: Sequence[int], level: int) -> int:
+def _residual_nonzeros(
+    shapes: Sequence[tuple[int, int]], nonzeros: Sequence[int], level: int
+) -> int:
     """Nonzeros allowed to the residual standing for ``S_{level+1} ... S_J``: its rows times
     the product of the mean nonzeros per row of those factors, at most its size."""
     rows = shapes[level + 1][0]
@@ -303,13 +352,20 @@ def _identity(rows: int, cols: int) -> torch.Tensor:
 class _HierarchicalRun:
     """One hierarchical factorisation under one strategy; can be refined further."""
 
-    def __init__(self, target: torch.Tensor, shapes: Sequence[tuple[int, int]], strategy: Strategy, norms: _SpectralNorms, key: object):
+    def __init__(
+        self,
+        target: torch.Tensor,
+        shapes: Sequence[tuple[int, int]],
+        strategy: Strategy,
+        norms: _Numerics,
+        key: object,
+    ):
         self.target = target
         self.shapes = list(shapes)
         self.strategy = strategy
         self.norms = norms
         self.key = key
-        self.sweeps = 0
+        self.updates = 0  # factor updates done (the unit of the work budget)
         self.state: _PALMState | None = None
 
     def start(self, sweeps_per_palm: int) -> None:
@@ -320,8 +376,9 @@ class _HierarchicalRun:
         if count == 1:
             matrix, support = project(self.target, nonzeros[0], kinds[0])
             self.state = _PALMState(self.target, [matrix], [support], nonzeros, kinds)
-            _palm(self.state, sweeps_per_palm, strategy.update_way, self.norms, self.key)
-            self.sweeps += sweeps_per_palm
+            self.updates += _palm(
+                self.state, sweeps_per_palm, strategy.update_way, self.norms, self.key
+            )
             return
         residual_target = self.target
         peeled: list[torch.Tensor] = []
@@ -343,8 +400,14 @@ class _HierarchicalRun:
                 [nonzeros[level], residual_nonzeros],
                 [kinds[level], kinds[level]],
             )
-            _palm(local, sweeps_per_palm, strategy.update_way, self.norms, (self.key, "local", level), strategy.continuation)
-            self.sweeps += sweeps_per_palm
+            self.updates += _palm(
+                local,
+                sweeps_per_palm,
+                strategy.update_way,
+                self.norms,
+                (self.key, "local", level),
+                strategy.continuation,
+            )
             peeled.append(local.factors[0])
             supports.append(local.supports[0])
             lam = local.lam  # the residual target already carries the previous scale
@@ -360,8 +423,14 @@ class _HierarchicalRun:
                 kinds[: level + 2],
                 lam=lam,
             )
-            _palm(state, sweeps_per_palm, strategy.update_way, self.norms, (self.key, "global", level), strategy.continuation)
-            self.sweeps += sweeps_per_palm
+            self.updates += _palm(
+                state,
+                sweeps_per_palm,
+                strategy.update_way,
+                self.norms,
+                (self.key, "global", level),
+                strategy.continuation,
+            )
             peeled = state.factors[:-1]
             supports = state.supports[:-1]
             lam = state.lam
@@ -382,21 +451,40 @@ class _HierarchicalRun:
             state.lam = float((state.target * product).sum()) / squared if squared > 0 else 1.0
             state.approximation = product
 
-    def refine(self, nb_sweeps: int, check_every: int = 50, tolerance: float = 1e-4) -> None:
-        """Up to ``nb_sweeps`` more global PALM sweeps on all factors at their final
-        sparsity; stops early once ``check_every`` sweeps lower the error by less than a
-        relative ``tolerance``, or the factorisation is exact."""
+    def refine(self, nb_sweeps: int, cycle_sweeps: int = 300, reheat: float = 1.5) -> None:
+        """Up to ``nb_sweeps`` more global PALM sweeps on all factors, in cycles of
+        ``cycle_sweeps`` whose projections first keep ``reheat`` times more entries and
+        tighten back to the final sparsity (see :class:`Strategy`'s continuation): each
+        cycle lets the supports move again. Keeps the best state seen; stops after two
+        cycles without improvement, or once the factorisation is exact."""
         key = (self.key, "global", len(self.shapes))
-        error = self.error()
-        while nb_sweeps > 0 and error > _EXACT:
-            chunk = min(check_every, nb_sweeps)
-            _palm(self.state, chunk, self.strategy.update_way, self.norms, key)
-            self.sweeps += chunk
-            nb_sweeps -= chunk
-            new_error = self.error()
-            if new_error > (1.0 - tolerance) * error:
-                break
-            error = new_error
+        best_error, best = self.error(), self._snapshot()
+        failures = 0
+        while nb_sweeps > 0 and best_error > _EXACT and failures < 2:
+            length = min(cycle_sweeps, nb_sweeps)
+            self.updates += _palm(
+                self.state, length, self.strategy.update_way, self.norms, key, reheat
+            )
+            nb_sweeps -= length
+            error = self.error()
+            if error < (1.0 - 1e-4) * best_error:
+                best_error, best, failures = error, self._snapshot(), 0
+            else:
+                failures += 1
+        self._restore(best)
+
+    def _snapshot(self) -> _PALMState:
+        state = self.state
+        return replace(
+            state,
+            factors=[f.clone() for f in state.factors],
+            supports=[s.clone() for s in state.supports],
+            nonzeros=list(state.nonzeros),
+            projections=list(state.projections),
+        )
+
+    def _restore(self, snapshot: _PALMState) -> None:
+        self.state = snapshot
 
     def error(self) -> float:
         return self.state.error()
@@ -413,8 +501,10 @@ def hierarchical_factorization(
 ) -> Factorization:
     """One hierarchical PALM factorisation of ``target`` under ``strategy`` (no search)."""
     generator = torch.Generator().manual_seed(seed)
-    norms = _SpectralNorms(generator, power_iterations)
-    run = _HierarchicalRun(target.detach().to(device="cpu", dtype=DTYPE), shapes, strategy, norms, 0)
+    norms = _Numerics(generator, power_iterations)
+    run = _HierarchicalRun(
+        target.detach().to(device="cpu", dtype=DTYPE), shapes, strategy, norms, 0
+    )
     run.start(sweeps_per_palm)
     run.enforce_budget()
     run.refine(refine_sweeps)
@@ -432,14 +522,19 @@ _MODES = (
 
 
 def candidate_splits(count: int) -> list[tuple[float, ...]]:
-    """Relative nonzeros per factor tried by the search: equal, then halving from the
-    first factor to the last, then doubling."""
+    """Relative nonzeros per factor tried by the search: equal; halving from the first factor
+    to the last; doubling; everything to the first factor (the others keep one nonzero per
+    row and column, e.g. a sparse matrix times a scaled permutation); everything to the last.
+    """
     if count == 1:
         return [(1.0,)]
+    tiny = 1e-9
     return [
         (1.0,) * count,
         tuple(2.0**-j for j in range(count)),
         tuple(2.0**j for j in range(count)),
+        (1.0,) + (tiny,) * (count - 1),
+        (tiny,) * (count - 1) + (1.0,),
     ]
 
 
@@ -475,13 +570,13 @@ class _Search:
 
     def __init__(self, target, shapes, settings: PALMSettings, seed: int):
         self.target, self.shapes, self.settings = target, list(shapes), settings
-        self.norms = _SpectralNorms(torch.Generator().manual_seed(seed), settings.power_iterations)
+        self.norms = _Numerics(torch.Generator().manual_seed(seed), settings.power_iterations)
         self.runs: list[_HierarchicalRun] = []
         self.tried: list[tuple[Strategy, float]] = []
 
     @property
     def spent(self) -> int:
-        return sum(run.sweeps for run in self.runs)
+        return sum(run.updates for run in self.runs)
 
     def start(self, strategy: Strategy, sweeps_per_palm: int) -> _HierarchicalRun:
         run = _HierarchicalRun(self.target, self.shapes, strategy, self.norms, len(self.runs))
@@ -526,35 +621,57 @@ def factorize(
         The best :class:`Factorization` found.
     """
     settings = settings or PALMSettings()
+    if settings.threads is None:
+        return _factorize(target, shapes, total_nonzeros, nnz_split, seed, settings)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _factorize(target, shapes, total_nonzeros, nnz_split, seed, settings)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _factorize(
+    target: torch.Tensor,
+    shapes: Sequence[tuple[int, int]],
+    total_nonzeros: int,
+    nnz_split: Sequence[float] | None,
+    seed: int,
+    settings: PALMSettings,
+) -> Factorization:
     target = target.detach().to(device="cpu", dtype=DTYPE)
     count = len(shapes)
-    total = int(
-        min(settings.max_sweeps, max(settings.min_sweeps, settings.flop_budget / _sweep_flops(shapes)))
-    )
-    palms_per_start = 1 if count <= 2 else 2 * count - 2
+    # The work budget counts factor updates; a sweep updates every factor once.
+    sweeps = settings.flop_budget / _sweep_flops(shapes)
+    total = count * int(min(settings.max_sweeps, max(settings.min_sweeps, sweeps)))
+    # Factor updates per sweep of every PALM run of one start: for J > 2, J - 1 local runs of
+    # two factors and J - 1 global runs of 2, 3, ..., J factors.
+    start_updates = 2 if count <= 2 else 2 * (count - 1) + (count - 1) * (count + 2) // 2
     splits = [tuple(nnz_split)] if nnz_split is not None else candidate_splits(count)
-    modes = list(_MODES) if settings.search else list(_MODES[:1])
+    modes = list(_MODES)
     if not settings.search:
-        splits = splits[:1]
-    # Up to half the budget goes to the starts; drop candidates until each PALM run of a
-    # start gets min_round_sweeps.
+        modes, splits = modes[:1], splits[:1]
+
+    def per_palm(starts: int) -> int:  # sweeps per PALM run if the starts take half the budget
+        return int(total / 2 / (starts * start_updates))
+
+    # Drop candidates (other splits first, then modes) until each PALM run of a start gets
+    # min_round_sweeps; the first two modes are always tried (the second finds butterfly
+    # supports in a few sweeps), if need be with fewer sweeps.
     nb_starts = len(modes) + len(splits) - 1
-
-    def per_palm(starts: int) -> int:
-        return int(total / 2 / (starts * palms_per_start))
-
-    while nb_starts > len(modes) and per_palm(nb_starts) < settings.min_round_sweeps:
-        nb_starts -= 1
-    while nb_starts > 1 and per_palm(nb_starts) < settings.min_round_sweeps:
+    smallest = min(2, nb_starts)
+    while nb_starts > smallest and per_palm(nb_starts) < settings.min_round_sweeps:
         nb_starts -= 1
     modes = modes[: min(len(modes), nb_starts)]
     splits = splits[: nb_starts - len(modes) + 1]
-    sweeps_per_palm = max(1, per_palm(nb_starts))
+    sweeps_per_palm = max(5, per_palm(nb_starts))
 
     search = _Search(target, shapes, settings, seed)
     first_split = split_nonzeros(total_nonzeros, shapes, splits[0])
     for projection, update_way, continuation in modes:
-        run = search.start(Strategy(first_split, projection, update_way, continuation), sweeps_per_palm)
+        run = search.start(
+            Strategy(first_split, projection, update_way, continuation), sweeps_per_palm
+        )
         if run.error() <= _EXACT:
             break
     best = search.best()
@@ -563,8 +680,9 @@ def factorize(
             nonzeros = split_nonzeros(total_nonzeros, shapes, split)
             search.start(replace(best.strategy, nonzeros=nonzeros), sweeps_per_palm)
         best = search.best()
-    best.refine(max(0, total - search.spent))
+    best.refine(max(0, total - search.spent) // count, settings.cycle_sweeps, settings.reheat)
     _polish(best.state, settings.polish_sweeps)
+    _fill_supports(best.state)
     result = _finish(best, search.spent)
     result.tried = search.tried
     return result
@@ -573,7 +691,9 @@ def factorize(
 # -- exact least squares on fixed supports -------------------------------------------------
 
 
-def _rows_least_squares(target: torch.Tensor, right: torch.Tensor, support: torch.Tensor, max_row_nonzeros: int = 256) -> torch.Tensor | None:
+def _rows_least_squares(
+    target: torch.Tensor, right: torch.Tensor, support: torch.Tensor, max_row_nonzeros: int = 256
+) -> torch.Tensor | None:
     """``S`` with the given support minimising ``||target - S @ right||_F`` (rows are
     independent), or ``None`` when a row has more than ``max_row_nonzeros`` entries."""
     counts = support.sum(1)
@@ -630,7 +750,24 @@ def _polish(state: _PALMState, nb_sweeps: int) -> None:
         state.approximation = product
 
 
-def _finish(run: _HierarchicalRun, nb_sweeps: int) -> Factorization:
+def _fill_supports(state: _PALMState) -> None:
+    """Grow each support that holds fewer than its nonzeros (row/column projection, or a
+    target with few nonzeros) by the positions of the largest gradient entries, with value
+    0: the product is unchanged and the layer gets the capacity it was given."""
+    factors = state.factors
+    for j, support in enumerate(state.supports):
+        missing = state.nonzeros[j] - int(support.sum())
+        if missing <= 0:
+            continue
+        left, right = _product(factors[:j]), _product(factors[j + 1 :])
+        residual = state.lam * _product(factors) - state.target
+        gradient = residual if right is None else residual @ right.T
+        gradient = gradient if left is None else left.T @ gradient
+        ranked = torch.where(support, torch.full_like(gradient, -1.0), gradient.abs())
+        support |= largest_entries_mask(ranked.reshape(1, -1), missing).reshape(support.shape)
+
+
+def _finish(run: _HierarchicalRun, nb_updates: int) -> Factorization:
     """Absorb ``lam`` into the factors and give them equal Frobenius norms."""
     state = run.state
     factors = [f.clone() for f in state.factors]
@@ -638,7 +775,7 @@ def _finish(run: _HierarchicalRun, nb_sweeps: int) -> Factorization:
     lam = state.lam
     if all(n > 0 for n in norms) and lam != 0:
         common = math.exp((math.log(abs(lam)) + sum(math.log(n) for n in norms)) / len(factors))
-        factors = [f * (common / n) for f, n in zip(factors, norms)]
+        factors = [f * (common / n) for f, n in zip(factors, norms, strict=True)]
         if lam < 0:
             factors[0] = -factors[0]
     else:
@@ -646,4 +783,4 @@ def _finish(run: _HierarchicalRun, nb_sweeps: int) -> Factorization:
     supports = [s.clone() for s in state.supports]
     product = _product(factors)
     error = float(torch.linalg.norm(state.target - product) / _norm(state.target))
-    return Factorization(factors, supports, error, run.strategy, nb_sweeps)
+    return Factorization(factors, supports, error, run.strategy, nb_updates)

@@ -106,7 +106,7 @@ def split_nonzeros(
     weights = tuple(weights) if weights is not None else (1.0,) * len(shapes)
 
     def allocation(scale: float) -> list[float]:
-        return [min(max(scale * w, lo), hi) for w, lo, hi in zip(weights, lows, highs)]
+        return [min(max(scale * w, lo), hi) for w, lo, hi in zip(weights, lows, highs, strict=True)]
 
     # The allocation grows with the scale; bisect for the scale that spends the total.
     low_scale, high_scale = 0.0, float(max(highs)) / min(weights) + 1.0
@@ -117,7 +117,10 @@ def split_nonzeros(
         else:
             high_scale = middle
     shares = allocation(high_scale)
-    counts = [min(max(math.floor(share), lo), hi) for share, lo, hi in zip(shares, lows, highs)]
+    counts = [
+        min(max(math.floor(share), lo), hi)
+        for share, lo, hi in zip(shares, lows, highs, strict=True)
+    ]
     # Hand out what rounding left, largest fractional part first, then trim any excess.
     order = sorted(range(len(counts)), key=lambda j: (counts[j] - shares[j], j))
     while sum(counts) < total:
