@@ -12,10 +12,10 @@ split as ``T ~ S_l T'`` by a two-factor PALM (``T'`` projected onto as many nonz
 product of the factors it stands for can have), then all factors found so far and ``T'`` are
 refined together by a global PALM on ``X``.
 
-:func:`factorize` runs a small search over strategies (the split of the nonzeros between the
-factors, the projection, the update order and a sparsity continuation), keeps the better
-half after each round (successive halving) and refines the winner; the number of PALM sweeps
-follows from the matrix size, so the result depends on the inputs and the seed only.
+:func:`factorize` runs a small search over strategies (three modes: projection, update order
+and sparsity continuation; then the best mode with other splits of the nonzeros between the
+factors) and refines the winner in annealing cycles; the number of PALM sweeps follows from
+the matrix size, not from the clock, so the result depends on the inputs and the seed only.
 
 Everything is computed in float64 on the CPU.
 """
@@ -35,7 +35,6 @@ __all__ = [
     "PALMSettings",
     "Strategy",
     "candidate_splits",
-    "candidate_strategies",
     "factorize",
     "hierarchical_factorization",
     "largest_entries_mask",
@@ -94,8 +93,9 @@ class Strategy:
     Attributes:
         nonzeros: ``k_j`` for each factor.
         projection: ``"global"`` (the ``k_j`` largest entries) or ``"rowcol"`` (the largest
-            ``k_j / rows`` of each row together with the largest ``k_j / cols`` of each column,
-            at most ``k_j`` in all; it finds butterfly supports such as Hadamard's).
+            ``k_j / rows`` of each row together with the largest ``k_j / cols`` of each column;
+            it finds butterfly supports such as Hadamard's). A row/column support that ends
+            a start with more than ``k_j`` entries is cut to its ``k_j`` largest.
         update_way: ``"left_to_right"`` (new factor starts at 0, residual at the identity;
             factors updated left to right) or ``"right_to_left"`` (new factor starts at the
             identity, residual at 0; updated right to left).
@@ -444,7 +444,10 @@ class _HierarchicalRun:
         over = [j for j, s in enumerate(state.supports) if int(s.sum()) > state.nonzeros[j]]
         for j in over:
             state.projections[j] = "global"
-            state.factors[j], state.supports[j] = project(state.factors[j], state.nonzeros[j])
+            priority = self.norms.priority(state.factors[j].shape)
+            state.factors[j], state.supports[j] = project(
+                state.factors[j], state.nonzeros[j], "global", priority
+            )
         if over:
             product = _product(state.factors)
             squared = float((product * product).sum())
@@ -538,26 +541,6 @@ def candidate_splits(count: int) -> list[tuple[float, ...]]:
     ]
 
 
-def candidate_strategies(
-    shapes: Sequence[tuple[int, int]], total_nonzeros: int, nnz_split: Sequence[float] | None = None
-) -> list[Strategy]:
-    """Every strategy of the search space (modes x splits), equal split first.
-
-    The modes are (global projection, left to right, continuation 2), (row/column
-    projection, right to left, no continuation: the published setting that recovers
-    butterfly matrices such as Hadamard's) and (global, left to right, no continuation).
-    """
-    splits = [tuple(nnz_split)] if nnz_split is not None else candidate_splits(len(shapes))
-    strategies: list[Strategy] = []
-    for split in splits:
-        nonzeros = split_nonzeros(total_nonzeros, shapes, split)
-        for projection, update_way, continuation in _MODES:
-            candidate = Strategy(nonzeros, projection, update_way, continuation)
-            if candidate not in strategies:
-                strategies.append(candidate)
-    return strategies
-
-
 def _sweep_flops(shapes: Sequence[tuple[int, int]]) -> float:
     """Rough floating-point operations of one PALM sweep on all factors."""
     rows, cols = shapes[0][0], shapes[-1][1]
@@ -566,7 +549,7 @@ def _sweep_flops(shapes: Sequence[tuple[int, int]]) -> float:
 
 
 class _Search:
-    """Runs candidate strategies with a shared budget of PALM sweeps."""
+    """Candidate runs sharing one random state; counts the factor updates they spent."""
 
     def __init__(self, target, shapes, settings: PALMSettings, seed: int):
         self.target, self.shapes, self.settings = target, list(shapes), settings
@@ -602,11 +585,16 @@ def factorize(
     """Approximate ``target`` by a product of sparse factors of the given shapes holding at
     most ``total_nonzeros`` values in all.
 
-    The search first runs the three modes of :func:`candidate_strategies` with equal
-    nonzeros per factor, then the best mode with the other splits of
-    :func:`candidate_splits` (unless ``nnz_split`` fixes the split), and refines the best
-    run with the sweeps left; it stops as soon as a run is exact. Fewer candidates are
-    tried when the budget cannot give each ``settings.min_round_sweeps`` sweeps per PALM run.
+    The search first runs three modes with equal nonzeros per factor: (global projection,
+    left to right, continuation 2), (row/column projection, right to left, no continuation:
+    the published setting that recovers butterfly matrices such as Hadamard's) and (global,
+    left to right, no continuation); then the best mode with the other splits of
+    :func:`candidate_splits` (unless ``nnz_split`` fixes the split). The best run is refined
+    with the sweeps left, its first and last factors' values are solved exactly on their
+    supports, and supports left short of their nonzeros are filled (with zeros) where the
+    gradient is largest. The search stops as soon as a run is exact. Fewer candidates are
+    tried when the budget cannot give each ``settings.min_round_sweeps`` sweeps per PALM run
+    (the first two modes always run).
 
     Args:
         target: ``(shapes[0][0], shapes[-1][1])`` matrix.
