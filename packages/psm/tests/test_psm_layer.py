@@ -162,6 +162,19 @@ def test_kernels_match_dense_and_gradcheck():
     assert torch.autograd.gradcheck(function, (values, Z.clone().requires_grad_(True)))
 
 
+def test_sliced_kernel_on_large_operands_matches_dense():
+    # operands above 1.5 MB are multiplied in slices of 32 columns on the CPU
+    torch.manual_seed(0)
+    with default_dtype(torch.float64):
+        layer = PSMLayer(1000, 900, 0.01, nb_matrices=1, use_bias=False)
+    U = torch.randn(200, 1000, dtype=torch.float64, requires_grad=True)
+    dense = layer.to_dense().detach()
+    output = layer(U)
+    torch.testing.assert_close(output, U @ dense.T)
+    output.sum().backward()
+    torch.testing.assert_close(U.grad, torch.ones(200, 900, dtype=torch.float64) @ dense)
+
+
 def test_values_gradient_is_sampled_dense_gradient():
     torch.manual_seed(1)
     layer = PSMLayer(40, 30, 0.3, nb_matrices=2)

@@ -129,7 +129,7 @@ class PSMLayer(StructuredLayer):
     Example:
         >>> layer = PSMLayer(512, 256, nb_params_share=0.1)
         >>> [f.nnz for f in layer.factors]
-        [6553, 6554]
+        [6554, 6553]
         >>> layer(torch.randn(8, 512)).shape
         torch.Size([8, 256])
     """
