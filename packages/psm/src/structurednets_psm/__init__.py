@@ -4,7 +4,7 @@
 hierarchical PALM (Le Magoarou and Gribonval, 2016).
 """
 
-from structurednets_psm.factors import SparseFactor, random_support
+from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
 from structurednets_psm.layer import PSMLayer, psm_nb_weight_parameters
 from structurednets_psm.palm import (
     Factorization,
@@ -18,6 +18,7 @@ from structurednets_psm.plan import PSMPlan, factor_shapes, plan_psm, split_nonz
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockSparseFactor",
     "Factorization",
     "PALMSettings",
     "PSMLayer",

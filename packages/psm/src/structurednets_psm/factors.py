@@ -9,7 +9,7 @@ from torch import nn
 
 from structurednets_psm.kernels import csr_matmul
 
-__all__ = ["SparseFactor", "as_coordinates", "random_support"]
+__all__ = ["BlockSparseFactor", "SparseFactor", "as_coordinates", "random_support"]
 
 
 class SparseFactor(nn.Module):
@@ -94,6 +94,88 @@ class SparseFactor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, cols={self.cols}, nnz={self.nnz}"
+
+
+class BlockSparseFactor(nn.Module):
+    """A ``rows x cols`` matrix whose support is a fixed set of dense ``b x b`` blocks.
+
+    The products run as batched dense matrix products on the blocks: gather the input's
+    block rows, ``torch.bmm`` with the blocks, add into the output's block rows. These are
+    ordinary differentiable torch operations, whose backward is again a gather, a ``bmm``
+    (values' gradient: output gradient times input, block by block) and a scatter-add.
+
+    Args:
+        rows, cols: the shape, multiples of ``block_size``.
+        block_size: ``b``.
+        block_rows, block_cols: ``(nblocks,)`` block coordinates (no duplicates).
+        values: ``(nblocks, b, b)`` dense blocks; converted to the default dtype.
+
+    Attributes:
+        values: ``(nblocks, b, b)`` parameter, blocks sorted by block row, then column.
+        block_rows, block_cols: integer buffers, the block coordinates.
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        cols: int,
+        block_size: int,
+        block_rows: torch.Tensor,
+        block_cols: torch.Tensor,
+        values: torch.Tensor,
+    ):
+        super().__init__()
+        self.rows, self.cols, self.block_size = int(rows), int(cols), int(block_size)
+        block_rows = block_rows.to(torch.int64).cpu()
+        block_cols = block_cols.to(torch.int64).cpu()
+        order = torch.argsort(block_rows * (self.cols // self.block_size) + block_cols)
+        self.register_buffer("block_rows", block_rows[order])
+        self.register_buffer("block_cols", block_cols[order])
+        values = values.detach().cpu()[order]
+        self.values = nn.Parameter(values.to(torch.get_default_dtype()))
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    def matmul(self, dense: torch.Tensor) -> torch.Tensor:
+        """``S @ dense`` for ``dense`` of shape ``(cols, batch)``; differentiable."""
+        b, batch = self.block_size, dense.shape[1]
+        # a transposed input would make the gathered blocks strided, and bmm slow
+        dense = dense.contiguous()
+        blocks = dense.reshape(self.cols // b, b, batch).index_select(0, self.block_cols)
+        products = torch.bmm(self.values, blocks)
+        result = products.new_zeros(self.rows // b, b, batch)
+        return result.index_add(0, self.block_rows, products).reshape(self.rows, batch)
+
+    def to_dense(self) -> torch.Tensor:
+        """The factor as a dense ``(rows, cols)`` tensor; differentiable in the values."""
+        b = self.block_size
+        grid = self.values.new_zeros(self.rows // b, self.cols // b, b, b)
+        grid = grid.index_put((self.block_rows, self.block_cols), self.values)
+        return grid.permute(0, 2, 1, 3).reshape(self.rows, self.cols)
+
+    def to_scipy(self) -> scipy.sparse.csr_matrix:
+        """The factor as a scipy CSR matrix (float64 copy)."""
+        b = self.block_size
+        counts = torch.bincount(self.block_rows, minlength=self.rows // b)
+        indptr = torch.zeros(self.rows // b + 1, dtype=torch.int64)
+        indptr[1:] = counts.cumsum(0)
+        bsr = scipy.sparse.bsr_matrix(
+            (
+                self.values.detach().cpu().double().numpy(),
+                self.block_cols.cpu().numpy(),
+                indptr.numpy(),
+            ),
+            shape=(self.rows, self.cols),
+        )
+        return bsr.tocsr()
+
+    def extra_repr(self) -> str:
+        return (
+            f"rows={self.rows}, cols={self.cols}, block_size={self.block_size}, "
+            f"blocks={self.values.shape[0]}, nnz={self.nnz}"
+        )
 
 
 def _compressed(sorted_indices: torch.Tensor, length: int) -> torch.Tensor:

@@ -11,10 +11,17 @@ from torch import nn
 from structurednets import StructuredLayer
 from structurednets.layers.structured_layer import dense_init_std
 from structurednets.validation import BudgetTooSmallError, weight_budget
-from structurednets_psm.factors import SparseFactor, as_coordinates, random_support
+from structurednets_psm.factors import (
+    BlockSparseFactor,
+    SparseFactor,
+    as_coordinates,
+    random_support,
+)
 from structurednets_psm.palm import Factorization, PALMSettings, factorize
 from structurednets_psm.plan import (
     PSMPlan,
+    block_shapes,
+    check_block_size,
     check_nnz_split,
     factor_shapes,
     plan_psm,
@@ -35,11 +42,13 @@ def psm_nb_weight_parameters(
     factors: Sequence[object] | None = None,
     seed: int = 0,
     palm_settings: PALMSettings | None = None,
+    block_size: int = 1,
 ) -> int:
     """Stored values of a :class:`PSMLayer` built with these arguments and no
-    ``initial_weight_matrix``: the whole budget shared between the factors, or the nonzeros
-    of the given ``factors``."""
+    ``initial_weight_matrix``: the whole budget shared between the factors (in whole blocks),
+    or the nonzeros of the given ``factors``."""
     if factors is not None:
+        _refuse_blocks_with_factors(block_size)
         plan = _plan_from_factors(input_dim, output_dim, nb_params_share, factors, inner_dim)[0]
         return plan.total_nonzeros
     plan = plan_psm(
@@ -49,8 +58,17 @@ def psm_nb_weight_parameters(
         nb_matrices=nb_matrices,
         inner_dim=inner_dim,
         nnz_split=nnz_split,
+        block_size=block_size,
     )
     return plan.total_nonzeros
+
+
+def _refuse_blocks_with_factors(block_size: object) -> None:
+    if block_size != 1:
+        raise ValueError(
+            f"block_size={block_size!r} cannot be combined with factors (given factors are "
+            "element-sparse); leave block_size=1"
+        )
 
 
 def _plan_from_factors(
@@ -117,9 +135,15 @@ class PSMLayer(StructuredLayer):
             tensors, or ``(indices, values)`` pairs with ``indices`` of shape ``(2, nnz)``
             (pairs take the shapes implied by the dims and ``inner_dim``). Their supports
             and values are used as given.
-        seed: seed of the approximator (its only random numbers are power-iteration start
-            vectors); a random layer draws from torch's global generator, as ``nn.Linear``.
+        seed: seed of the approximator's random numbers (power-iteration start vectors and
+            tie-breaking priorities); a random layer draws from torch's global generator, as
+            ``nn.Linear``.
         palm_settings: work budget and search options of the approximator.
+        block_size: ``b > 1`` makes every support a set of dense ``b x b`` blocks (``b``
+            must divide the input, output and inner dimensions); the products then run as
+            batched dense block products (``torch.bmm``), about twice as fast as the
+            element-sparse kernels at the same number of values, at some cost in accuracy
+            when fitting a matrix.
 
     Attributes:
         factors: ``nn.ModuleList`` of :class:`SparseFactor`, ``S_1`` first (output side).
@@ -151,6 +175,7 @@ class PSMLayer(StructuredLayer):
         factors: Sequence[object] | None = None,
         seed: int = 0,
         palm_settings: PALMSettings | None = None,
+        block_size: int = 1,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
@@ -164,6 +189,7 @@ class PSMLayer(StructuredLayer):
         if factors is not None:
             if target is not None:
                 raise ValueError("pass either initial_weight_matrix or factors, not both")
+            _refuse_blocks_with_factors(block_size)
             plan, coordinates = _plan_from_factors(
                 self.input_dim, self.output_dim, self.nb_params_share, factors, inner_dim
             )
@@ -174,7 +200,8 @@ class PSMLayer(StructuredLayer):
         elif target is not None:
             shapes = factor_shapes(self.input_dim, self.output_dim, nb_matrices, inner_dim)
             weights = check_nnz_split(nnz_split, len(shapes))
-            needed = sum(smallest_nonzeros(shapes))
+            block = check_block_size(block_size, shapes)
+            needed = sum(smallest_nonzeros(block_shapes(shapes, block))) * block * block
             self.require_budget(
                 needed, f"{len(shapes)} sparse factor(s) with a nonzero in every row and column"
             )
@@ -185,13 +212,14 @@ class PSMLayer(StructuredLayer):
                 nnz_split=weights,
                 seed=seed,
                 settings=palm_settings,
+                block_size=block,
             )
-            modules = []
-            for (rows, cols), matrix, support in zip(
-                shapes, self.fit.factors, self.fit.supports, strict=True
-            ):
-                row_indices, col_indices = support.nonzero(as_tuple=True)
-                modules.append(SparseFactor(rows, cols, row_indices, col_indices, matrix[support]))
+            modules = [
+                _factor_from_fit(rows, cols, block, matrix, support)
+                for (rows, cols), matrix, support in zip(
+                    shapes, self.fit.factors, self.fit.supports, strict=True
+                )
+            ]
         else:
             plan = plan_psm(
                 self.input_dim,
@@ -200,6 +228,7 @@ class PSMLayer(StructuredLayer):
                 nb_matrices=nb_matrices,
                 inner_dim=inner_dim,
                 nnz_split=nnz_split,
+                block_size=block_size,
             )
             modules = _random_factors(plan, dense_init_std(self.input_dim))
         self.factors = nn.ModuleList(modules)
@@ -223,19 +252,39 @@ class PSMLayer(StructuredLayer):
             W = factor.matmul(W)
         return W
 
+    @property
+    def block_size(self) -> int:
+        return getattr(self.factors[0], "block_size", 1)
+
     def extra_repr(self) -> str:
         shapes = " x ".join(f"({f.rows}x{f.cols})" for f in self.factors)
         nonzeros = ", ".join(str(f.nnz) for f in self.factors)
-        return f"{super().extra_repr()}, nb_matrices={self.nb_matrices}, factors={shapes}, nnz=[{nonzeros}]"
+        blocks = f", block_size={self.block_size}" if self.block_size > 1 else ""
+        return (
+            f"{super().extra_repr()}, nb_matrices={self.nb_matrices}, factors={shapes}, "
+            f"nnz=[{nonzeros}]{blocks}"
+        )
 
 
-def _random_factors(plan: PSMPlan, std: float) -> list[SparseFactor]:
-    """Random supports touching every row and column; Gaussian values of one common scale
-    so that the entries of the product have deviation ``std``.
+def _factor_from_fit(
+    rows: int, cols: int, block: int, matrix: torch.Tensor, support: torch.Tensor
+) -> SparseFactor | BlockSparseFactor:
+    if block == 1:
+        row_indices, col_indices = support.nonzero(as_tuple=True)
+        return SparseFactor(rows, cols, row_indices, col_indices, matrix[support])
+    grid = (rows // block, block, cols // block, block)
+    block_rows, block_cols = support.reshape(grid)[:, 0, :, 0].nonzero(as_tuple=True)
+    blocks = matrix.reshape(grid).permute(0, 2, 1, 3)[block_rows, block_cols]
+    return BlockSparseFactor(rows, cols, block, block_rows, block_cols, blocks)
+
+
+def _random_factors(plan: PSMPlan, std: float) -> list[SparseFactor | BlockSparseFactor]:
+    """Random supports touching every row and column (of blocks); Gaussian values of one
+    common scale so that the entries of the product have deviation ``std``.
 
     With independent supports of densities ``p_j``, inner dimensions ``d_j`` and values of
     variance ``s^2``, an entry of the product has variance
-    ``prod_j (p_j s^2) * prod_{j<J} d_j``.
+    ``prod_j (p_j s^2) * prod_{j<J} d_j`` (also for block supports, ``p_j`` their density).
     """
     log_gain = 0.0
     for j, ((rows, cols), nnz) in enumerate(zip(plan.shapes, plan.nonzeros, strict=True)):
@@ -243,9 +292,15 @@ def _random_factors(plan: PSMPlan, std: float) -> list[SparseFactor]:
         if j < len(plan.shapes) - 1:
             log_gain += math.log(cols)
     scale = math.exp((2 * math.log(std) - log_gain) / (2 * len(plan.shapes)))
-    modules = []
+    b = plan.block_size
+    modules: list[SparseFactor | BlockSparseFactor] = []
     for (rows, cols), nnz in zip(plan.shapes, plan.nonzeros, strict=True):
-        row_indices, col_indices = random_support(rows, cols, nnz)
-        values = torch.randn(nnz, dtype=torch.float64) * scale
-        modules.append(SparseFactor(rows, cols, row_indices, col_indices, values))
+        nb_blocks = nnz // (b * b)
+        block_rows, block_cols = random_support(rows // b, cols // b, nb_blocks)
+        if b == 1:
+            values = torch.randn(nnz, dtype=torch.float64) * scale
+            modules.append(SparseFactor(rows, cols, block_rows, block_cols, values))
+        else:
+            values = torch.randn(nb_blocks, b, b, dtype=torch.float64) * scale
+            modules.append(BlockSparseFactor(rows, cols, b, block_rows, block_cols, values))
     return modules

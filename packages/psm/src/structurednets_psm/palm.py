@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from structurednets_psm.plan import split_nonzeros
+from structurednets_psm.plan import block_shapes, split_nonzeros
 
 __all__ = [
     "Factorization",
@@ -160,8 +160,26 @@ def largest_entries_mask(
     return above | (tied & (ranked >= cut))
 
 
+def _select(magnitudes: torch.Tensor, k: int, kind: str, priority: torch.Tensor | None):
+    rows, cols = magnitudes.shape
+    if k >= rows * cols:
+        return torch.ones_like(magnitudes, dtype=torch.bool)
+    if kind == "global":
+        flat_priority = None if priority is None else priority.reshape(1, -1)
+        support = largest_entries_mask(magnitudes.reshape(1, -1), k, flat_priority)
+        return support.reshape(rows, cols)
+    if kind == "rowcol":
+        support = largest_entries_mask(magnitudes, max(1, k // rows))
+        return support | largest_entries_mask(magnitudes.T, max(1, k // cols)).T
+    raise ValueError(f"projection must be 'global' or 'rowcol', got {kind!r}")
+
+
 def project(
-    matrix: torch.Tensor, k: int, kind: str = "global", priority: torch.Tensor | None = None
+    matrix: torch.Tensor,
+    k: int,
+    kind: str = "global",
+    priority: torch.Tensor | None = None,
+    block: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the largest entries of ``matrix`` and normalise to Frobenius norm 1.
 
@@ -169,21 +187,18 @@ def project(
     (same shape as ``matrix``) if given, else to the lower index; ``"rowcol"`` keeps the
     union of the ``k // rows`` largest of each row and the ``k // cols`` largest of each
     column (ties to the lower index), which can exceed ``k`` (up to twice) while the
-    supports settle (see :class:`Strategy`). Returns the projected matrix and the support.
+    supports settle (see :class:`Strategy`). With ``block > 1`` the same is done on the
+    ``block x block`` blocks, ranked by their Frobenius norms (``k // block**2`` blocks;
+    ``priority`` then has the shape of the block grid). Returns the projected matrix and the
+    support.
     """
     rows, cols = matrix.shape
-    magnitudes = matrix.abs()
-    if k >= rows * cols:
-        support = torch.ones_like(matrix, dtype=torch.bool)
-    elif kind == "global":
-        flat_priority = None if priority is None else priority.reshape(1, -1)
-        support = largest_entries_mask(magnitudes.reshape(1, -1), k, flat_priority)
-        support = support.reshape(rows, cols)
-    elif kind == "rowcol":
-        support = largest_entries_mask(magnitudes, max(1, k // rows))
-        support |= largest_entries_mask(magnitudes.T, max(1, k // cols)).T
+    if block == 1:
+        support = _select(matrix.abs(), k, kind, priority)
     else:
-        raise ValueError(f"projection must be 'global' or 'rowcol', got {kind!r}")
+        norms = matrix.reshape(rows // block, block, cols // block, block).square().sum((1, 3))
+        chosen = _select(norms, k // (block * block), kind, priority)
+        support = chosen.repeat_interleave(block, 0).repeat_interleave(block, 1)
     projected = matrix * support
     norm = torch.linalg.norm(projected)
     if norm > 0:
@@ -253,6 +268,7 @@ class _PALMState:
     projections: list[str]
     lam: float = 1.0
     approximation: torch.Tensor | None = None  # prod(factors), kept between sweeps
+    block: int = 1  # side of the support blocks
 
     def error(self) -> float:
         product = self.approximation if self.approximation is not None else _product(self.factors)
@@ -311,10 +327,11 @@ def _palm(
             else:
                 gradient = residual
             k = min(round(state.nonzeros[j] * factor), factors[j].numel())
-            kind = state.projections[j]
-            priority = norms.priority(factors[j].shape) if kind == "global" else None
+            kind, block = state.projections[j], state.block
+            rows, cols = factors[j].shape
+            priority = norms.priority((rows // block, cols // block)) if kind == "global" else None
             factors[j], state.supports[j] = project(
-                factors[j] - (lam / c) * gradient, k, kind, priority
+                factors[j] - (lam / c) * gradient, k, kind, priority, block
             )
             if left_to_right:
                 moving = factors[j] if moving is None else moving @ factors[j]
@@ -359,8 +376,10 @@ class _HierarchicalRun:
         strategy: Strategy,
         norms: _Numerics,
         key: object,
+        block: int = 1,
     ):
         self.target = target
+        self.block = block
         self.shapes = list(shapes)
         self.strategy = strategy
         self.norms = norms
@@ -374,8 +393,10 @@ class _HierarchicalRun:
         kinds = [strategy.projection] * count
         nonzeros = list(strategy.nonzeros)
         if count == 1:
-            matrix, support = project(self.target, nonzeros[0], kinds[0])
-            self.state = _PALMState(self.target, [matrix], [support], nonzeros, kinds)
+            matrix, support = project(self.target, nonzeros[0], kinds[0], block=self.block)
+            self.state = _PALMState(
+                self.target, [matrix], [support], nonzeros, kinds, block=self.block
+            )
             self.updates += _palm(
                 self.state, sweeps_per_palm, strategy.update_way, self.norms, self.key
             )
@@ -399,6 +420,7 @@ class _HierarchicalRun:
                 [factor != 0, residual != 0],
                 [nonzeros[level], residual_nonzeros],
                 [kinds[level], kinds[level]],
+                block=self.block,
             )
             self.updates += _palm(
                 local,
@@ -422,6 +444,7 @@ class _HierarchicalRun:
                 [*nonzeros[: level + 1], residual_nonzeros],
                 kinds[: level + 2],
                 lam=lam,
+                block=self.block,
             )
             self.updates += _palm(
                 state,
@@ -442,11 +465,13 @@ class _HierarchicalRun:
         their largest entries, and project those factors globally from now on."""
         state = self.state
         over = [j for j, s in enumerate(state.supports) if int(s.sum()) > state.nonzeros[j]]
+        block = state.block
         for j in over:
             state.projections[j] = "global"
-            priority = self.norms.priority(state.factors[j].shape)
+            rows, cols = state.factors[j].shape
+            priority = self.norms.priority((rows // block, cols // block))
             state.factors[j], state.supports[j] = project(
-                state.factors[j], state.nonzeros[j], "global", priority
+                state.factors[j], state.nonzeros[j], "global", priority, block
             )
         if over:
             product = _product(state.factors)
@@ -501,13 +526,13 @@ def hierarchical_factorization(
     refine_sweeps: int = 0,
     seed: int = 0,
     power_iterations: int = 4,
+    block_size: int = 1,
 ) -> Factorization:
     """One hierarchical PALM factorisation of ``target`` under ``strategy`` (no search)."""
     generator = torch.Generator().manual_seed(seed)
     norms = _Numerics(generator, power_iterations)
-    run = _HierarchicalRun(
-        target.detach().to(device="cpu", dtype=DTYPE), shapes, strategy, norms, 0
-    )
+    target = target.detach().to(device="cpu", dtype=DTYPE)
+    run = _HierarchicalRun(target, shapes, strategy, norms, 0, block_size)
     run.start(sweeps_per_palm)
     run.enforce_budget()
     run.refine(refine_sweeps)
@@ -551,8 +576,8 @@ def _sweep_flops(shapes: Sequence[tuple[int, int]]) -> float:
 class _Search:
     """Candidate runs sharing one random state; counts the factor updates they spent."""
 
-    def __init__(self, target, shapes, settings: PALMSettings, seed: int):
-        self.target, self.shapes, self.settings = target, list(shapes), settings
+    def __init__(self, target, shapes, settings: PALMSettings, seed: int, block: int):
+        self.target, self.shapes, self.settings, self.block = target, list(shapes), settings, block
         self.norms = _Numerics(torch.Generator().manual_seed(seed), settings.power_iterations)
         self.runs: list[_HierarchicalRun] = []
         self.tried: list[tuple[Strategy, float]] = []
@@ -562,7 +587,9 @@ class _Search:
         return sum(run.updates for run in self.runs)
 
     def start(self, strategy: Strategy, sweeps_per_palm: int) -> _HierarchicalRun:
-        run = _HierarchicalRun(self.target, self.shapes, strategy, self.norms, len(self.runs))
+        run = _HierarchicalRun(
+            self.target, self.shapes, strategy, self.norms, len(self.runs), self.block
+        )
         run.start(sweeps_per_palm)
         run.enforce_budget()
         self.runs.append(run)
@@ -581,9 +608,11 @@ def factorize(
     nnz_split: Sequence[float] | None = None,
     seed: int = 0,
     settings: PALMSettings | None = None,
+    block_size: int = 1,
 ) -> Factorization:
     """Approximate ``target`` by a product of sparse factors of the given shapes holding at
-    most ``total_nonzeros`` values in all.
+    most ``total_nonzeros`` values in all (with ``block_size > 1``: supports made of dense
+    ``block_size x block_size`` blocks, which must tile every factor).
 
     The search first runs three modes with equal nonzeros per factor: (global projection,
     left to right, continuation 2), (row/column projection, right to left, no continuation:
@@ -609,12 +638,13 @@ def factorize(
         The best :class:`Factorization` found.
     """
     settings = settings or PALMSettings()
+    arguments = (target, shapes, total_nonzeros, nnz_split, seed, settings, block_size)
     if settings.threads is None:
-        return _factorize(target, shapes, total_nonzeros, nnz_split, seed, settings)
+        return _factorize(*arguments)
     previous = torch.get_num_threads()
     torch.set_num_threads(settings.threads)
     try:
-        return _factorize(target, shapes, total_nonzeros, nnz_split, seed, settings)
+        return _factorize(*arguments)
     finally:
         torch.set_num_threads(previous)
 
@@ -626,8 +656,15 @@ def _factorize(
     nnz_split: Sequence[float] | None,
     seed: int,
     settings: PALMSettings,
+    block: int,
 ) -> Factorization:
     target = target.detach().to(device="cpu", dtype=DTYPE)
+    grid = block_shapes(shapes, block)
+
+    def allocate(split: Sequence[float]) -> tuple[int, ...]:
+        blocks = split_nonzeros(total_nonzeros // (block * block), grid, split)
+        return tuple(count * block * block for count in blocks)
+
     count = len(shapes)
     # The work budget counts factor updates; a sweep updates every factor once.
     sweeps = settings.flop_budget / _sweep_flops(shapes)
@@ -654,8 +691,8 @@ def _factorize(
     splits = splits[: nb_starts - len(modes) + 1]
     sweeps_per_palm = max(5, per_palm(nb_starts))
 
-    search = _Search(target, shapes, settings, seed)
-    first_split = split_nonzeros(total_nonzeros, shapes, splits[0])
+    search = _Search(target, shapes, settings, seed, block)
+    first_split = allocate(splits[0])
     for projection, update_way, continuation in modes:
         run = search.start(
             Strategy(first_split, projection, update_way, continuation), sweeps_per_palm
@@ -665,8 +702,7 @@ def _factorize(
     best = search.best()
     if best.error() > _EXACT:
         for split in splits[1:]:
-            nonzeros = split_nonzeros(total_nonzeros, shapes, split)
-            search.start(replace(best.strategy, nonzeros=nonzeros), sweeps_per_palm)
+            search.start(replace(best.strategy, nonzeros=allocate(split)), sweeps_per_palm)
         best = search.best()
     best.refine(max(0, total - search.spent) // count, settings.cycle_sweeps, settings.reheat)
     _polish(best.state, settings.polish_sweeps)
@@ -751,8 +787,19 @@ def _fill_supports(state: _PALMState) -> None:
         residual = state.lam * _product(factors) - state.target
         gradient = residual if right is None else residual @ right.T
         gradient = gradient if left is None else left.T @ gradient
-        ranked = torch.where(support, torch.full_like(gradient, -1.0), gradient.abs())
-        support |= largest_entries_mask(ranked.reshape(1, -1), missing).reshape(support.shape)
+        rows, cols = support.shape
+        b = state.block
+        if b > 1:
+            gradient = gradient.reshape(rows // b, b, cols // b, b).square().sum((1, 3))
+            taken = support.reshape(rows // b, b, cols // b, b)[:, 0, :, 0]
+        else:
+            gradient, taken = gradient.abs(), support
+        ranked = torch.where(taken, torch.full_like(gradient, -1.0), gradient)
+        chosen = largest_entries_mask(ranked.reshape(1, -1), missing // (b * b))
+        chosen = chosen.reshape(ranked.shape)
+        if b > 1:
+            chosen = chosen.repeat_interleave(b, 0).repeat_interleave(b, 1)
+        support |= chosen
 
 
 def _finish(run: _HierarchicalRun, nb_updates: int) -> Factorization:

@@ -15,6 +15,8 @@ from structurednets.validation import (
 
 __all__ = [
     "PSMPlan",
+    "block_shapes",
+    "check_block_size",
     "check_nnz_split",
     "factor_shapes",
     "plan_psm",
@@ -30,11 +32,13 @@ class PSMPlan:
     Attributes:
         shapes: ``(rows, cols)`` of ``S_1, ..., S_J``; ``S_1`` has output_dim rows and
             ``S_J`` has input_dim columns.
-        nonzeros: stored values of each factor.
+        nonzeros: stored values of each factor (a multiple of ``block_size**2``).
+        block_size: side of the dense blocks the supports are made of (1: single entries).
     """
 
     shapes: tuple[tuple[int, int], ...]
     nonzeros: tuple[int, ...]
+    block_size: int = 1
 
     @property
     def nb_matrices(self) -> int:
@@ -55,6 +59,23 @@ def factor_shapes(
     inner = check_positive_int("inner_dim", inner)
     dims = [output_dim, *([inner] * (nb_matrices - 1)), input_dim]
     return tuple((dims[j], dims[j + 1]) for j in range(nb_matrices))
+
+
+def check_block_size(block_size: object, shapes: Sequence[tuple[int, int]]) -> int:
+    """``block_size`` as an int that divides every dimension of the factors."""
+    block_size = check_positive_int("block_size", block_size)
+    dims = sorted({d for shape in shapes for d in shape})
+    if any(d % block_size for d in dims):
+        raise ValueError(
+            f"block_size={block_size} must divide input_dim, output_dim and inner_dim "
+            f"(the factors' dimensions are {dims}); pick a common divisor or block_size=1"
+        )
+    return block_size
+
+
+def block_shapes(shapes: Sequence[tuple[int, int]], block_size: int) -> tuple[tuple[int, int], ...]:
+    """The factors' shapes counted in blocks."""
+    return tuple((rows // block_size, cols // block_size) for rows, cols in shapes)
 
 
 def smallest_nonzeros(shapes: Sequence[tuple[int, int]]) -> tuple[int, ...]:
@@ -142,25 +163,32 @@ def plan_psm(
     nb_matrices: int = 2,
     inner_dim: int | None = None,
     nnz_split: Sequence[float] | None = None,
+    block_size: int = 1,
 ) -> PSMPlan:
     """The factors of a randomly initialised PSM layer: the whole budget
-    ``floor(share * input_dim * output_dim)`` shared by ``nnz_split`` (default equal).
+    ``floor(share * input_dim * output_dim)`` shared by ``nnz_split`` (default equal), in
+    whole ``block_size x block_size`` blocks.
 
     Raises :class:`BudgetTooSmallError` when the budget cannot give every factor one nonzero
-    in each of its rows and columns.
+    (block) in each of its rows and columns (of blocks).
     """
     shapes = factor_shapes(input_dim, output_dim, nb_matrices, inner_dim)
     weights = check_nnz_split(nnz_split, len(shapes))
+    block_size = check_block_size(block_size, shapes)
+    grid = block_shapes(shapes, block_size)
+    area = block_size * block_size
     budget = weight_budget(input_dim, output_dim, nb_params_share)
-    needed = sum(smallest_nonzeros(shapes))
+    needed = sum(smallest_nonzeros(grid)) * area
     if needed > budget:
+        blocks = f" of {block_size}x{block_size} blocks" if block_size > 1 else ""
         raise BudgetTooSmallError(
             "psm",
             input_dim,
             output_dim,
             nb_params_share,
             needed,
-            f"{len(shapes)} sparse factor(s) {' x '.join(f'({r}x{c})' for r, c in shapes)} "
-            "with a nonzero in every row and column",
+            f"{len(shapes)} sparse factor(s) {' x '.join(f'({r}x{c})' for r, c in shapes)}"
+            f"{blocks} with a nonzero in every row and column",
         )
-    return PSMPlan(shapes, split_nonzeros(budget, shapes, weights))
+    blocks = split_nonzeros(budget // area, grid, weights)
+    return PSMPlan(shapes, tuple(count * area for count in blocks), block_size)
