@@ -272,9 +272,10 @@ def test_state_dict_carries_supports_between_fitted_layers():
     assert all(not t.is_sparse for t in fitted.state_dict().values())
 
 
-def test_torch_compile_matches_eager():
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_torch_compile_matches_eager(block_size):
     torch.manual_seed(0)
-    layer = PSMLayer(48, 40, 0.3, nb_matrices=3)
+    layer = PSMLayer(48, 40, 0.6, nb_matrices=3, block_size=block_size)
     compiled = torch.compile(copy.deepcopy(layer), backend="aot_eager", fullgraph=True)
     U = torch.randn(6, 48, requires_grad=True)
     U_compiled = U.detach().clone().requires_grad_(True)
