@@ -189,11 +189,19 @@ def check_state_dict_mismatch_is_refused(case: ConformanceCase) -> None:
     fails with a message that says what differs."""
     layer = case.build()
     input_dim, output_dim = case.shape
-    try:
-        other_shape = case.build(input_dim, output_dim + 1)
-    except BudgetTooSmallError:
-        other_shape = case.build(input_dim, output_dim + 1, 1.0)
-    with raises(RuntimeError, f"{output_dim + 1} x {input_dim}", f"{output_dim} x {input_dim}"):
+    other_shape = None
+    for other_output_dim in (output_dim + 1, 2 * output_dim):  # 2x for block structures
+        for share in (case.share, 1.0):
+            try:
+                other_shape = case.build(input_dim, other_output_dim, share)
+            except ValueError:  # budget too small, or a shape the options do not allow
+                continue
+            break
+        if other_shape is not None:
+            break
+    assert other_shape is not None, f"no layer with another output_dim than {output_dim} builds"
+    other_output_dim = other_shape.output_dim
+    with raises(RuntimeError, f"{other_output_dim} x {input_dim}", f"{output_dim} x {input_dim}"):
         layer.load_state_dict(other_shape.state_dict())
     foreign = dict(layer.state_dict())
     foreign["_extra_state"] = {**foreign["_extra_state"], "structure": "another"}
@@ -328,7 +336,8 @@ def check_random_valid_arguments(case: ConformanceCase) -> None:
                 case.build(input_dim, output_dim, share, **kwargs)
             return
         except ValueError as error:
-            assert any(key in str(error) for key in options), f"ValueError names no option: {error}"
+            named = {**case.options, **options}
+            assert any(key in str(error) for key in named), f"ValueError names no option: {error}"
             return
         layer = case.build(input_dim, output_dim, share, **kwargs)
         assert layer.get_nb_parameters() == get_nb_model_parameters(layer) == predicted
