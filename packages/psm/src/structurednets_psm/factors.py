@@ -61,7 +61,8 @@ class SparseFactor(nn.Module):
     def row_indices(self) -> torch.Tensor:
         """``(nnz,)`` row of each stored value."""
         counts = self.crow_indices.diff()
-        return torch.repeat_interleave(torch.arange(self.rows, device=counts.device), counts)
+        rows = torch.arange(self.rows, device=counts.device)
+        return torch.repeat_interleave(rows, counts, output_size=self.col_indices.numel())
 
     def matmul(self, dense: torch.Tensor) -> torch.Tensor:
         """``S @ dense`` for ``dense`` of shape ``(cols, batch)``; differentiable."""

@@ -132,3 +132,9 @@ def _backward(ctx, grad_output):
 
 
 csr_matmul.register_autograd(_backward, setup_context=_setup_context)
+
+# The sparse kernels have no reduced-precision versions: under autocast they run in float32
+# (the output is float32 too), as autocast does for other precision-sensitive operations.
+for _operator in (csr_matmul, csr_matmul_no_grad):
+    for _device in ("cpu", "cuda"):
+        torch.library.register_autocast(_operator, _device, torch.float32)
