@@ -97,10 +97,22 @@ def test_threads_have_their_own_scratch(every_tensor_through_scratch):
             torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("sizes", [(512, 512, 512, 4), (128, 128, 128, 3), (40, 30, 30, 2)])
-def test_plan_table_agrees_with_the_cost_model(sizes):
-    table = plan_table(*sizes)
+def test_plan_table_agrees_with_the_cost_model(sizes, training):
+    table = plan_table(*sizes, training)
     assert table[-1][0] is None
     for batch in [*range(1, 400), 1000, 10**6]:
         plan = next((e, b) for below, e, b in table if below is None or batch < below)
-        assert plan == choose_plan(*sizes, batch)
+        assert plan == choose_plan(*sizes, batch, training=training)
+
+
+def test_inference_uses_its_own_plan_with_the_same_result():
+    """Without gradients longer chains pay off (no backward pass repeats the steps)."""
+    torch.manual_seed(0)
+    layer = LDRLayer(128, 128, 0.1).double()
+    assert layer._plan_for(256, True) != layer._plan_for(256, False)
+    U = torch.randn(256, 128, dtype=torch.float64)
+    with torch.no_grad():
+        inference = layer(U)
+    torch.testing.assert_close(layer(U).detach(), inference, rtol=1e-12, atol=1e-12)

@@ -201,34 +201,38 @@ def combined_coefficients_backward(
 
 
 def _power_windows(coefficients: torch.Tensor, idx: _Indices) -> torch.Tensor:
-    """``(3, chunks, w + 2, 1)``: the bands of ``T^T`` at every window slot, with a zero
+    """``(3, chunks, 1, w + 2)``: the bands of ``T^T`` at every window slot, with a zero
     slot at each end."""
     transposed = torch.stack(
         (coefficients[2][idx.nb_minus], coefficients[1], coefficients[0][idx.nb_plus])
     )
-    return torch.nn.functional.pad(transposed[:, idx.window_real], (1, 1)).unsqueeze(-1)
+    return torch.nn.functional.pad(transposed[:, idx.window_real], (1, 1)).unsqueeze(2)
 
 
 def power_steps(coefficients: torch.Tensor, plan: ChainPlan, keep: bool = True) -> torch.Tensor:
-    """The recursion that builds :func:`power_chunks`: ``(b + 1, chunks, w + 2, q)``, step
-    ``s`` holding the chunks of ``T^s`` in slots ``1 .. w`` and zeros in the end slots (or
-    only the last step, ``(1, ...)``, unless ``keep``)."""
+    """The recursion that builds :func:`power_chunks`, transposed: ``(b + 1, chunks, q,
+    w + 2)``, step ``s`` holding the chunks of ``T^s`` (``[s, c, li, 1 + p]``) and zeros in
+    the end slots ``0`` and ``w + 1`` (or only the last step, ``(1, ...)``, unless ``keep``).
+
+    The window slots are the last, contiguous dimension: the shifts of the recursion are
+    then offsets along rows of ``w + 2`` numbers, several times faster than along ``q``.
+    """
     idx = plan.indices(coefficients.device)
     window = _power_windows(coefficients, idx)
-    centre, minus, plus = window[1, :, 1:-1], window[0, :, 1:-1], window[2, :, 1:-1]
+    centre, minus, plus = window[1, ..., 1:-1], window[0, ..., 1:-1], window[2, ..., 1:-1]
     steps = plan.chain_length + 1 if keep else 2
-    shape = (steps, plan.nb_chunks, plan.window + 2, plan.chunk_size)
+    shape = (steps, plan.nb_chunks, plan.chunk_size, plan.window + 2)
     powers = scratch("powers", shape, coefficients)
-    powers[:, :, 0].zero_()
-    powers[:, :, -1].zero_()
-    powers[0, :, 1:-1] = idx.unit
+    powers[..., 0].zero_()
+    powers[..., -1].zero_()
+    powers[0, ..., 1:-1] = idx.unit.transpose(1, 2)
     for step in range(plan.chain_length):
         # next[p] = w1[p] power[p] + w0[p] power[p - 1] + w2[p] power[p + 1]
         power = powers[step % steps]
-        target = powers[(step + 1) % steps, :, 1:-1]
-        torch.mul(power[:, 1:-1], centre, out=target)
-        target.addcmul_(power[:, :-2], minus)
-        target.addcmul_(power[:, 2:], plus)
+        target = powers[(step + 1) % steps, ..., 1:-1]
+        torch.mul(power[..., 1:-1], centre, out=target)
+        target.addcmul_(power[..., :-2], minus)
+        target.addcmul_(power[..., 2:], plus)
     return powers if keep else powers[plan.chain_length % 2 :][:1]
 
 
@@ -240,33 +244,34 @@ def power_chunks(coefficients: torch.Tensor, plan: ChainPlan) -> torch.Tensor | 
     """
     if plan.nb_chains == 1:
         return None
-    return power_steps(coefficients, plan, keep=False)[0, :, 1:-1].contiguous()
+    last = power_steps(coefficients, plan, keep=False)[0]
+    return last[..., 1:-1].transpose(1, 2).contiguous()
 
 
 def power_chunks_backward(
     coefficients: torch.Tensor, powers: torch.Tensor, gradient: torch.Tensor, plan: ChainPlan
 ) -> torch.Tensor:
-    """Gradient ``(3, N)`` of ``coefficients`` from the gradient of :func:`power_chunks`,
-    given the steps ``powers`` of :func:`power_steps` (``keep=True``)."""
+    """Gradient ``(3, N)`` of ``coefficients`` from the gradient ``(chunks, w, q)`` of
+    :func:`power_chunks`, given the steps ``powers`` of :func:`power_steps` (``keep=True``)."""
     idx = plan.indices(coefficients.device)
     window = _power_windows(coefficients, idx)
     b = plan.chain_length
     # gradients of every step, with zero end slots like the steps themselves
     of_powers = scratch("power_gradients", tuple(powers.shape), coefficients)
-    of_powers[:, :, 0].zero_()
-    of_powers[:, :, -1].zero_()
-    of_powers[b, :, 1:-1] = gradient
-    centre, minus, plus = window[1, :, 1:-1], window[0, :, 2:], window[2, :, :-2]
+    of_powers[..., 0].zero_()
+    of_powers[..., -1].zero_()
+    of_powers[b, ..., 1:-1] = gradient.transpose(1, 2)
+    centre, minus, plus = window[1, ..., 1:-1], window[0, ..., 2:], window[2, ..., :-2]
     for step in range(b, 1, -1):
         # d power[p] = w1[p] g[p] + w0[p + 1] g[p + 1] + w2[p - 1] g[p - 1]
         later = of_powers[step]
-        target = of_powers[step - 1, :, 1:-1]
-        torch.mul(later[:, 1:-1], centre, out=target)
-        target.addcmul_(later[:, 2:], minus)
-        target.addcmul_(later[:, :-2], plus)
-    later, earlier = of_powers[1:, :, 1:-1], powers[:b]
+        target = of_powers[step - 1, ..., 1:-1]
+        torch.mul(later[..., 1:-1], centre, out=target)
+        target.addcmul_(later[..., 2:], minus)
+        target.addcmul_(later[..., :-2], plus)
+    later, earlier = of_powers[1:, ..., 1:-1], powers[:b]
     of_window = torch.stack(
-        [(later * earlier[:, :, shift : shift + plan.window]).sum((0, 3)) for shift in range(3)]
+        [(later * earlier[..., shift : shift + plan.window]).sum((0, 2)) for shift in range(3)]
     )
     of_transposed = coefficients.new_zeros(3, coefficients.shape[1])
     of_transposed.index_add_(1, idx.window_real.reshape(-1), of_window.reshape(3, -1))

@@ -192,10 +192,13 @@ class LDRLayer(StructuredLayer):
         A_bands, B_bands = self._operator_bands(operators)
         r = self.displacement_rank
         sizes = (self.output_dim, self.input_dim, self.krylov_columns, r)
-        # Form and chain length per batch size (shapes only, so chosen once here):
-        # ((below, explicit, chain_length), ...), and the chain length of W alone.
-        self._plans = plan_table(*sizes)
-        self._weight_chain_length = choose_plan(*sizes, None)[1]
+        # Form and chain length per batch size, for training and for inference (shapes
+        # only, so chosen once here): ((below, explicit, chain_length), ...); and the chain
+        # lengths of W alone.
+        self._plans = {training: plan_table(*sizes, training) for training in (True, False)}
+        self._weight_chain_lengths = {
+            training: choose_plan(*sizes, None, training=training)[1] for training in (True, False)
+        }
         #: Relative Frobenius error of the fit to ``initial_weight_matrix`` (else ``None``).
         self.fit_relative_error: float | None = None
         if generators is not None:
@@ -256,7 +259,10 @@ class LDRLayer(StructuredLayer):
             and not (torch.is_grad_enabled() and (U.requires_grad or self.G.requires_grad))
         ):
             return U @ self._inference_weight().T
-        explicit, chain_length = self._plan_for(U.shape[0])
+        training = torch.is_grad_enabled() and (
+            U.requires_grad or any(p.requires_grad for p in self._operands())
+        )
+        explicit, chain_length = self._plan_for(U.shape[0], training)
         return ops.multiply(
             U,
             self.A_bands,
@@ -268,13 +274,17 @@ class LDRLayer(StructuredLayer):
             explicit,
         )
 
-    def _plan_for(self, batch: int) -> tuple[bool, int]:
+    def _operands(self) -> tuple[torch.Tensor, ...]:
+        return self.A_bands, self.B_bands, self.G, self.H
+
+    def _plan_for(self, batch: int, training: bool) -> tuple[bool, int]:
         """``(explicit, chain_length)`` for this batch size; comparisons only, which
         ``torch.compile`` turns into guards on a dynamic batch size."""
-        for below, explicit, chain_length in self._plans:
+        plans = self._plans[training]
+        for below, explicit, chain_length in plans:
             if below is not None and batch < below:
                 return explicit, chain_length
-        return self._plans[-1][1:]
+        return plans[-1][1:]
 
     @torch.compiler.disable
     def _inference_weight(self) -> torch.Tensor:
@@ -292,13 +302,9 @@ class LDRLayer(StructuredLayer):
         return state
 
     def to_dense(self) -> torch.Tensor:
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self._operands())
         return ops.weight(
-            self.A_bands,
-            self.B_bands,
-            self.G,
-            self.H,
-            self.krylov_columns,
-            self._weight_chain_length,
+            *self._operands(), self.krylov_columns, self._weight_chain_lengths[training]
         )
 
     def extra_repr(self) -> str:

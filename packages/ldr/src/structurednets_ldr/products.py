@@ -156,8 +156,11 @@ class LDRPlan:
         return self.chain.block_sizes[1]
 
 
-def _estimate(explicit: bool, out_dim, in_dim, m, r, batch, b) -> float:
+def _estimate(explicit: bool, out_dim, in_dim, m, r, batch, b, training=True) -> float:
+    """Estimated seconds of one product (``training``: forward and backward)."""
     M = math.ceil(m / b)
+    if not training:
+        return _estimate_forward(explicit, out_dim, in_dim, m, r, batch, b, M)
     coarse = 2 * (M - 1) * (_COARSE_STEP + _COARSE_ROW * (out_dim + in_dim) * r)
     powers = 40 * b * b * (out_dim + in_dim) * _ELEMENT if M > 1 else 0.0
     # Operations issued per Horner step (forward and backward; the explicit form also takes
@@ -174,9 +177,37 @@ def _estimate(explicit: bool, out_dim, in_dim, m, r, batch, b) -> float:
     )
 
 
+def _estimate_forward(explicit: bool, out_dim, in_dim, m, r, batch, b, M) -> float:
+    """The forward pass alone (no gradient wanted), fitted like :func:`_estimate` to
+    single-thread timings at 128 to 1024: longer chains pay off here, since no backward
+    pass runs the ``M - 1`` coarse steps and the Horner steps again."""
+    q = max(4, 2 * b)
+    chunks = math.ceil(out_dim / q) + math.ceil(in_dim / q)
+    coarse = (M - 1) * (6e-6 + 2e-7 * chunks + 1.5e-9 * (out_dim + in_dim) * r)
+    powers = (2.75 * b * b * (out_dim + in_dim) * _ELEMENT + 3.3 * b * _OPERATION) * (M > 1)
+    if explicit:
+        products = out_dim * in_dim * (M * r + (batch or 0))
+        steps = 2.6 * out_dim * in_dim * _ELEMENT + 8 * _OPERATION
+    else:
+        products = m * r * (out_dim + in_dim) * batch
+        steps = 1.3 * (out_dim + in_dim) * batch * _ELEMENT + 10 * _OPERATION
+    return products * _MULTIPLY_ADD + (b - 1) * steps + coarse + powers
+
+
 def _chain_lengths(nb_columns: int) -> list[int]:
     """The distinct chain lengths ``ceil(m / M)`` for ``M = 1 .. m``."""
     return sorted({math.ceil(nb_columns / M) for M in range(1, nb_columns + 1)})
+
+
+def _candidates(nb_columns: int, nb_generators: int, training: bool, forms=(True, False)):
+    """``(explicit, b)`` pairs to choose from. For training, the explicit form's backward
+    pass holds ``b - 1`` matrices ``H_l``: at most ``2 r``, the size of ``K_A`` and ``K_B``."""
+    return [
+        (form, b)
+        for form in forms
+        for b in _chain_lengths(nb_columns)
+        if not (form and training) or b - 1 <= 2 * nb_generators
+    ]
 
 
 def choose_plan(
@@ -188,26 +219,33 @@ def choose_plan(
     *,
     explicit: bool | None = None,
     chain_length: int | None = None,
+    training: bool = True,
 ) -> tuple[bool, int]:
-    """``(explicit, chain_length)`` with the least estimated time for this batch size.
+    """``(explicit, chain_length)`` with the least estimated time for this batch size, for
+    forward and backward (``training``) or the forward pass alone.
 
     ``batch=None`` means building ``W`` alone (``to_dense``), which is always explicit.
     """
     forms = (True,) if batch is None else (True, False) if explicit is None else (explicit,)
-    lengths = (chain_length,) if chain_length else _chain_lengths(nb_columns)
-    # The explicit form keeps b - 1 matrices H_l: at most 2 r, the size of K_A and K_B.
+    candidates = (
+        [(form, chain_length) for form in forms]
+        if chain_length
+        else _candidates(nb_columns, nb_generators, training, forms)
+    )
     best = min(
-        (_estimate(form, out_dim, in_dim, nb_columns, nb_generators, batch, b), form, b)
-        for form in forms
-        for b in lengths
-        if chain_length or not form or b - 1 <= 2 * nb_generators
+        (
+            _estimate(form, out_dim, in_dim, nb_columns, nb_generators, batch, b, training),
+            form,
+            b,
+        )
+        for form, b in candidates
     )
     return best[1], best[2]
 
 
 @functools.lru_cache(maxsize=256)
 def plan_table(
-    out_dim: int, in_dim: int, nb_columns: int, nb_generators: int
+    out_dim: int, in_dim: int, nb_columns: int, nb_generators: int, training: bool = True
 ) -> tuple[tuple[int | None, bool, int], ...]:
     """:func:`choose_plan` for every batch size at once: ``((below, explicit, b), ...)``.
 
@@ -218,13 +256,11 @@ def plan_table(
     """
 
     def cost(explicit: bool, b: int, batch: int) -> float:
-        return _estimate(explicit, out_dim, in_dim, nb_columns, nb_generators, batch, b)
+        return _estimate(explicit, out_dim, in_dim, nb_columns, nb_generators, batch, b, training)
 
     lines = [
         (cost(form, b, 0), cost(form, b, 1) - cost(form, b, 0), form, b)
-        for form in (True, False)
-        for b in _chain_lengths(nb_columns)
-        if not form or b - 1 <= 2 * nb_generators
+        for form, b in _candidates(nb_columns, nb_generators, training)
     ]
     table = []
     batch = 1
@@ -312,7 +348,7 @@ def _starts_backward(A_bands, B_bands, starts, gradient, chain: ChainPlan):
     else:
         coefficients = combined_coefficients(A_bands, B_bands)
         powers = power_steps(coefficients, chain)
-        P = powers[-1, :, 1:-1].contiguous()
+        P = powers[-1, ..., 1:-1].transpose(1, 2).contiguous()
         dP, dX = chain_starts_backward(P, starts, gradient, chain)
         dA, dB = combined_coefficients_backward(
             power_chunks_backward(coefficients, powers, dP, chain), out_dim
