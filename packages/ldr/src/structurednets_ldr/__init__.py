@@ -3,7 +3,8 @@
 from structurednets_ldr.approximation import LDRFit, fit_ldr
 from structurednets_ldr.layer import LDRLayer, ldr_nb_weight_parameters, plan_displacement_rank
 from structurednets_ldr.operators import bands_from_dense, bands_to_dense, cyclic_shift_bands
-from structurednets_ldr.products import ldr_multiply, ldr_weight, release_workspace
+from structurednets_ldr.ops import ldr_multiply, ldr_weight
+from structurednets_ldr.scratch import release_scratch
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,5 @@ __all__ = [
     "ldr_nb_weight_parameters",
     "ldr_weight",
     "plan_displacement_rank",
-    "release_workspace",
+    "release_scratch",
 ]

@@ -26,7 +26,8 @@ import scipy.linalg
 import torch
 
 from structurednets_ldr.operators import bands_to_dense, cyclic_shift_bands
-from structurednets_ldr.products import choose_plan, ldr_weight, make_plan
+from structurednets_ldr.ops import ldr_weight
+from structurednets_ldr.products import choose_plan, make_plan
 
 __all__ = ["LDRFit", "fit_ldr", "initial_generators"]
 

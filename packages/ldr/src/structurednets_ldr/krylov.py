@@ -15,7 +15,7 @@ consecutive rows of one diagonal block and the window of ``w = q + 2 b`` columns
 them. The chunks come out of ``b`` steps of a small recursion on ``(chunks, w, q)`` arrays
 (``T^T`` applied to the unit vectors of the chunk's rows inside the window, which a walk of
 ``b`` steps never leaves, so it is exact even where a window wraps around a small periodic
-block); that recursion runs under ordinary autograd. A coarse step is one batched product of
+block); its adjoint is :func:`power_chunks_backward`. A coarse step is one batched product of
 ``(r x w)`` by ``(w x q)`` blocks: keeping the state as ``(r, rows)`` (not ``(rows, r)``)
 makes the small products several times faster.
 """
@@ -28,13 +28,21 @@ from dataclasses import dataclass, field
 import torch
 
 from structurednets_ldr.operators import transpose_bands
+from structurednets_ldr.scratch import scratch
 
 __all__ = [
     "ChainPlan",
     "chain_starts",
     "chain_starts_backward",
     "combined_coefficients",
+    "combined_coefficients_backward",
+    "default_chunk_size",
+    "even_chains",
+    "make_chain_plan",
     "power_chunks",
+    "power_chunks_backward",
+    "power_steps",
+    "starts_shape",
 ]
 
 
@@ -116,14 +124,35 @@ def make_chain_plan(
         raise ValueError(
             f"need nb_columns >= 1 and block sizes >= 1, got {nb_columns}, {block_sizes}"
         )
-    chain_length = min(max(1, int(chain_length)), nb_columns)
-    nb_chains = math.ceil(nb_columns / chain_length)
-    chain_length = math.ceil(nb_columns / nb_chains)
-    if chunk_size is None:  # (r x w) @ (w x q) products are fastest for q about 2-3 b
-        chunk_size = min(max(4, 2 * chain_length), max(block_sizes))
+    chain_length, nb_chains = even_chains(nb_columns, chain_length)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(chain_length, max(block_sizes))
     return ChainPlan(
         tuple(int(n) for n in block_sizes), int(nb_columns), chain_length, nb_chains, chunk_size
     )
+
+
+def even_chains(nb_columns: int, chain_length: int) -> tuple[int, int]:
+    """``(b, M)``: ``M = ceil(m / b)`` chains of the even length ``b = ceil(m / M)``."""
+    chain_length = min(max(1, int(chain_length)), nb_columns)
+    nb_chains = math.ceil(nb_columns / chain_length)
+    return math.ceil(nb_columns / nb_chains), nb_chains
+
+
+def default_chunk_size(chain_length: int, largest_block):
+    """``q``: ``(r x w) @ (w x q)`` products are fastest for ``q`` about ``2 b``.
+
+    Works on symbolic sizes too (for shape functions under ``torch.compile``).
+    """
+    return torch.sym_min(max(4, 2 * chain_length), largest_block)
+
+
+def starts_shape(out_dim, in_dim, rank: int, nb_columns: int, chain_length: int) -> tuple:
+    """Shape ``(M, r, rows)`` of the chain starts of ``diag(A, B^T)``, from sizes alone
+    (symbolic ones included): what :func:`chain_starts` returns for that plan."""
+    chain_length, nb_chains = even_chains(nb_columns, chain_length)
+    q = default_chunk_size(chain_length, torch.sym_max(out_dim, in_dim))
+    return nb_chains, rank, ((out_dim + q - 1) // q + (in_dim + q - 1) // q) * q
 
 
 def _build_indices(plan: ChainPlan, device: torch.device) -> _Indices:
@@ -162,34 +191,109 @@ def combined_coefficients(A_bands: torch.Tensor, B_bands: torch.Tensor) -> torch
     return torch.cat((A_bands, transpose_bands(B_bands)), dim=1)
 
 
+def combined_coefficients_backward(
+    gradient: torch.Tensor, out_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adjoint of :func:`combined_coefficients`: gradients of ``A_bands`` and ``B_bands``."""
+    of_B_T = gradient[:, out_dim:]
+    of_B = torch.stack((of_B_T[2].roll(1, 0), of_B_T[1], of_B_T[0].roll(-1, 0)))
+    return gradient[:, :out_dim], of_B
+
+
+def _power_windows(coefficients: torch.Tensor, idx: _Indices) -> torch.Tensor:
+    """``(3, chunks, 1, w + 2)``: the bands of ``T^T`` at every window slot, with a zero
+    slot at each end."""
+    transposed = torch.stack(
+        (coefficients[2][idx.nb_minus], coefficients[1], coefficients[0][idx.nb_plus])
+    )
+    return torch.nn.functional.pad(transposed[:, idx.window_real], (1, 1)).unsqueeze(2)
+
+
+def power_steps(coefficients: torch.Tensor, plan: ChainPlan, keep: bool = True) -> torch.Tensor:
+    """The recursion that builds :func:`power_chunks`, transposed: ``(b + 1, chunks, q,
+    w + 2)``, step ``s`` holding the chunks of ``T^s`` (``[s, c, li, 1 + p]``) and zeros in
+    the end slots ``0`` and ``w + 1`` (or only the last step, ``(1, ...)``, unless ``keep``).
+
+    The window slots are the last, contiguous dimension: the shifts of the recursion are
+    then offsets along rows of ``w + 2`` numbers, several times faster than along ``q``.
+    """
+    idx = plan.indices(coefficients.device)
+    window = _power_windows(coefficients, idx)
+    centre, minus, plus = window[1, ..., 1:-1], window[0, ..., 1:-1], window[2, ..., 1:-1]
+    steps = plan.chain_length + 1 if keep else 2
+    shape = (steps, plan.nb_chunks, plan.chunk_size, plan.window + 2)
+    powers = scratch("powers", shape, coefficients)
+    powers[..., 0].zero_()
+    powers[..., -1].zero_()
+    powers[0, ..., 1:-1] = idx.unit.transpose(1, 2)
+    for step in range(plan.chain_length):
+        # next[p] = w1[p] power[p] + w0[p] power[p - 1] + w2[p] power[p + 1]
+        power = powers[step % steps]
+        target = powers[(step + 1) % steps, ..., 1:-1]
+        torch.mul(power[..., 1:-1], centre, out=target)
+        target.addcmul_(power[..., :-2], minus)
+        target.addcmul_(power[..., 2:], plus)
+    return powers if keep else powers[plan.chain_length % 2 :][:1]
+
+
 def power_chunks(coefficients: torch.Tensor, plan: ChainPlan) -> torch.Tensor | None:
-    """Row chunks of ``P = T^b``, transposed: ``(chunks, w, q)``; differentiable.
+    """Row chunks of ``P = T^b``, transposed: ``(chunks, w, q)``.
 
     Entry ``[c, p, li]`` is ``P[row li of chunk c, column of window slot p]``. ``None`` with a
     single chain (no coarse steps).
     """
     if plan.nb_chains == 1:
         return None
+    last = power_steps(coefficients, plan, keep=False)[0]
+    return last[..., 1:-1].transpose(1, 2).contiguous()
+
+
+def power_chunks_backward(
+    coefficients: torch.Tensor, powers: torch.Tensor, gradient: torch.Tensor, plan: ChainPlan
+) -> torch.Tensor:
+    """Gradient ``(3, N)`` of ``coefficients`` from the gradient ``(chunks, w, q)`` of
+    :func:`power_chunks`, given the steps ``powers`` of :func:`power_steps` (``keep=True``)."""
     idx = plan.indices(coefficients.device)
-    transposed = torch.stack(
-        (coefficients[2][idx.nb_minus], coefficients[1], coefficients[0][idx.nb_plus])
+    window = _power_windows(coefficients, idx)
+    b = plan.chain_length
+    # gradients of every step, with zero end slots like the steps themselves
+    of_powers = scratch("power_gradients", tuple(powers.shape), coefficients)
+    of_powers[..., 0].zero_()
+    of_powers[..., -1].zero_()
+    of_powers[b, ..., 1:-1] = gradient.transpose(1, 2)
+    centre, minus, plus = window[1, ..., 1:-1], window[0, ..., 2:], window[2, ..., :-2]
+    for step in range(b, 1, -1):
+        # d power[p] = w1[p] g[p] + w0[p + 1] g[p + 1] + w2[p - 1] g[p - 1]
+        later = of_powers[step]
+        target = of_powers[step - 1, ..., 1:-1]
+        torch.mul(later[..., 1:-1], centre, out=target)
+        target.addcmul_(later[..., 2:], minus)
+        target.addcmul_(later[..., :-2], plus)
+    later, earlier = of_powers[1:, ..., 1:-1], powers[:b]
+    of_window = torch.stack(
+        [(later * earlier[..., shift : shift + plan.window]).sum((0, 2)) for shift in range(3)]
     )
-    window = transposed[:, idx.window_real].unsqueeze(-1)  # (3, chunks, w, 1)
-    power = idx.unit.to(coefficients.dtype)
-    for _ in range(plan.chain_length):
-        padded = torch.nn.functional.pad(power, (0, 0, 1, 1))
-        power = window[1] * power + window[0] * padded[:, :-2] + window[2] * padded[:, 2:]
-    return power
+    of_transposed = coefficients.new_zeros(3, coefficients.shape[1])
+    of_transposed.index_add_(1, idx.window_real.reshape(-1), of_window.reshape(3, -1))
+    result = torch.zeros_like(coefficients)
+    result[2].index_add_(0, idx.nb_minus, of_transposed[0])
+    result[1] += of_transposed[1]
+    result[0].index_add_(0, idx.nb_plus, of_transposed[2])
+    return result
 
 
-def chain_starts(P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan) -> torch.Tensor:
+def chain_starts(
+    P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``starts[J] = (T^(J b) X)^T`` in the chunk layout: ``(M, r, rows)``; not differentiable.
 
     ``X`` is ``(N, r)``, the vectors of every block stacked (``[G; H]`` for an LDR matrix).
+    Written into ``out`` if given.
     """
     idx = plan.indices(X.device)
     r, q, w, chunks = X.shape[1], plan.chunk_size, plan.window, plan.nb_chunks
-    starts = X.new_zeros(plan.nb_chains, r, plan.nb_chunk_rows)
+    starts = X.new_empty(plan.nb_chains, r, plan.nb_chunk_rows) if out is None else out
+    starts[0].zero_()  # the padding rows; later chains are written whole
     starts[0][:, idx.chunk_rows] = X.T
     for J in range(plan.nb_chains - 1):
         window = starts[J].index_select(1, idx.window_rows).view(r, chunks, w).transpose(0, 1)
@@ -214,7 +318,8 @@ def chain_starts_backward(
     for J in range(M - 2, -1, -1):
         spread = torch.bmm(gradient[J + 1].view(r, chunks, q).transpose(0, 1), P_T)
         gradient[J].index_add_(1, idx.window_rows, spread.transpose(0, 1).reshape(r, -1))
-    windows = starts[: M - 1].view((M - 1) * r, -1).index_select(1, idx.window_rows)
+    windows = scratch("chain_windows", ((M - 1) * r, chunks * w), starts)
+    torch.index_select(starts[: M - 1].view((M - 1) * r, -1), 1, idx.window_rows, out=windows)
     windows = windows.view((M - 1) * r, chunks, w).permute(1, 2, 0)
     later = gradient[1:].view((M - 1) * r, chunks, q).transpose(0, 1)
     return torch.bmm(windows, later), gradient[0][:, idx.chunk_rows].T

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -15,9 +13,10 @@ from structurednets.validation import (
     check_positive_int,
     weight_budget,
 )
+from structurednets_ldr import ops
 from structurednets_ldr.approximation import fit_ldr
 from structurednets_ldr.operators import bands_from_dense, bands_to_dense, cyclic_shift_bands
-from structurednets_ldr.products import LDRPlan, choose_plan, ldr_multiply, ldr_weight, make_plan
+from structurednets_ldr.products import choose_plan, plan_table
 
 __all__ = ["LDRLayer", "ldr_nb_weight_parameters", "plan_displacement_rank"]
 
@@ -97,13 +96,6 @@ def ldr_nb_weight_parameters(
         displacement_rank = _generator_rank(generators)
     rank = plan_displacement_rank(input_dim, output_dim, nb_params_share, displacement_rank)
     return (rank + 3) * (input_dim + output_dim)
-
-
-@torch.compiler.disable  # a cached, pure-Python choice: nothing for dynamo to trace
-@functools.lru_cache(maxsize=256)
-def _plan(out_dim: int, in_dim: int, nb_columns: int, rank: int, batch: int | None) -> LDRPlan:
-    explicit, chain_length = choose_plan(out_dim, in_dim, nb_columns, rank, batch)
-    return make_plan(out_dim, in_dim, nb_columns, explicit, chain_length)
 
 
 class LDRLayer(StructuredLayer):
@@ -199,6 +191,14 @@ class LDRLayer(StructuredLayer):
         self.krylov_columns = check_positive_int("krylov_columns", krylov_columns)
         A_bands, B_bands = self._operator_bands(operators)
         r = self.displacement_rank
+        sizes = (self.output_dim, self.input_dim, self.krylov_columns, r)
+        # Form and chain length per batch size, for training and for inference (shapes
+        # only, so chosen once here): ((below, explicit, chain_length), ...); and the chain
+        # lengths of W alone.
+        self._plans = {training: plan_table(*sizes, training) for training in (True, False)}
+        self._weight_chain_lengths = {
+            training: choose_plan(*sizes, None, training=training)[1] for training in (True, False)
+        }
         #: Relative Frobenius error of the fit to ``initial_weight_matrix`` (else ``None``).
         self.fit_relative_error: float | None = None
         if generators is not None:
@@ -253,18 +253,38 @@ class LDRLayer(StructuredLayer):
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         if U.dtype != self.G.dtype:  # autocast: the kernels run in the parameters' dtype
             U = U.to(self.G.dtype)
-        if self.cache_weight and not (
-            torch.is_grad_enabled() and (U.requires_grad or self.G.requires_grad)
+        if (
+            self.cache_weight
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (U.requires_grad or self.G.requires_grad))
         ):
             return U @ self._inference_weight().T
-        plan = _plan(
-            self.output_dim,
-            self.input_dim,
-            self.krylov_columns,
-            self.displacement_rank,
-            U.shape[0],
+        training = torch.is_grad_enabled() and (
+            U.requires_grad or any(p.requires_grad for p in self._operands())
         )
-        return ldr_multiply(U, self.A_bands, self.B_bands, self.G, self.H, plan)
+        explicit, chain_length = self._plan_for(U.shape[0], training)
+        return ops.multiply(
+            U,
+            self.A_bands,
+            self.B_bands,
+            self.G,
+            self.H,
+            self.krylov_columns,
+            chain_length,
+            explicit,
+        )
+
+    def _operands(self) -> tuple[torch.Tensor, ...]:
+        return self.A_bands, self.B_bands, self.G, self.H
+
+    def _plan_for(self, batch: int, training: bool) -> tuple[bool, int]:
+        """``(explicit, chain_length)`` for this batch size; comparisons only, which
+        ``torch.compile`` turns into guards on a dynamic batch size."""
+        plans = self._plans[training]
+        for below, explicit, chain_length in plans:
+            if below is not None and batch < below:
+                return explicit, chain_length
+        return plans[-1][1:]
 
     @torch.compiler.disable
     def _inference_weight(self) -> torch.Tensor:
@@ -282,10 +302,10 @@ class LDRLayer(StructuredLayer):
         return state
 
     def to_dense(self) -> torch.Tensor:
-        plan = _plan(
-            self.output_dim, self.input_dim, self.krylov_columns, self.displacement_rank, None
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self._operands())
+        return ops.weight(
+            *self._operands(), self.krylov_columns, self._weight_chain_lengths[training]
         )
-        return ldr_weight(self.A_bands, self.B_bands, self.G, self.H, plan)
 
     def extra_repr(self) -> str:
         return (

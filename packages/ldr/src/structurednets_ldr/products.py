@@ -1,4 +1,4 @@
-"""The LDR matrix ``W = sum_(k<m) A^k G H^T B^k`` and its product with a batch, fast.
+"""Kernels of the LDR matrix ``W = sum_(k<m) A^k G H^T B^k`` and of its product with a batch.
 
 With ``k = J b + l`` and the chain starts ``S_A``, ``S_B`` of :mod:`structurednets_ldr.krylov`,
 
@@ -13,82 +13,46 @@ two three-band stencils, never a Krylov matrix. Two forms:
   ``Z = S_B^T [V_0 ... V_(b-1)]`` and ``S_A Z`` in two products, then Horner with ``A``
   on ``out x batch`` blocks; cheapest for small batches.
 
-Both have hand-written backward passes (Horner's adjoint, band gradients as banded dot
-products); the gradient with respect to the chain starts goes through
-:func:`~structurednets_ldr.krylov.chain_starts_backward`.
+Every function here is a plain function of tensors, without autograd: the backward functions
+are the hand-written adjoints (Horner's adjoint, band gradients as banded dot products, then
+:func:`~structurednets_ldr.krylov.chain_starts_backward` and
+:func:`~structurednets_ldr.krylov.power_chunks_backward`). :mod:`structurednets_ldr.ops`
+wraps them into ``torch.library`` custom operators with autograd and shape functions.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import threading
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from structurednets_ldr.krylov import (
     ChainPlan,
     chain_starts,
     chain_starts_backward,
     combined_coefficients,
+    combined_coefficients_backward,
     make_chain_plan,
     power_chunks,
+    power_chunks_backward,
+    power_steps,
 )
 from structurednets_ldr.operators import transpose_bands
+from structurednets_ldr.scratch import scratch
 
 __all__ = [
     "LDRPlan",
+    "chain_plan",
     "choose_plan",
-    "ldr_multiply",
-    "ldr_weight",
-    "release_workspace",
+    "explicit_backward",
+    "explicit_forward",
+    "factored_backward",
+    "factored_forward",
+    "make_plan",
+    "plan_table",
 ]
-
-
-# -- scratch memory ------------------------------------------------------------------------
-
-
-class _Workspace(threading.local):
-    """Per-thread scratch tensors reused from call to call.
-
-    Fresh multi-megabyte CPU tensors cost page faults on every call (the C allocator hands
-    big blocks back to the system), which costs as much as the arithmetic here; so the
-    Horner intermediates live in buffers that are kept. What a forward pass leaves for its
-    backward pass carries an owner token: a later forward pass (another layer, or the same
-    one again) takes the buffers over, and the earlier backward pass then recomputes them.
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
-        self.owner: dict[tuple[torch.dtype, str], object] = {}
-
-    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        key = (name, like.dtype, str(like.device))
-        numel = math.prod(shape)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < numel:
-            self.buffers.pop(key, None)
-            buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
-            self.buffers[key] = buffer
-        return buffer[:numel].view(shape)
-
-    def claim(self, like: torch.Tensor) -> object:
-        token = object()
-        self.owner[(like.dtype, str(like.device))] = token
-        return token
-
-    def owns(self, like: torch.Tensor, token: object) -> bool:
-        return self.owner.get((like.dtype, str(like.device))) is token
-
-
-_WORKSPACE = _Workspace()
-
-
-def release_workspace() -> None:
-    """Free this thread's scratch buffers (they are otherwise kept for the next call)."""
-    _WORKSPACE.buffers.clear()
-    _WORKSPACE.owner.clear()
 
 
 # -- three-band stencils and banded dot products -------------------------------------------
@@ -120,7 +84,12 @@ def _stencil_columns(bands_T, source, target, base=None) -> None:
     target[:, -1:].addcmul_(source[:, :1], plus[-1:])
 
 
-_BOUNDARY_CACHE: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+@functools.lru_cache(maxsize=64)
+def _boundary_indices(n: int, covered: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Rows of :func:`_band_dots` outside the chunked interior and their three neighbours."""
+    rows = torch.tensor(sorted({0, n - 1, *range(1 + covered, n - 1)}))
+    neighbours = (rows[:, None] + torch.tensor([-1, 0, 1])) % n
+    return rows.to(device), neighbours.reshape(-1).to(device)
 
 
 def _band_dots(left: torch.Tensor, right: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -146,12 +115,7 @@ def _band_dots(left: torch.Tensor, right: torch.Tensor, chunk: int = 16) -> torc
         for band in range(3):
             diagonal = torch.diagonal(products, offset=band, dim1=1, dim2=2)
             out[band, 1 : 1 + nb_chunks * size] = diagonal.reshape(-1)
-    key = (n, nb_chunks * size, str(left.device))
-    if key not in _BOUNDARY_CACHE:
-        rows = torch.tensor(sorted({0, n - 1, *range(1 + nb_chunks * size, n - 1)}))
-        neighbours = (rows[:, None] + torch.tensor([-1, 0, 1])) % n
-        _BOUNDARY_CACHE[key] = (rows.to(left.device), neighbours.reshape(-1).to(left.device))
-    rows, neighbours = _BOUNDARY_CACHE[key]
+    rows, neighbours = _boundary_indices(n, nb_chunks * size, left.device)
     boundary_left = left.index_select(0, rows)
     boundary_right = right.index_select(0, neighbours).view(len(rows), 3, C)
     out[:, rows] = torch.einsum("kc,kbc->bk", boundary_left, boundary_right)
@@ -171,9 +135,9 @@ _COARSE_STEP = 25e-6
 _COARSE_ROW = 4e-9
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class LDRPlan:
-    """How to evaluate one LDR product: the form and the chain plan.
+    """How to evaluate one LDR product: the form and the chain length.
 
     Attributes:
         explicit: build ``W`` (``True``) or apply the factored form (``False``).
@@ -192,8 +156,11 @@ class LDRPlan:
         return self.chain.block_sizes[1]
 
 
-def _estimate(explicit: bool, out_dim, in_dim, m, r, batch, b) -> float:
+def _estimate(explicit: bool, out_dim, in_dim, m, r, batch, b, training=True) -> float:
+    """Estimated seconds of one product (``training``: forward and backward)."""
     M = math.ceil(m / b)
+    if not training:
+        return _estimate_forward(explicit, out_dim, in_dim, m, r, batch, b, M)
     coarse = 2 * (M - 1) * (_COARSE_STEP + _COARSE_ROW * (out_dim + in_dim) * r)
     powers = 40 * b * b * (out_dim + in_dim) * _ELEMENT if M > 1 else 0.0
     # Operations issued per Horner step (forward and backward; the explicit form also takes
@@ -210,6 +177,39 @@ def _estimate(explicit: bool, out_dim, in_dim, m, r, batch, b) -> float:
     )
 
 
+def _estimate_forward(explicit: bool, out_dim, in_dim, m, r, batch, b, M) -> float:
+    """The forward pass alone (no gradient wanted), fitted like :func:`_estimate` to
+    single-thread timings at 128 to 1024: longer chains pay off here, since no backward
+    pass runs the ``M - 1`` coarse steps and the Horner steps again."""
+    q = max(4, 2 * b)
+    chunks = math.ceil(out_dim / q) + math.ceil(in_dim / q)
+    coarse = (M - 1) * (6e-6 + 2e-7 * chunks + 1.5e-9 * (out_dim + in_dim) * r)
+    powers = (2.75 * b * b * (out_dim + in_dim) * _ELEMENT + 3.3 * b * _OPERATION) * (M > 1)
+    if explicit:
+        products = out_dim * in_dim * (M * r + (batch or 0))
+        steps = 2.6 * out_dim * in_dim * _ELEMENT + 8 * _OPERATION
+    else:
+        products = m * r * (out_dim + in_dim) * batch
+        steps = 1.3 * (out_dim + in_dim) * batch * _ELEMENT + 10 * _OPERATION
+    return products * _MULTIPLY_ADD + (b - 1) * steps + coarse + powers
+
+
+def _chain_lengths(nb_columns: int) -> list[int]:
+    """The distinct chain lengths ``ceil(m / M)`` for ``M = 1 .. m``."""
+    return sorted({math.ceil(nb_columns / M) for M in range(1, nb_columns + 1)})
+
+
+def _candidates(nb_columns: int, nb_generators: int, training: bool, forms=(True, False)):
+    """``(explicit, b)`` pairs to choose from. For training, the explicit form's backward
+    pass holds ``b - 1`` matrices ``H_l``: at most ``2 r``, the size of ``K_A`` and ``K_B``."""
+    return [
+        (form, b)
+        for form in forms
+        for b in _chain_lengths(nb_columns)
+        if not (form and training) or b - 1 <= 2 * nb_generators
+    ]
+
+
 def choose_plan(
     out_dim: int,
     in_dim: int,
@@ -219,51 +219,105 @@ def choose_plan(
     *,
     explicit: bool | None = None,
     chain_length: int | None = None,
+    training: bool = True,
 ) -> tuple[bool, int]:
-    """``(explicit, chain_length)`` with the least estimated time for this batch size.
+    """``(explicit, chain_length)`` with the least estimated time for this batch size, for
+    forward and backward (``training``) or the forward pass alone.
 
     ``batch=None`` means building ``W`` alone (``to_dense``), which is always explicit.
     """
     forms = (True,) if batch is None else (True, False) if explicit is None else (explicit,)
-    lengths = (
-        (chain_length,)
+    candidates = (
+        [(form, chain_length) for form in forms]
         if chain_length
-        else sorted(
-            {min(nb_columns, max(1, round(nb_columns / M))) for M in range(1, nb_columns + 1)}
-        )
+        else _candidates(nb_columns, nb_generators, training, forms)
     )
-    # The explicit form keeps b - 1 matrices H_l: at most 2 r, the size of K_A and K_B.
     best = min(
-        (_estimate(form, out_dim, in_dim, nb_columns, nb_generators, batch, b), form, b)
-        for form in forms
-        for b in lengths
-        if chain_length or not form or b - 1 <= 2 * nb_generators
+        (
+            _estimate(form, out_dim, in_dim, nb_columns, nb_generators, batch, b, training),
+            form,
+            b,
+        )
+        for form, b in candidates
     )
     return best[1], best[2]
+
+
+@functools.lru_cache(maxsize=256)
+def plan_table(
+    out_dim: int, in_dim: int, nb_columns: int, nb_generators: int, training: bool = True
+) -> tuple[tuple[int | None, bool, int], ...]:
+    """:func:`choose_plan` for every batch size at once: ``((below, explicit, b), ...)``.
+
+    Entry ``i`` applies to batch sizes below ``below`` (and at least the previous entry's);
+    the last has ``below=None``. Each form and chain length costs ``c_0 + c_1 batch``, so the
+    best plan changes at a few batch sizes only: a layer looks its plan up with comparisons,
+    which ``torch.compile`` turns into guards on a dynamic batch size.
+    """
+
+    def cost(explicit: bool, b: int, batch: int) -> float:
+        return _estimate(explicit, out_dim, in_dim, nb_columns, nb_generators, batch, b, training)
+
+    lines = [
+        (cost(form, b, 0), cost(form, b, 1) - cost(form, b, 0), form, b)
+        for form, b in _candidates(nb_columns, nb_generators, training)
+    ]
+    table = []
+    batch = 1
+    while True:
+        at = min(lines, key=lambda line: (line[0] + line[1] * batch, line[2], line[3]))
+        # the first batch size from which a line with a smaller slope costs less
+        switch = min(
+            (
+                max(batch + 1, math.floor((line[0] - at[0]) / (at[1] - line[1])) + 1)
+                for line in lines
+                if line[1] < at[1] * (1 - 1e-9)  # equal slopes up to rounding never cross
+            ),
+            default=None,
+        )
+        if table and table[-1][1:] == (at[2], at[3]):
+            table[-1] = (switch, at[2], at[3])
+        else:
+            table.append((switch, at[2], at[3]))
+        if switch is None:
+            return tuple(table)
+        batch = switch
+
+
+@functools.lru_cache(maxsize=256)
+def chain_plan(out_dim: int, in_dim: int, nb_columns: int, chain_length: int) -> ChainPlan:
+    """The :class:`~structurednets_ldr.krylov.ChainPlan` of ``diag(A, B^T)`` (cached: it
+    keeps the plan's index tensors per device)."""
+    return make_chain_plan((out_dim, in_dim), nb_columns, chain_length)
 
 
 def make_plan(
     out_dim: int, in_dim: int, nb_columns: int, explicit: bool, chain_length: int
 ) -> LDRPlan:
     """An :class:`LDRPlan` for ``out x in`` matrices with ``nb_columns`` Krylov columns."""
-    return LDRPlan(explicit, make_chain_plan((out_dim, in_dim), nb_columns, chain_length))
+    return LDRPlan(explicit, chain_plan(out_dim, in_dim, nb_columns, chain_length))
 
 
 # -- shared pieces -------------------------------------------------------------------------
 
 
 def _split_starts(starts: torch.Tensor, chain: ChainPlan):
-    """``S_A`` ``(out, M r)`` and ``S_B`` ``(in, M r)`` from the chain starts, contiguous."""
+    """``S_A`` ``(out, M r)`` and ``S_B`` ``(in, M r)`` from the chain starts, contiguous
+    (scratch)."""
     flat = starts.view(-1, starts.shape[2])
-    return flat[:, chain.rows(0)].T.contiguous(), flat[:, chain.rows(1)].T.contiguous()
+    columns = flat.shape[0]
+    out_dim, in_dim = chain.block_sizes
+    S_A = scratch("S_A", (out_dim, columns), starts).copy_(flat[:, chain.rows(0)].T)
+    S_B = scratch("S_B", (in_dim, columns), starts).copy_(flat[:, chain.rows(1)].T)
+    return S_A, S_B
 
 
-def _join_start_gradients(dS_A, dS_B, starts, chain: ChainPlan) -> torch.Tensor:
-    gradient = torch.zeros_like(starts)
+def _start_gradients(starts: torch.Tensor, chain: ChainPlan):
+    """A zero gradient of the chain starts (scratch) and its views ``dS_A^T`` ``(M r, out)``
+    and ``dS_B^T`` ``(M r, in)``, for products to write into."""
+    gradient = scratch("starts_gradient", tuple(starts.shape), starts).zero_()
     flat = gradient.view(-1, starts.shape[2])
-    flat[:, chain.rows(0)] = dS_A.T
-    flat[:, chain.rows(1)] = dS_B.T
-    return gradient
+    return gradient, flat[:, chain.rows(0)], flat[:, chain.rows(1)]
 
 
 def _cut(chain: ChainPlan, r: int) -> int | None:
@@ -273,201 +327,212 @@ def _cut(chain: ChainPlan, r: int) -> int | None:
     return (chain.nb_chains - 1) * r
 
 
+def _starts(A_bands, B_bands, G, H, chain: ChainPlan, keep: bool) -> torch.Tensor:
+    """The chain starts ``(M, r, rows)``; fresh if ``keep`` (saved for backward), else
+    scratch."""
+    P = power_chunks(combined_coefficients(A_bands, B_bands), chain)
+    shape = (chain.nb_chains, G.shape[1], chain.nb_chunk_rows)
+    out = None if keep else scratch("starts", shape, G)
+    return chain_starts(P, torch.cat((G, H)), chain, out=out)
+
+
+def _starts_backward(A_bands, B_bands, starts, gradient, chain: ChainPlan):
+    """Gradients of ``A_bands``, ``B_bands``, ``G``, ``H`` through the chain starts.
+
+    ``gradient`` ``(M, r, rows)`` is overwritten.
+    """
+    out_dim = chain.block_sizes[0]
+    if chain.nb_chains == 1:
+        _, dX = chain_starts_backward(None, starts, gradient, chain)
+        dA, dB = torch.zeros_like(A_bands), torch.zeros_like(B_bands)
+    else:
+        coefficients = combined_coefficients(A_bands, B_bands)
+        powers = power_steps(coefficients, chain)
+        P = powers[-1, ..., 1:-1].transpose(1, 2).contiguous()
+        dP, dX = chain_starts_backward(P, starts, gradient, chain)
+        dA, dB = combined_coefficients_backward(
+            power_chunks_backward(coefficients, powers, dP, chain), out_dim
+        )
+    contiguous = torch.contiguous_format
+    return (
+        dA,
+        dB,
+        dX[:out_dim].clone(memory_format=contiguous),
+        dX[out_dim:].clone(memory_format=contiguous),
+    )
+
+
 # -- explicit form -------------------------------------------------------------------------
 
 
-def _horner_weight(A_bands, B_bands, S_A, S_B, chain: ChainPlan, H, X, W) -> None:
-    """``W = sum_l A^l W_0 B^l`` by Horner's rule, keeping every ``H_(l+1)``.
-
-    ``H`` is ``(out, b - 1, in)`` (``H[:, l] = H_(l+1)``); ``X`` ``(out, in)`` is scratch for
-    ``A H_(l+1)``.
-    """
-    b, last = chain.chain_length, chain.last_chain_length
+def _first_term(S_A, S_B, chain: ChainPlan, W0: torch.Tensor) -> torch.Tensor:
+    """``W_0 = S_A S_B^T`` into ``W0``; returns ``W_0`` without the cut last chain's starts
+    (the Horner steps past the end of that chain add only the complete chains), which is
+    ``W0`` itself when no chain is cut."""
     cut = _cut(chain, S_A.shape[1] // chain.nb_chains)
     if cut is None:
-        W0 = W0_cut = S_A @ S_B.T
-    else:
-        W0_cut = S_A[:, :cut] @ S_B[:, :cut].T
-        W0 = torch.addmm(W0_cut, S_A[:, cut:], S_B[:, cut:].T)
-    if b == 1:
-        W.copy_(W0)
-        return
+        return torch.mm(S_A, S_B.T, out=W0)
+    W0_cut = torch.mm(S_A[:, :cut], S_B[:, :cut].T, out=scratch("W0_cut", W0.shape, W0))
+    torch.addmm(W0_cut, S_A[:, cut:], S_B[:, cut:].T, out=W0)
+    return W0_cut
+
+
+def _horner(A_bands, B_bands, W0, W0_cut, chain: ChainPlan, slot, W=None) -> None:
+    """Horner's rule ``H_(b-1) = W_0``, ``H_l = W_0 + A H_(l+1) B`` (``W_0`` without the cut
+    chain past its end): ``H_(l+1)`` goes to ``slot(l)`` (``(out, in)`` views, ``l < b - 1``)
+    and ``H_0 = W`` to ``W``, or stops at ``H_1`` when ``W`` is ``None``."""
+    b, last = chain.chain_length, chain.last_chain_length
     B_T = transpose_bands(B_bands)
-    H[:, b - 2].copy_(W0 if b - 1 < last else W0_cut)
-    for step in range(b - 2, -1, -1):
-        _stencil_rows(A_bands, H[:, step], X)
-        target = H[:, step - 1] if step > 0 else W
+    X = scratch("A_H", W0.shape, W0)
+    slot(b - 2).copy_(W0 if b - 1 < last else W0_cut)
+    for step in range(b - 2, 0 if W is None else -1, -1):
+        _stencil_rows(A_bands, slot(step), X)
+        target = slot(step - 1) if step > 0 else W
         _stencil_columns(B_T, X, target, base=W0 if step < last else W0_cut)
 
 
-class _Weight(torch.autograd.Function):
-    """``(A_bands, B_bands, P, X) -> W``."""
+def explicit_forward(A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
+    """``(W, starts, W0)``: ``W`` ``(out, in)``; with ``keep``, what the backward pass needs:
+    the chain starts and ``W_0 = S_A S_B^T`` ``(out, in)``; else both are empty."""
+    out_dim, in_dim = chain.block_sizes
+    b = chain.chain_length
+    starts = _starts(A_bands, B_bands, G, H, chain, keep)
+    S_A, S_B = _split_starts(starts, chain)
+    if b == 1:
+        W = S_A @ S_B.T
+        return W, starts if keep else G.new_empty(0), G.new_empty(0)
+    shape = (out_dim, in_dim)
+    W0 = G.new_empty(shape) if keep else scratch("W0", shape, G)
+    W0_cut = _first_term(S_A, S_B, chain, W0)
+    pair = scratch("horner", (2, *shape), G)  # H_(l+1) in turn
+    W = G.new_empty(shape)
+    _horner(A_bands, B_bands, W0, W0_cut, chain, lambda step: pair[step % 2], W)
+    if not keep:
+        return W, G.new_empty(0), G.new_empty(0)
+    return W, starts, W0
 
-    @staticmethod
-    def forward(ctx, A_bands, B_bands, P, X, plan):
-        chain = plan.chain
-        out_dim, in_dim = chain.block_sizes
-        b = chain.chain_length
-        starts = chain_starts(P, X, chain)
-        S_A, S_B = _split_starts(starts, chain)
-        H = _WORKSPACE.take("horner", (out_dim, max(b - 1, 0), in_dim), X)
-        scratch = _WORKSPACE.take("horner_x", (out_dim, in_dim), X)
-        W = X.new_empty(out_dim, in_dim)
-        _horner_weight(A_bands, B_bands, S_A, S_B, chain, H, scratch, W)
-        ctx.plan = plan
-        ctx.token = _WORKSPACE.claim(X)
-        ctx.save_for_backward(A_bands, B_bands, P, X, starts, S_A, S_B)
-        return W
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dW):
-        A_bands, B_bands, P, X, starts, S_A, S_B = ctx.saved_tensors
-        chain = ctx.plan.chain
-        out_dim, in_dim = chain.block_sizes
-        b, last, r = chain.chain_length, chain.last_chain_length, X.shape[1]
-        H = _WORKSPACE.take("horner", (out_dim, max(b - 1, 0), in_dim), X)
-        X_step = _WORKSPACE.take("horner_x", (out_dim, in_dim), X)
-        if b > 1 and not _WORKSPACE.owns(X, ctx.token):
-            W = _WORKSPACE.take("horner_w", (out_dim, in_dim), X)
-            _horner_weight(A_bands, B_bands, S_A, S_B, chain, H, X_step, W)
-            ctx.token = _WORKSPACE.claim(X)
-        dA = A_bands.new_zeros(3, out_dim)
-        dB = B_bands.new_zeros(3, in_dim)
-        dH = dW.contiguous().clone()
-        D_all = dH.clone()
-        D_early = dH.clone() if last < b else None
-        if b > 1:
-            A_T = transpose_bands(A_bands)
-            dX = _WORKSPACE.take("horner_dx", (out_dim, in_dim), X)
-            for step in range(b - 1):
-                # H_l = W0 + X_l B and X_l = A H_(l+1)
-                _stencil_rows(A_bands, H[:, step], X_step)
-                dB += _band_dots(X_step.T, dH.T)
-                _stencil_columns(B_bands, dH, dX)
-                dA += _band_dots(dX, H[:, step])
-                _stencil_rows(A_T, dX, dH)
-                D_all += dH
-                if D_early is not None and step + 1 < last:
-                    D_early += dH
+def explicit_backward(dW, A_bands, B_bands, starts, W0, chain: ChainPlan):
+    """Gradients ``(dA_bands, dB_bands, dG, dH)`` of :func:`explicit_forward`'s ``W``.
+
+    Recomputes the Horner matrices ``H_1 .. H_(b-1)`` from ``W_0`` (``b - 2`` steps)
+    rather than keeping them from the forward pass: ``b - 1`` matrices per layer would
+    stay alive in the autograd graph, and allocating them fresh in every forward pass
+    costs page faults.
+    """
+    out_dim, in_dim = chain.block_sizes
+    b, last, r = chain.chain_length, chain.last_chain_length, starts.shape[1]
+    S_A, S_B = _split_starts(starts, chain)
+    dA = A_bands.new_zeros(3, out_dim)
+    dB = B_bands.new_zeros(3, in_dim)
+    shape = (out_dim, in_dim)
+    dH = scratch("dH", shape, dW).copy_(dW)
+    D_all = scratch("D_all", shape, dW).copy_(dW)
+    D_early = scratch("D_early", shape, dW).copy_(dW) if last < b else None
+    if b > 1:
         cut = _cut(chain, r)
-        if cut is None:
-            dS_A, dS_B = D_all @ S_B, D_all.T @ S_A
-        else:
-            dS_A = torch.cat((D_all @ S_B[:, :cut], D_early @ S_B[:, cut:]), dim=1)
-            dS_B = torch.cat((D_all.T @ S_A[:, :cut], D_early.T @ S_A[:, cut:]), dim=1)
-        gradient = _join_start_gradients(dS_A, dS_B, starts, chain)
-        dP, dX0 = chain_starts_backward(P, starts, gradient, chain)
-        return dA, dB, dP, dX0, None
+        W0_cut = W0
+        if cut is not None:
+            W0_cut = torch.addmm(
+                W0,
+                S_A[:, cut:],
+                S_B[:, cut:].T,
+                alpha=-1.0,
+                out=scratch("W0_cut", shape, W0),
+            )
+        horner = scratch("horner", (out_dim, b - 1, in_dim), W0)
+        _horner(A_bands, B_bands, W0, W0_cut, chain, lambda step: horner[:, step])
+        A_T = transpose_bands(A_bands)
+        X_step = scratch("A_H", shape, dW)
+        dX = scratch("dX", shape, dW)
+        for step in range(b - 1):
+            # H_l = W0 + X_l B and X_l = A H_(l+1)
+            _stencil_rows(A_bands, horner[:, step], X_step)
+            dB += _band_dots(X_step.T, dH.T)
+            _stencil_columns(B_bands, dH, dX)
+            dA += _band_dots(dX, horner[:, step])
+            _stencil_rows(A_T, dX, dH)
+            D_all += dH
+            if D_early is not None and step + 1 < last:
+                D_early += dH
+    # dS_A = D S_B and dS_B = D^T S_A, with D_early for the starts of the cut chain
+    gradient, dS_A_T, dS_B_T = _start_gradients(starts, chain)
+    cut = _cut(chain, r)
+    complete = slice(None) if cut is None else slice(None, cut)
+    torch.mm(S_B[:, complete].T, D_all.T, out=dS_A_T[complete])
+    torch.mm(S_A[:, complete].T, D_all, out=dS_B_T[complete])
+    if cut is not None:
+        torch.mm(S_B[:, cut:].T, D_early.T, out=dS_A_T[cut:])
+        torch.mm(S_A[:, cut:].T, D_early, out=dS_B_T[cut:])
+    dA_starts, dB_starts, dG, dH_generators = _starts_backward(
+        A_bands, B_bands, starts, gradient, chain
+    )
+    return dA + dA_starts, dB + dB_starts, dG, dH_generators
 
 
 # -- factored form -------------------------------------------------------------------------
 
 
-class _Product(torch.autograd.Function):
-    """``(U, A_bands, B_bands, P, X) -> U W^T`` without ``W``."""
-
-    @staticmethod
-    def forward(ctx, U, A_bands, B_bands, P, X, plan):
-        chain = plan.chain
-        starts = chain_starts(P, X, chain)
-        S_A, S_B = _split_starts(starts, chain)
-        _, _, Q = _factored_forward(U, A_bands, B_bands, S_A, S_B, chain)
-        ctx.plan = plan
-        ctx.token = _WORKSPACE.claim(X)
-        ctx.save_for_backward(U, A_bands, B_bands, P, X, starts, S_A, S_B)
-        return U.new_empty(U.shape[0], Q.shape[0]).copy_(Q[:, 0].T)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dY):
-        U, A_bands, B_bands, P, X, starts, S_A, S_B = ctx.saved_tensors
-        chain = ctx.plan.chain
-        out_dim, in_dim = chain.block_sizes
-        b, last, batch, r = chain.chain_length, chain.last_chain_length, U.shape[0], X.shape[1]
-        columns = S_A.shape[1]
-        if _WORKSPACE.owns(X, ctx.token):
-            V = _WORKSPACE.take("factored_v", (in_dim, b, batch), X)
-            Z = _WORKSPACE.take("factored_z", (columns, b, batch), X)
-            Q = _WORKSPACE.take("factored_q", (out_dim, b, batch), X)
-        else:
-            V, Z, Q = _factored_forward(U, A_bands, B_bands, S_A, S_B, chain)
-            ctx.token = _WORKSPACE.claim(X)
-        dQ = _WORKSPACE.take("factored_dq", (out_dim, b, batch), X)
-        dQ[:, 0].copy_(dY.T)
-        A_T = transpose_bands(A_bands)
-        for step in range(b - 1):
-            _stencil_rows(A_T, dQ[:, step], dQ[:, step + 1])
-        dA = _band_dots(dQ[:, : b - 1].reshape(out_dim, -1), Q[:, 1:].reshape(out_dim, -1))
-        dQ_flat = dQ.view(out_dim, b * batch)
-        dS_A = dQ_flat @ Z.view(columns, b * batch).T
-        dZ = _WORKSPACE.take("factored_dz", (columns, b, batch), X)
-        torch.mm(S_A.T, dQ_flat, out=dZ.view(columns, b * batch))
-        cut = _cut(chain, r)
-        if cut is not None:
-            dZ[cut:, last:] = 0.0
-        dS_B = V.view(in_dim, b * batch) @ dZ.view(columns, b * batch).T
-        dV = _WORKSPACE.take("factored_dv", (in_dim, b, batch), X)
-        torch.mm(S_B, dZ.view(columns, b * batch), out=dV.view(in_dim, b * batch))
-        B_T = transpose_bands(B_bands)
-        for step in range(b - 2, -1, -1):
-            _stencil_rows(B_T, dV[:, step + 1], dV[:, step], base=dV[:, step])
-        dB = _band_dots(dV[:, 1:].reshape(in_dim, -1), V[:, : b - 1].reshape(in_dim, -1))
-        dU = U.new_empty(U.shape).copy_(dV[:, 0].T) if ctx.needs_input_grad[0] else None
-        gradient = _join_start_gradients(dS_A, dS_B, starts, chain)
-        dP, dX0 = chain_starts_backward(P, starts, gradient, chain)
-        return dU, dA, dB, dP, dX0, None
-
-
-def _factored_forward(U, A_bands, B_bands, S_A, S_B, chain: ChainPlan):
-    """``V_l = B^l U^T``, ``Z = S_B^T V``, ``Q_l = S_A Z_l + A Q_(l+1)`` in the workspace."""
+def factored_forward(U, A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
+    """``(Y, starts, V, Z, Q)``: ``Y = U W^T`` ``(batch, out)``; with ``keep``, the chain
+    starts and ``V_l = B^l U^T`` ``(in, b, batch)``, ``Z = S_B^T V`` ``(M r, b, batch)``,
+    ``Q_l = S_A Z_l + A Q_(l+1)`` ``(out, b, batch)`` for the backward pass; else empty."""
     out_dim, in_dim = chain.block_sizes
     b, last, batch = chain.chain_length, chain.last_chain_length, U.shape[0]
+    starts = _starts(A_bands, B_bands, G, H, chain, keep)
+    S_A, S_B = _split_starts(starts, chain)
     columns = S_A.shape[1]
-    V = _WORKSPACE.take("factored_v", (in_dim, b, batch), U)
-    Z = _WORKSPACE.take("factored_z", (columns, b, batch), U)
-    Q = _WORKSPACE.take("factored_q", (out_dim, b, batch), U)
+
+    def new(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return U.new_empty(shape) if keep else scratch(name, shape, U)
+
+    V = new("V", (in_dim, b, batch))
     V[:, 0].copy_(U.T)
     for step in range(1, b):
         _stencil_rows(B_bands, V[:, step - 1], V[:, step])
+    Z = new("Z", (columns, b, batch))
     torch.mm(S_B.T, V.view(in_dim, b * batch), out=Z.view(columns, b * batch))
     cut = _cut(chain, columns // chain.nb_chains)
     if cut is not None:
         Z[cut:, last:] = 0.0
+    Q = new("Q", (out_dim, b, batch))
     torch.mm(S_A, Z.view(columns, b * batch), out=Q.view(out_dim, b * batch))
     for step in range(b - 2, -1, -1):
         _stencil_rows(A_bands, Q[:, step + 1], Q[:, step], base=Q[:, step])
-    return V, Z, Q
+    Y = Q[:, 0].T.clone(memory_format=torch.contiguous_format)  # never a view of Q
+    if not keep:
+        return Y, *(U.new_empty(0) for _ in range(4))
+    return Y, starts, V, Z, Q
 
 
-# -- public functions ----------------------------------------------------------------------
-
-
-def ldr_weight(
-    A_bands: torch.Tensor,
-    B_bands: torch.Tensor,
-    G: torch.Tensor,
-    H: torch.Tensor,
-    plan: LDRPlan,
-) -> torch.Tensor:
-    """``W = sum_(k<m) A^k G H^T B^k``, shape ``(out, in)``; differentiable.
-
-    Equals ``sum_i K(A, g_i) K(B^T, h_i)^T`` with ``m``-column Krylov matrices.
-    """
-    P = power_chunks(combined_coefficients(A_bands, B_bands), plan.chain)
-    return _Weight.apply(A_bands, B_bands, P, torch.cat((G, H)), plan)
-
-
-def ldr_multiply(
-    U: torch.Tensor,
-    A_bands: torch.Tensor,
-    B_bands: torch.Tensor,
-    G: torch.Tensor,
-    H: torch.Tensor,
-    plan: LDRPlan,
-) -> torch.Tensor:
-    """``U @ W.T`` for ``U`` ``(batch, in)``, in the form ``plan`` says; differentiable."""
-    if plan.explicit:
-        return U @ ldr_weight(A_bands, B_bands, G, H, plan).T
-    P = power_chunks(combined_coefficients(A_bands, B_bands), plan.chain)
-    return _Product.apply(U, A_bands, B_bands, P, torch.cat((G, H)), plan)
+def factored_backward(dY, U, A_bands, B_bands, starts, V, Z, Q, chain: ChainPlan, input_grad):
+    """Gradients ``(dU, dA_bands, dB_bands, dG, dH)`` of :func:`factored_forward`'s ``Y``;
+    ``dU`` is empty unless ``input_grad``."""
+    out_dim, in_dim = chain.block_sizes
+    b, last, batch, r = chain.chain_length, chain.last_chain_length, U.shape[0], starts.shape[1]
+    S_A, S_B = _split_starts(starts, chain)
+    columns = S_A.shape[1]
+    dQ = scratch("dQ", (out_dim, b, batch), dY)
+    dQ[:, 0].copy_(dY.T)
+    A_T = transpose_bands(A_bands)
+    for step in range(b - 1):
+        _stencil_rows(A_T, dQ[:, step], dQ[:, step + 1])
+    dA = _band_dots(dQ[:, : b - 1].reshape(out_dim, -1), Q[:, 1:].reshape(out_dim, -1))
+    dQ_flat = dQ.view(out_dim, b * batch)
+    gradient, dS_A_T, dS_B_T = _start_gradients(starts, chain)
+    torch.mm(Z.view(columns, b * batch), dQ_flat.T, out=dS_A_T)
+    dZ = scratch("dZ", (columns, b, batch), dY)
+    torch.mm(S_A.T, dQ_flat, out=dZ.view(columns, b * batch))
+    cut = _cut(chain, r)
+    if cut is not None:
+        dZ[cut:, last:] = 0.0
+    torch.mm(dZ.view(columns, b * batch), V.view(in_dim, b * batch).T, out=dS_B_T)
+    dV = scratch("dV", (in_dim, b, batch), dY)
+    torch.mm(S_B, dZ.view(columns, b * batch), out=dV.view(in_dim, b * batch))
+    B_T = transpose_bands(B_bands)
+    for step in range(b - 2, -1, -1):
+        _stencil_rows(B_T, dV[:, step + 1], dV[:, step], base=dV[:, step])
+    dB = _band_dots(dV[:, 1:].reshape(in_dim, -1), V[:, : b - 1].reshape(in_dim, -1))
+    dU = dV[:, 0].T.clone(memory_format=torch.contiguous_format) if input_grad else U.new_empty(0)
+    dA_starts, dB_starts, dG, dH = _starts_backward(A_bands, B_bands, starts, gradient, chain)
+    return dU, dA + dA_starts, dB + dB_starts, dG, dH
