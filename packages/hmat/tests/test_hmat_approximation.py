@@ -199,3 +199,52 @@ def test_merge_blocks_option_errors():
         approximate(np.ones((6, 5)), 10, partition=partition, merge_blocks=True)
     with pytest.raises(TypeError, match="merge_blocks must be True or False"):
         approximate(np.ones((6, 5)), 10, merge_blocks=1)
+
+
+def kernel_matrix(n):
+    index = np.arange(n)
+    return 1.0 / (1.0 + np.abs(index[:, None] - index[None, :]))
+
+
+@pytest.mark.parametrize("share", [0.1, 0.25])
+def test_default_fit_searches_and_is_never_worse_than_min_block_size_16(share):
+    rng = np.random.default_rng(6)
+    matrices = {
+        # Many small blocks pick the largest entries: min_block_size 2 wins by ~0.5 %.
+        "gaussian": rng.standard_normal((192, 192)),
+        # Merged near-diagonal blocks win; the blocks stay at least 16.
+        "kernel": kernel_matrix(256),
+        # Energy in a few global directions, like a trained layer: the whole matrix as one block.
+        "low rank": rng.standard_normal((128, 4)) @ rng.standard_normal((4, 96))
+        + 0.05 * rng.standard_normal((128, 96)),
+    }
+    for name, target in matrices.items():
+        budget = int(share * target.size)
+        searched = approximate(target, budget)
+        fixed = approximate(target, budget, min_block_size=16, merge_blocks=False)
+        error = relative_error(searched.to_dense(), target)
+        fixed_error = relative_error(fixed.to_dense(), target)
+        assert searched.nb_parameters <= budget, name
+        assert error <= fixed_error + 1e-12, name
+        if name == "gaussian":
+            assert searched.partition.min_block_size == 2
+            assert error < (1 - 1e-3) * fixed_error
+            finest = approximate(target, budget, min_block_size=2)
+            assert searched.partition == finest.partition
+        elif name == "kernel":
+            assert searched.partition.min_block_size == 16
+            assert len(searched.partition.leaves) < len(fixed.partition.leaves)
+            assert error < 0.8 * fixed_error
+        else:
+            assert len(searched.partition.leaves) == 1
+            assert error == pytest.approx(lowrank_relative_error(target, budget), rel=1e-9)
+
+
+def test_explicit_options_skip_the_search():
+    target = np.random.default_rng(7).standard_normal((128, 128))
+    budget = int(0.25 * target.size)
+    plain = approximate(target, budget, min_block_size=16, merge_blocks=False)
+    for options in ({"min_block_size": 16}, {"merge_blocks": False}):
+        fitted = approximate(target, budget, **options)
+        assert fitted.partition == plain.partition, options
+    assert approximate(target, budget).partition.min_block_size == 2

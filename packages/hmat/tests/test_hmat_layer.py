@@ -191,3 +191,19 @@ def test_empty_batch_and_strided_input(rows, cols, share, min_block_size):
     with torch.no_grad():
         expected = strided @ layer.to_dense().T + layer.bias
         torch.testing.assert_close(layer(strided), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fitted_layer_searches_but_random_layer_does_not_change():
+    target = np.random.default_rng(8).standard_normal((128, 128))
+    fitted = structurednets.create("hmat", 128, 128, 0.25, initial_weight_matrix=target)
+    assert fitted.partition.min_block_size == 2
+    expected = approximate(target, fitted.weight_budget)
+    assert fitted.partition == expected.partition
+    plain = structurednets.create(
+        "hmat", 128, 128, 0.25, initial_weight_matrix=target, min_block_size=16
+    )
+    assert plain.partition.min_block_size == 16
+    assert relative_error(fitted.to_dense(), target) < relative_error(plain.to_dense(), target)
+    random_layer = structurednets.create("hmat", 128, 128, 0.25)
+    assert random_layer.partition == HMatLayer(128, 128, 0.25, min_block_size=16).partition
+    assert random_layer.nb_weight_parameters == hmat_nb_weight_parameters(128, 128, 0.25)

@@ -355,14 +355,22 @@ def _best_cut(tree: list[TreeNode], spectra: list[LeafSpectrum], budget: int) ->
     return best
 
 
+SEARCH_MIN_BLOCK_SIZES = (DEFAULT_MIN_BLOCK_SIZE, 2)
+"""The minimum block sizes the default fit tries, coarsest (fastest layer) first."""
+
+SEARCH_MARGIN = 1e-3
+"""How much lower (relative Frobenius error) a candidate of the default fit must make the error
+to replace the coarser, earlier one: smaller blocks cost speed, merged blocks change the layer."""
+
+
 def approximate(
     matrix: object,
     budget: int,
     *,
     eta: float = DEFAULT_ETA,
-    min_block_size: int = DEFAULT_MIN_BLOCK_SIZE,
+    min_block_size: int | None = None,
     partition: HMatrixPartition | None = None,
-    merge_blocks: bool = False,
+    merge_blocks: bool | None = None,
 ) -> HMatrix:
     """The H-matrix of at most ``budget`` scalars closest to ``matrix`` that the greedy
     allocation finds, on the partition built with ``eta`` and ``min_block_size`` (or on the
@@ -371,13 +379,24 @@ def approximate(
     Each leaf keeps its truncated SVD ``L = U sqrt(S)``, ``R = sqrt(S) V^T`` (both factors of
     the same scale) or becomes the dense block itself. Computed in float64.
 
+    With neither ``min_block_size``, ``merge_blocks`` nor ``partition`` given, the fit searches:
+    the standard partition with ``min_block_size`` 16, the merged blocks of its tree
+    (``merge_blocks=True``) and the standard partition with ``min_block_size`` 2 are each
+    allocated greedily (their squared errors are known before any factor is built; blocks
+    shared between them are decomposed once), and a later candidate replaces the one kept so
+    far only if it lowers the relative error by more than :data:`SEARCH_MARGIN` (0.1 %). So the
+    result is never worse than ``min_block_size=16, merge_blocks=False``. Passing either option
+    skips the search; the one left out then takes its plain default (16, ``False``).
+
     Args:
         matrix: ``(output_dim, input_dim)`` numpy array or tensor.
         budget: the most scalars the H-matrix may hold.
+        min_block_size: see :meth:`HMatrixPartition.build`; ``None`` searches (above).
         merge_blocks: also consider keeping any split block of the tree whole (up to the whole
             matrix as one low-rank block): the cut of the block cluster tree and the ranks that
             minimise error plus a price per parameter, then the greedy fill on that cut. Never
             worse than plain low rank; costs the singular values of every split block.
+            ``None`` searches (above).
 
     >>> W = 1.0 / (1.0 + abs(np.subtract.outer(np.arange(512), np.arange(512))))
     >>> hmatrix = approximate(W, budget=512 * 512 // 10)
@@ -391,8 +410,12 @@ def approximate(
         raise ValueError(f"matrix must be a 2-D array or tensor, got shape {shape}")
     target = as_matrix("matrix", matrix, output_dim, input_dim, "output_dim x input_dim")
     budget = check_positive_int("budget", budget)
-    if not isinstance(merge_blocks, bool):
+    if merge_blocks is not None and not isinstance(merge_blocks, bool):
         raise TypeError(f"merge_blocks must be True or False, got {merge_blocks!r}")
+    search = partition is None and min_block_size is None and merge_blocks is None
+    if min_block_size is None:
+        min_block_size = DEFAULT_MIN_BLOCK_SIZE
+    cache: dict[tuple[int, int, int, int], tuple[LeafSpectrum, _Svd | None]] = {}
     if partition is not None:
         if merge_blocks:
             raise ValueError(
@@ -404,27 +427,100 @@ def approximate(
                 f"partition is for a {partition.shape} matrix, but matrix has shape "
                 f"{tuple(target.shape)}"
             )
-        blocks = partition.with_ranks([0] * len(partition.leaves))
-    elif not merge_blocks:
-        blocks = HMatrixPartition.build(output_dim, input_dim, eta, min_block_size)
-    if merge_blocks:
-        ranked, spectra, vectors = _merged_allocation(
-            target, block_cluster_tree(output_dim, input_dim, eta, min_block_size), budget
-        )
+        chosen = _standard_candidate(target, partition, budget, cache)
+    elif search:
+        tree = block_cluster_tree(output_dim, input_dim, eta, SEARCH_MIN_BLOCK_SIZES[0])
+        candidates = _merged_candidates(target, tree, budget, cache)
+        for size in SEARCH_MIN_BLOCK_SIZES[1:]:
+            blocks = HMatrixPartition.build(output_dim, input_dim, eta, size)
+            candidates.append(_standard_candidate(target, blocks, budget, cache))
+        chosen = _choose(candidates, (1 - SEARCH_MARGIN) ** 2)
+    elif merge_blocks:
+        tree = block_cluster_tree(output_dim, input_dim, eta, min_block_size)
+        chosen = _choose(_merged_candidates(target, tree, budget, cache), 1 - 1e-12)
     else:
-        spectra, vectors = _spectra(target, list(blocks.leaves), budget, with_vectors=True)
-        ranked = allocate_greedy(blocks, spectra, budget)
+        blocks = HMatrixPartition.build(output_dim, input_dim, eta, min_block_size)
+        chosen = _standard_candidate(target, blocks, budget, cache)
+    return _build(target, chosen)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A greedily allocated partition with its squared error and the spectra it was allocated
+    by; ``vectors`` holds the singular vectors already known, by leaf index (merged blocks get
+    theirs only if the candidate is chosen)."""
+
+    error: float
+    ranked: HMatrixPartition
+    spectra: tuple[LeafSpectrum, ...]
+    vectors: dict[int, _Svd]
+
+
+def _choose(candidates: list[_Candidate], factor: float) -> _Candidate:
+    """The first candidate, replaced by each later one whose squared error is below ``factor``
+    times the kept one's."""
+    best = candidates[0]
+    for candidate in candidates[1:]:
+        if candidate.error < best.error * factor:
+            best = candidate
+    return best
+
+
+def _key(block: Leaf) -> tuple[int, int, int, int]:
+    return (block.row_start, block.row_stop, block.col_start, block.col_stop)
+
+
+def _cached_spectra(
+    target: torch.Tensor,
+    blocks: list[Leaf],
+    budget: int,
+    cache: dict[tuple[int, int, int, int], tuple[LeafSpectrum, _Svd | None]],
+) -> tuple[list[LeafSpectrum], dict[int, _Svd]]:
+    """:func:`_spectra` with singular vectors, computing only blocks not yet in ``cache`` (by
+    row and column range: the blocks far from the diagonal are the same in every partition)."""
+    missing: dict[tuple[int, int, int, int], Leaf] = {}
+    for block in blocks:
+        if _key(block) not in cache:
+            missing.setdefault(_key(block), block)
+    if missing:
+        new = list(missing.values())
+        spectra, vectors = _spectra(target, new, budget, with_vectors=True)
+        for index, block in enumerate(new):
+            cache[_key(block)] = (spectra[index], vectors.get(index))
+    entries = [cache[_key(block)] for block in blocks]
+    return [entry[0] for entry in entries], {
+        index: entry[1] for index, entry in enumerate(entries) if entry[1] is not None
+    }
+
+
+def _standard_candidate(
+    target: torch.Tensor,
+    partition: HMatrixPartition,
+    budget: int,
+    cache: dict[tuple[int, int, int, int], tuple[LeafSpectrum, _Svd | None]],
+) -> _Candidate:
+    """The greedy allocation on the blocks of ``partition`` (its ranks ignored)."""
+    blocks = partition.with_ranks([0] * len(partition.leaves))
+    spectra, vectors = _cached_spectra(target, list(blocks.leaves), budget, cache)
+    ranked = allocate_greedy(blocks, spectra, budget)
+    return _Candidate(_discarded_energy(ranked, spectra), ranked, tuple(spectra), vectors)
+
+
+def _build(target: torch.Tensor, chosen: _Candidate) -> HMatrix:
+    """The factors of the chosen allocation: truncated SVDs, dense blocks, empty factors."""
     factors: list[tuple[torch.Tensor, ...]] = []
-    for index, leaf in enumerate(ranked.leaves):
+    for index, leaf in enumerate(chosen.ranked.leaves):
         if leaf.dense:
             factors.append((target[leaf.rows, leaf.cols].clone(),))
         elif leaf.rank == 0:
             factors.append((target.new_zeros(leaf.nb_rows, 0), target.new_zeros(0, leaf.nb_cols)))
         else:
-            svd = vectors[index]
+            svd = chosen.vectors.get(index)
+            if svd is None:  # a merged block: its leading singular vectors now
+                svd = _leading_triplets(target[leaf.rows, leaf.cols], leaf.rank)
             root = svd.S[: leaf.rank].sqrt()
             factors.append((svd.U[:, : leaf.rank] * root, root[:, None] * svd.Vh[: leaf.rank]))
-    return HMatrix(ranked, tuple(factors))
+    return HMatrix(chosen.ranked, tuple(factors))
 
 
 def _leading_triplets(block: torch.Tensor, rank: int) -> _Svd:
@@ -453,20 +549,19 @@ def _discarded_energy(partition: HMatrixPartition, spectra: list[LeafSpectrum]) 
     )
 
 
-def _merged_allocation(
-    target: torch.Tensor, tree: list[TreeNode], budget: int
-) -> tuple[HMatrixPartition, list[LeafSpectrum], dict[int, _Svd]]:
-    """Cut, ranks and singular vectors for ``approximate(..., merge_blocks=True)``.
-
-    The best cut (:func:`_best_cut`), the standard partition and the whole matrix as one
-    block are each filled greedily; the one with the least error wins (ties keep the earlier:
-    the standard partition is kept when merging gains nothing).
-    """
+def _merged_candidates(
+    target: torch.Tensor,
+    tree: list[TreeNode],
+    budget: int,
+    cache: dict[tuple[int, int, int, int], tuple[LeafSpectrum, _Svd | None]],
+) -> list[_Candidate]:
+    """The candidates of ``merge_blocks=True``, each filled greedily: the standard partition
+    (the tree's leaves), the best cut (:func:`_best_cut`) and the whole matrix as one block."""
     output_dim, input_dim = target.shape
     inner = [position for position, node in enumerate(tree) if node.children]
     outer = [position for position, node in enumerate(tree) if not node.children]
-    outer_spectra, outer_vectors = _spectra(
-        target, [tree[p].block for p in outer], budget, with_vectors=True
+    outer_spectra, outer_vectors = _cached_spectra(
+        target, [tree[p].block for p in outer], budget, cache
     )
     inner_spectra, _ = _spectra(target, [tree[p].block for p in inner], budget, with_vectors=False)
     node_spectra: list[LeafSpectrum] = [None] * len(tree)  # type: ignore[list-item]
@@ -479,13 +574,13 @@ def _merged_allocation(
     for position, spectrum in zip(inner, inner_spectra, strict=True):
         node_spectra[position] = spectrum
     cut = _best_cut(tree, node_spectra, budget)
-    candidates = [
+    starts = [
         {position: (0, False) for position in outer},  # the standard partition
         {n: (rank, dense) for n, rank, dense in zip(cut.nodes, cut.ranks, cut.dense, strict=True)},
         {0: (0, False)},  # the whole matrix as one block: plain low rank
     ]
-    best = None
-    for start_ranks in candidates:
+    candidates = []
+    for start_ranks in starts:
         nodes = sorted(
             start_ranks, key=lambda n: (tree[n].block.row_start, tree[n].block.col_start)
         )
@@ -498,18 +593,13 @@ def _merged_allocation(
         ).with_ranks([start_ranks[n][0] for n in nodes], [start_ranks[n][1] for n in nodes])
         spectra = [node_spectra[n] for n in nodes]
         ranked = allocate_greedy(start, spectra, budget)
-        error = _discarded_energy(ranked, spectra)
-        if best is None or error < best[0] * (1 - 1e-12):
-            best = (error, nodes, ranked, spectra)
-    _, nodes, ranked, spectra = best
-    vectors: dict[int, _Svd] = {}
-    for index, (node, leaf) in enumerate(zip(nodes, ranked.leaves, strict=True)):
-        if leaf.dense or leaf.rank == 0:
-            continue
-        if node not in node_vectors:  # a merged block: its leading singular vectors now
-            node_vectors[node] = _leading_triplets(target[leaf.rows, leaf.cols], leaf.rank)
-        vectors[index] = node_vectors[node]
-    return ranked, spectra, vectors
+        vectors = {
+            index: node_vectors[node] for index, node in enumerate(nodes) if node in node_vectors
+        }
+        candidates.append(
+            _Candidate(_discarded_energy(ranked, spectra), ranked, tuple(spectra), vectors)
+        )
+    return candidates
 
 
 def relative_error(approximation: torch.Tensor, target: object) -> float:

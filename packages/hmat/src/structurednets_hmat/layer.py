@@ -93,7 +93,7 @@ def plan_partition(
     min_block_size: int | None = None,
     hmatrix: HMatrix | None = None,
     partition: HMatrixPartition | None = None,
-    merge_blocks: bool = False,
+    merge_blocks: bool | None = None,
 ) -> HMatrixPartition:
     """The partition with ranks of a layer built with these arguments and no weight matrix.
 
@@ -102,7 +102,7 @@ def plan_partition(
     ``min_block_size`` define. Raises :class:`BudgetTooSmallError` when the budget cannot hold
     it, or cannot hold rank 1 in every block.
     """
-    if merge_blocks is not False:
+    if merge_blocks is not None and merge_blocks is not False:
         raise ValueError(
             f"merge_blocks={merge_blocks!r} applies only to fitting initial_weight_matrix"
         )
@@ -163,7 +163,7 @@ def hmat_nb_weight_parameters(
     min_block_size: int | None = None,
     hmatrix: HMatrix | None = None,
     partition: HMatrixPartition | None = None,
-    merge_blocks: bool = False,
+    merge_blocks: bool | None = None,
 ) -> int:
     """Weight scalars of an :class:`HMatLayer` built with these arguments (random start)."""
     return plan_partition(
@@ -235,7 +235,7 @@ class HMatLayer(StructuredLayer):
         min_block_size: int | None = None,
         hmatrix: HMatrix | None = None,
         partition: HMatrixPartition | None = None,
-        merge_blocks: bool = False,
+        merge_blocks: bool | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
@@ -264,7 +264,7 @@ class HMatLayer(StructuredLayer):
                 target,
                 self.weight_budget,
                 eta=blocks.eta,
-                min_block_size=blocks.min_block_size,
+                min_block_size=min_block_size,
                 merge_blocks=merge_blocks,
             )
             ranked = hmatrix.partition
