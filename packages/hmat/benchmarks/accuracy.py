@@ -28,7 +28,8 @@ OLD_LIBRARY = {
     ("gaussian", 512, 0.25): 0.787,
 }
 SETTINGS = {
-    "default": {},
+    "default (search)": {},
+    "min_block_size=16": {"min_block_size": 16},
     "merge_blocks": {"merge_blocks": True},
     "min_block_size=2": {"min_block_size": 2},
 }
@@ -74,17 +75,19 @@ def synthetic_table() -> None:
 
 def timing_table() -> None:
     print("\ntime of approximate() on a Gaussian matrix, one thread (median of 3)")
+    settings = {"default (search)": {}, "min_block_size=16": {"min_block_size": 16}}
+    settings["merge_blocks"] = {"merge_blocks": True}
     for n, share in [(512, 0.25), (1024, 0.1), (1024, 0.25), (2048, 0.1), (2048, 0.25)]:
         matrix = gaussian(n)
         line = f"  {n} x {n}, share {share:g}:"
-        for merge_blocks in (False, True):
+        for name, options in settings.items():
             times = []
             for _ in range(3):
                 start = time.perf_counter()
-                approximate(matrix, int(share * n * n), merge_blocks=merge_blocks)
+                approximate(matrix, int(share * n * n), **options)
                 times.append(time.perf_counter() - start)
-            line += f" {np.median(times):6.2f} s" + (" with merge_blocks" if merge_blocks else ",")
-        print(line)
+            line += f" {np.median(times):6.2f} s {name},"
+        print(line.rstrip(","))
 
 
 def trained_mlp(seed: int = 0, epochs: int = 300) -> nn.Sequential:
@@ -111,8 +114,8 @@ def trained_table() -> None:
     model = trained_mlp()
     layers = {"hidden 256x256": model[2], "first 256x64": model[0]}
     options = {
-        "default": {},
-        "merge_blocks": {"merge_blocks": True},
+        "default (search)": {},
+        "min_block_size=16": {"min_block_size": 16},
         "min_block_size=32": {"min_block_size": 32},
     }
     print("trained weights: relative error (Frobenius)")

@@ -192,17 +192,20 @@ class HMatLayer(StructuredLayer):
         input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
             as for every :class:`~structurednets.StructuredLayer`. ``initial_weight_matrix`` is
             approximated by :func:`~structurednets_hmat.approximate`: the SVD of every leaf,
-            then a greedy allocation of the budget over all leaves.
+            then a greedy allocation of the budget over all leaves. With neither
+            ``min_block_size`` nor ``merge_blocks`` given, the fit searches ``min_block_size``
+            16 and 2 and merged blocks and keeps the most accurate (a finer or merged candidate
+            only if it gains more than 0.1 %); passing either option skips the search.
         eta: admissibility parameter (default 0.5); larger gives bigger low-rank blocks.
         min_block_size: index ranges are halved only while both halves keep at least this
-            many indices (default 16).
+            many indices (default 16, or searched when fitting; see above).
         hmatrix: an :class:`~structurednets_hmat.HMatrix` (partition and factors) to start from.
         partition: an :class:`~structurednets_hmat.HMatrixPartition` whose ranks to use, with
             random factors (e.g. ``other_layer.partition``, to load ``other_layer``'s state dict).
         merge_blocks: when fitting ``initial_weight_matrix``, also consider keeping split blocks
             whole, up to the whole matrix as one low-rank block (see
             :func:`~structurednets_hmat.approximate`): never worse than plain low rank, slower
-            to fit.
+            to fit. Default ``False``, or searched when fitting (see above).
 
     Without ``initial_weight_matrix``, ``hmatrix`` or ``partition``, every leaf starts at rank 1
     and ranks grow evenly (by ``rank / min(rows, cols)``) until the budget is full; factors are
