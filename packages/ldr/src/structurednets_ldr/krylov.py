@@ -115,6 +115,17 @@ class ChainPlan:
             self._cache[key] = _build_indices(self, torch.device(device))
         return self._cache[key]
 
+    def window_gather(self, device: torch.device, rank: int) -> torch.Tensor:
+        """``(chunks * r * w,)`` flat indices into a state of layout ``(chunks, r, q)`` that
+        gather its windows ``(chunks, r, w)`` in one ``index_select``."""
+        key = (str(device), "gather", rank)
+        if key not in self._cache:
+            q, w = self.chunk_size, self.window
+            rows = self.indices(device).window_rows.view(self.nb_chunks, 1, w)
+            generators = torch.arange(rank, device=rows.device).view(1, rank, 1)
+            self._cache[key] = (rows // q * rank + generators) * q + rows % q
+        return self._cache[key].reshape(-1)
+
 
 def make_chain_plan(
     block_sizes: tuple[int, ...], nb_columns: int, chain_length: int, chunk_size: int | None = None
@@ -291,13 +302,23 @@ def chain_starts(
     Written into ``out`` if given.
     """
     idx = plan.indices(X.device)
-    r, q, w, chunks = X.shape[1], plan.chunk_size, plan.window, plan.nb_chunks
-    starts = X.new_empty(plan.nb_chains, r, plan.nb_chunk_rows) if out is None else out
+    r, q, w, chunks, M = X.shape[1], plan.chunk_size, plan.window, plan.nb_chunks, plan.nb_chains
+    starts = X.new_empty(M, r, plan.nb_chunk_rows) if out is None else out
     starts[0].zero_()  # the padding rows; later chains are written whole
     starts[0][:, idx.chunk_rows] = X.T
-    for J in range(plan.nb_chains - 1):
-        window = starts[J].index_select(1, idx.window_rows).view(r, chunks, w).transpose(0, 1)
-        starts[J + 1].view(r, chunks, q).copy_(torch.bmm(window, P).transpose(0, 1))
+    if M == 1:
+        return starts
+    # The steps run in the layout (chunks, r, q): one gather of the windows and one batched
+    # product that writes the next state in place, no copies or transposes per step.
+    state = X.new_empty(M, chunks, r, q)
+    state[0].copy_(starts[0].view(r, chunks, q).transpose(0, 1))
+    flat, blocks = state.view(M, -1).unbind(0), state.unbind(0)
+    window = X.new_empty(chunks, r, w)
+    window_flat, gather = window.view(-1), plan.window_gather(X.device, r)
+    for J in range(M - 1):
+        torch.index_select(flat[J], 0, gather, out=window_flat)
+        torch.bmm(window, P, out=blocks[J + 1])
+    starts[1:].view(M - 1, r, chunks, q).copy_(state[1:].transpose(1, 2))
     return starts
 
 

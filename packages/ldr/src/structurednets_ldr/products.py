@@ -84,6 +84,41 @@ def _stencil_columns(bands_T, source, target, base=None) -> None:
     target[:, -1:].addcmul_(source[:, :1], plus[-1:])
 
 
+def _row_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The views ``[1:]``, ``[:1]``, ``[:-1]``, ``[-1:]`` along the first dimension, which a
+    periodic three-band stencil on rows reads and writes (made once per buffer, since every
+    slicing is an operation of its own)."""
+    return tensor[1:], tensor[:1], tensor[:-1], tensor[-1:]
+
+
+def _column_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`_row_parts` along the second dimension."""
+    return tensor[:, 1:], tensor[:, :1], tensor[:, :-1], tensor[:, -1:]
+
+
+def _coefficient_parts(bands: torch.Tensor, rows: bool) -> tuple[torch.Tensor, ...]:
+    """``(centre, minus[1:], minus[:1], plus[:-1], plus[-1:])`` of periodic three-band
+    ``bands`` ``(3, n)``, as columns (for :func:`_row_parts`) or as rows."""
+    minus, centre, plus = (band.unsqueeze(1) for band in bands) if rows else bands
+    return centre, minus[1:], minus[:1], plus[:-1], plus[-1:]
+
+
+def _stencil(coefficients, source, source_parts, target, target_parts, base=None) -> None:
+    """``target = base + stencil(source)`` with the parts made by :func:`_coefficient_parts`
+    and :func:`_row_parts` (rows) or :func:`_column_parts` (columns): five operations."""
+    centre, minus_tail, minus_head, plus_init, plus_last = coefficients
+    source_tail, source_head, source_init, source_last = source_parts
+    target_tail, target_head, target_init, target_last = target_parts
+    if base is None:
+        torch.mul(source, centre, out=target)
+    else:
+        torch.addcmul(base, source, centre, out=target)
+    target_tail.addcmul_(source_init, minus_tail)
+    target_head.addcmul_(source_last, minus_head)
+    target_init.addcmul_(source_tail, plus_init)
+    target_last.addcmul_(source_head, plus_last)
+
+
 @functools.lru_cache(maxsize=64)
 def _boundary_indices(n: int, covered: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Rows of :func:`_band_dots` outside the chunked interior and their three neighbours."""
@@ -377,18 +412,31 @@ def _first_term(S_A, S_B, chain: ChainPlan, W0: torch.Tensor) -> torch.Tensor:
     return W0_cut
 
 
-def _horner(A_bands, B_bands, W0, W0_cut, chain: ChainPlan, slot, W=None) -> None:
+def _horner(A_bands, B_bands, W0, W0_cut, chain: ChainPlan, slots, W=None) -> None:
     """Horner's rule ``H_(b-1) = W_0``, ``H_l = W_0 + A H_(l+1) B`` (``W_0`` without the cut
-    chain past its end): ``H_(l+1)`` goes to ``slot(l)`` (``(out, in)`` views, ``l < b - 1``)
-    and ``H_0 = W`` to ``W``, or stops at ``H_1`` when ``W`` is ``None``."""
+    chain past its end): ``H_(l+1)`` goes to ``slots[l]`` (``(out, in)`` views, ``l < b - 1``;
+    the same tensor may serve several) and ``H_0 = W`` to ``W``, or stops at ``H_1`` when
+    ``W`` is ``None``."""
     b, last = chain.chain_length, chain.last_chain_length
-    B_T = transpose_bands(B_bands)
     X = scratch("A_H", W0.shape, W0)
-    slot(b - 2).copy_(W0 if b - 1 < last else W0_cut)
+    rows, columns = {}, {}  # the slices of every buffer, made once
+
+    def parts(tensor, made, make):
+        key = (tensor.data_ptr(), tensor.stride())
+        if key not in made:
+            made[key] = make(tensor)
+        return made[key]
+
+    A_parts = _coefficient_parts(A_bands, rows=True)
+    B_parts = _coefficient_parts(transpose_bands(B_bands), rows=False)
+    X_rows, X_columns = _row_parts(X), _column_parts(X)
+    slots[b - 2].copy_(W0 if b - 1 < last else W0_cut)
     for step in range(b - 2, 0 if W is None else -1, -1):
-        _stencil_rows(A_bands, slot(step), X)
-        target = slot(step - 1) if step > 0 else W
-        _stencil_columns(B_T, X, target, base=W0 if step < last else W0_cut)
+        source = slots[step]
+        _stencil(A_parts, source, parts(source, rows, _row_parts), X, X_rows)
+        target = slots[step - 1] if step > 0 else W
+        base = W0 if step < last else W0_cut
+        _stencil(B_parts, X, X_columns, target, parts(target, columns, _column_parts), base)
 
 
 def explicit_forward(A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
@@ -406,7 +454,8 @@ def explicit_forward(A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
     W0_cut = _first_term(S_A, S_B, chain, W0)
     pair = scratch("horner", (2, *shape), G)  # H_(l+1) in turn
     W = G.new_empty(shape)
-    _horner(A_bands, B_bands, W0, W0_cut, chain, lambda step: pair[step % 2], W)
+    slots = pair.unbind(0) * (b // 2)
+    _horner(A_bands, B_bands, W0, W0_cut, chain, slots, W)
     if not keep:
         return W, G.new_empty(0), G.new_empty(0)
     return W, starts, W0
@@ -441,7 +490,7 @@ def explicit_backward(dW, A_bands, B_bands, starts, W0, chain: ChainPlan):
                 out=scratch("W0_cut", shape, W0),
             )
         horner = scratch("horner", (out_dim, b - 1, in_dim), W0)
-        _horner(A_bands, B_bands, W0, W0_cut, chain, lambda step: horner[:, step])
+        _horner(A_bands, B_bands, W0, W0_cut, chain, horner.unbind(1))
         A_T = transpose_bands(A_bands)
         X_step = scratch("A_H", shape, dW)
         dX = scratch("dX", shape, dW)
