@@ -126,6 +126,16 @@ class ChainPlan:
             self._cache[key] = (rows // q * rank + generators) * q + rows % q
         return self._cache[key].reshape(-1)
 
+    def window_scatter(self, device: torch.device, rank: int) -> torch.Tensor:
+        """``(chunks * r * w,)`` flat indices into a state of layout ``(r, rows)`` of the
+        window slots ``(chunks, r, w)`` (the adjoint of :meth:`window_gather`'s gather)."""
+        key = (str(device), "scatter", rank)
+        if key not in self._cache:
+            rows = self.indices(device).window_rows.view(self.nb_chunks, 1, self.window)
+            generators = torch.arange(rank, device=rows.device).view(1, rank, 1)
+            self._cache[key] = (generators * self.nb_chunk_rows + rows).reshape(-1)
+        return self._cache[key]
+
 
 def make_chain_plan(
     block_sizes: tuple[int, ...], nb_columns: int, chain_length: int, chunk_size: int | None = None
@@ -211,13 +221,24 @@ def combined_coefficients_backward(
     return gradient[:, :out_dim], of_B
 
 
-def _power_windows(coefficients: torch.Tensor, idx: _Indices) -> torch.Tensor:
-    """``(3, chunks, 1, w + 2)``: the bands of ``T^T`` at every window slot, with a zero
-    slot at each end."""
-    transposed = torch.stack(
-        (coefficients[2][idx.nb_minus], coefficients[1], coefficients[0][idx.nb_plus])
-    )
-    return torch.nn.functional.pad(transposed[:, idx.window_real], (1, 1)).unsqueeze(2)
+def _power_gather(plan: ChainPlan, device: torch.device) -> torch.Tensor:
+    """``(3 * chunks * w,)`` flat indices into ``coefficients`` ``(3, N)`` of the bands of
+    ``T^T`` at every window slot (see :func:`_power_windows`)."""
+    key = (str(device), "power_gather")
+    if key not in plan._cache:
+        idx = plan.indices(device)
+        N = idx.nb_minus.shape[0]
+        real = idx.window_real.reshape(-1)
+        plan._cache[key] = torch.cat(
+            (2 * N + idx.nb_minus[real], N + real, idx.nb_plus[real])
+        )
+    return plan._cache[key]
+
+
+def _power_windows(coefficients: torch.Tensor, plan: ChainPlan) -> torch.Tensor:
+    """``(3, chunks, 1, w)``: the bands of ``T^T`` at every window slot."""
+    flat = coefficients.reshape(-1).index_select(0, _power_gather(plan, coefficients.device))
+    return flat.view(3, plan.nb_chunks, 1, plan.window)
 
 
 def power_steps(coefficients: torch.Tensor, plan: ChainPlan, keep: bool = True) -> torch.Tensor:
@@ -228,23 +249,35 @@ def power_steps(coefficients: torch.Tensor, plan: ChainPlan, keep: bool = True) 
     The window slots are the last, contiguous dimension: the shifts of the recursion are
     then offsets along rows of ``w + 2`` numbers, several times faster than along ``q``.
     """
-    idx = plan.indices(coefficients.device)
-    window = _power_windows(coefficients, idx)
-    centre, minus, plus = window[1, ..., 1:-1], window[0, ..., 1:-1], window[2, ..., 1:-1]
+    minus, centre, plus = _power_windows(coefficients, plan).unbind(0)
     steps = plan.chain_length + 1 if keep else 2
     shape = (steps, plan.nb_chunks, plan.chunk_size, plan.window + 2)
     powers = scratch("powers", shape, coefficients)
-    powers[..., 0].zero_()
-    powers[..., -1].zero_()
-    powers[0, ..., 1:-1] = idx.unit.transpose(1, 2)
+    powers[0].copy_(_padded_unit(plan, coefficients))
+    powers[1:, ..., 0].zero_()
+    powers[1:, ..., -1].zero_()
+    # every view made once: each slicing is an operation of its own
+    middle, left, right = (
+        powers[..., 1:-1].unbind(0),
+        powers[..., :-2].unbind(0),
+        powers[..., 2:].unbind(0),
+    )
     for step in range(plan.chain_length):
         # next[p] = w1[p] power[p] + w0[p] power[p - 1] + w2[p] power[p + 1]
-        power = powers[step % steps]
-        target = powers[(step + 1) % steps, ..., 1:-1]
-        torch.mul(power[..., 1:-1], centre, out=target)
-        target.addcmul_(power[..., :-2], minus)
-        target.addcmul_(power[..., 2:], plus)
+        now, target = step % steps, middle[(step + 1) % steps]
+        torch.mul(middle[now], centre, out=target)
+        target.addcmul_(left[now], minus)
+        target.addcmul_(right[now], plus)
     return powers if keep else powers[plan.chain_length % 2 :][:1]
+
+
+def _padded_unit(plan: ChainPlan, like: torch.Tensor) -> torch.Tensor:
+    """Step 0 of :func:`power_steps`: ``unit`` transposed, with zero end slots."""
+    key = (str(like.device), like.dtype, "padded_unit")
+    if key not in plan._cache:
+        unit = plan.indices(like.device).unit.transpose(1, 2)
+        plan._cache[key] = torch.nn.functional.pad(unit, (1, 1)).to(like.dtype).contiguous()
+    return plan._cache[key]
 
 
 def power_chunks(coefficients: torch.Tensor, plan: ChainPlan) -> torch.Tensor | None:
@@ -265,7 +298,7 @@ def power_chunks_backward(
     """Gradient ``(3, N)`` of ``coefficients`` from the gradient ``(chunks, w, q)`` of
     :func:`power_chunks`, given the steps ``powers`` of :func:`power_steps` (``keep=True``)."""
     idx = plan.indices(coefficients.device)
-    window = _power_windows(coefficients, idx)
+    window = torch.nn.functional.pad(_power_windows(coefficients, plan), (1, 1))
     b = plan.chain_length
     # gradients of every step, with zero end slots like the steps themselves
     of_powers = scratch("power_gradients", tuple(powers.shape), coefficients)
@@ -310,7 +343,7 @@ def chain_starts(
         return starts
     # The steps run in the layout (chunks, r, q): one gather of the windows and one batched
     # product that writes the next state in place, no copies or transposes per step.
-    state = X.new_empty(M, chunks, r, q)
+    state = scratch("chain_state", (M, chunks, r, q), X)
     state[0].copy_(starts[0].view(r, chunks, q).transpose(0, 1))
     flat, blocks = state.view(M, -1).unbind(0), state.unbind(0)
     window = X.new_empty(chunks, r, w)
@@ -336,9 +369,14 @@ def chain_starts_backward(
     if P is None:
         return None, gradient[0][:, idx.chunk_rows].T
     P_T = P.transpose(1, 2)
+    # one batched product and one scatter_add_ per step, straight in the layout (r, rows)
+    blocks = gradient.view(M, r, chunks, q).transpose(1, 2).unbind(0)
+    flat = gradient.view(M, -1).unbind(0)
+    spread = gradient.new_empty(chunks, r, w)
+    spread_flat, scatter_to = spread.view(-1), plan.window_scatter(starts.device, r)
     for J in range(M - 2, -1, -1):
-        spread = torch.bmm(gradient[J + 1].view(r, chunks, q).transpose(0, 1), P_T)
-        gradient[J].index_add_(1, idx.window_rows, spread.transpose(0, 1).reshape(r, -1))
+        torch.bmm(blocks[J + 1], P_T, out=spread)
+        flat[J].scatter_add_(0, scatter_to, spread_flat)
     windows = scratch("chain_windows", ((M - 1) * r, chunks * w), starts)
     torch.index_select(starts[: M - 1].view((M - 1) * r, -1), 1, idx.window_rows, out=windows)
     windows = windows.view((M - 1) * r, chunks, w).permute(1, 2, 0)
