@@ -36,6 +36,7 @@ __all__ = [
     "chain_starts_backward",
     "combined_coefficients",
     "combined_coefficients_backward",
+    "coarse_state",
     "default_chunk_size",
     "even_chains",
     "make_chain_plan",
@@ -138,16 +139,21 @@ class ChainPlan:
 
 
 def make_chain_plan(
-    block_sizes: tuple[int, ...], nb_columns: int, chain_length: int, chunk_size: int | None = None
+    block_sizes: tuple[int, ...],
+    nb_columns: int,
+    chain_length: int,
+    chunk_size: int | None = None,
+    rank: int = 1,
 ) -> ChainPlan:
-    """A :class:`ChainPlan`; the chain length is evened out so that ``M b - m < M``."""
+    """A :class:`ChainPlan`; the chain length is evened out so that ``M b - m < M``; the
+    default chunk size depends on the number ``rank`` of vectors per block."""
     if nb_columns < 1 or not block_sizes or min(block_sizes) < 1:
         raise ValueError(
             f"need nb_columns >= 1 and block sizes >= 1, got {nb_columns}, {block_sizes}"
         )
     chain_length, nb_chains = even_chains(nb_columns, chain_length)
     if chunk_size is None:
-        chunk_size = default_chunk_size(chain_length, max(block_sizes))
+        chunk_size = default_chunk_size(chain_length, max(block_sizes), rank)
     return ChainPlan(
         tuple(int(n) for n in block_sizes), int(nb_columns), chain_length, nb_chains, chunk_size
     )
@@ -160,19 +166,28 @@ def even_chains(nb_columns: int, chain_length: int) -> tuple[int, int]:
     return math.ceil(nb_columns / nb_chains), nb_chains
 
 
-def default_chunk_size(chain_length: int, largest_block):
-    """``q``: ``(r x w) @ (w x q)`` products are fastest for ``q`` about ``2 b``.
+def default_chunk_size(chain_length: int, largest_block, rank: int = 1):
+    """``q = max(16, 2 b)``, and at least so large that ``r w q = r (q + 2 b) q >= 400``.
+
+    The coarse steps are ``(r x w) @ (w x q)`` products of ``w = q + 2 b`` columns: ``q``
+    about ``2 b`` keeps the zeros of the window few, but for short chains more, smaller
+    products cost more than the zeros (measured, one thread: ``q = 16`` to ``24`` are
+    equally fast for ``b = 4 .. 10`` at 128 to 512, ``q = 8`` or ``12`` up to 20% slower),
+    and with ``r w q < 400`` ``torch.bmm`` on CPU takes a naive loop, several times slower.
 
     Works on symbolic sizes too (for shape functions under ``torch.compile``).
     """
-    return torch.sym_min(max(4, 2 * chain_length), largest_block)
+    q = max(16, 2 * chain_length)
+    while rank * q * (q + 2 * chain_length) < 400:
+        q += 1
+    return torch.sym_min(q, largest_block)
 
 
 def starts_shape(out_dim, in_dim, rank: int, nb_columns: int, chain_length: int) -> tuple:
     """Shape ``(M, r, rows)`` of the chain starts of ``diag(A, B^T)``, from sizes alone
     (symbolic ones included): what :func:`chain_starts` returns for that plan."""
     chain_length, nb_chains = even_chains(nb_columns, chain_length)
-    q = default_chunk_size(chain_length, torch.sym_max(out_dim, in_dim))
+    q = default_chunk_size(chain_length, torch.sym_max(out_dim, in_dim), rank)
     return nb_chains, rank, ((out_dim + q - 1) // q + (in_dim + q - 1) // q) * q
 
 
@@ -326,6 +341,44 @@ def power_chunks_backward(
     return result
 
 
+def _cached(plan: ChainPlan, key: tuple, make) -> torch.Tensor:
+    if key not in plan._cache:
+        plan._cache[key] = make()
+    return plan._cache[key]
+
+
+def _state_positions(plan: ChainPlan, device: torch.device, rank: int) -> torch.Tensor:
+    """``(N * r,)`` flat positions of ``X[i, k]`` in a state of layout ``(chunks, r, q)``."""
+
+    def make():
+        rows = plan.indices(device).chunk_rows[:, None]
+        generators = torch.arange(rank, device=rows.device)
+        q = plan.chunk_size
+        return ((rows // q * rank + generators) * q + rows % q).reshape(-1)
+
+    return _cached(plan, (str(device), "positions", rank), make)
+
+
+def coarse_state(P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan) -> torch.Tensor:
+    """The chain starts in the layout ``(M, chunks, r, q)`` (scratch): ``[J, c, k, li]`` is
+    ``(T^(J b) X)[row li of chunk c, k]``, zero in the padding rows."""
+    r, q, w, chunks, M = X.shape[1], plan.chunk_size, plan.window, plan.nb_chunks, plan.nb_chains
+    state = scratch("chain_state", (M, chunks, r, q), X)
+    flat, blocks = state.view(M, -1).unbind(0), state.unbind(0)
+    flat[0].zero_()  # the padding rows; later chains are written whole
+    flat[0].index_put_((_state_positions(plan, X.device, r),), X.reshape(-1))
+    if M == 1:
+        return state
+    # one gather of the windows and one batched product that writes the next state in
+    # place: no copies or transposes per step
+    window = X.new_empty(chunks, r, w)
+    window_flat, gather = window.view(-1), plan.window_gather(X.device, r)
+    for J in range(M - 1):
+        torch.index_select(flat[J], 0, gather, out=window_flat)
+        torch.bmm(window, P, out=blocks[J + 1])
+    return state
+
+
 def chain_starts(
     P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -334,24 +387,10 @@ def chain_starts(
     ``X`` is ``(N, r)``, the vectors of every block stacked (``[G; H]`` for an LDR matrix).
     Written into ``out`` if given.
     """
-    idx = plan.indices(X.device)
-    r, q, w, chunks, M = X.shape[1], plan.chunk_size, plan.window, plan.nb_chunks, plan.nb_chains
+    r, q, chunks, M = X.shape[1], plan.chunk_size, plan.nb_chunks, plan.nb_chains
+    state = coarse_state(P, X, plan)
     starts = X.new_empty(M, r, plan.nb_chunk_rows) if out is None else out
-    starts[0].zero_()  # the padding rows; later chains are written whole
-    starts[0][:, idx.chunk_rows] = X.T
-    if M == 1:
-        return starts
-    # The steps run in the layout (chunks, r, q): one gather of the windows and one batched
-    # product that writes the next state in place, no copies or transposes per step.
-    state = scratch("chain_state", (M, chunks, r, q), X)
-    state[0].copy_(starts[0].view(r, chunks, q).transpose(0, 1))
-    flat, blocks = state.view(M, -1).unbind(0), state.unbind(0)
-    window = X.new_empty(chunks, r, w)
-    window_flat, gather = window.view(-1), plan.window_gather(X.device, r)
-    for J in range(M - 1):
-        torch.index_select(flat[J], 0, gather, out=window_flat)
-        torch.bmm(window, P, out=blocks[J + 1])
-    starts[1:].view(M - 1, r, chunks, q).copy_(state[1:].transpose(1, 2))
+    starts.view(M, r, chunks, q).copy_(state.transpose(1, 2))
     return starts
 
 

@@ -30,10 +30,11 @@ import torch
 
 from structurednets_ldr.krylov import (
     ChainPlan,
-    chain_starts,
     chain_starts_backward,
+    coarse_state,
     combined_coefficients,
     combined_coefficients_backward,
+    default_chunk_size,
     make_chain_plan,
     power_chunks,
     power_chunks_backward,
@@ -103,6 +104,13 @@ def _coefficient_parts(bands: torch.Tensor, rows: bool) -> tuple[torch.Tensor, .
     return centre, minus[1:], minus[:1], plus[:-1], plus[-1:]
 
 
+def _transposed_parts(bands: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`_coefficient_parts` (as rows) of the transpose of ``bands``, without forming
+    its bands (``transpose_bands`` is two rolls and a stack)."""
+    minus, centre, plus = bands  # the transpose's minus band is plus rolled, and so on
+    return centre, plus[:-1], plus[-1:], minus[1:], minus[:1]
+
+
 def _stencil(coefficients, source, source_parts, target, target_parts, base=None) -> None:
     """``target = base + stencil(source)`` with the parts made by :func:`_coefficient_parts`
     and :func:`_row_parts` (rows) or :func:`_column_parts` (columns): five operations."""
@@ -166,7 +174,7 @@ def _band_dots(left: torch.Tensor, right: torch.Tensor, chunk: int = 16) -> torc
 _MULTIPLY_ADD = 2e-11
 _ELEMENT = 3e-10
 _OPERATION = 5e-6
-_COARSE_STEP = 25e-6
+_COARSE_STEP = 10e-6
 _COARSE_ROW = 4e-9
 
 
@@ -216,13 +224,13 @@ def _estimate_forward(explicit: bool, out_dim, in_dim, m, r, batch, b, M) -> flo
     """The forward pass alone (no gradient wanted), fitted like :func:`_estimate` to
     single-thread timings at 128 to 1024: longer chains pay off here, since no backward
     pass runs the ``M - 1`` coarse steps and the Horner steps again."""
-    q = max(4, 2 * b)
+    q = default_chunk_size(b, max(out_dim, in_dim), r)
     chunks = math.ceil(out_dim / q) + math.ceil(in_dim / q)
-    coarse = (M - 1) * (6e-6 + 2e-7 * chunks + 1.5e-9 * (out_dim + in_dim) * r)
-    powers = (2.75 * b * b * (out_dim + in_dim) * _ELEMENT + 3.3 * b * _OPERATION) * (M > 1)
+    coarse = (M - 1) * (2e-6 + 2e-7 * chunks + 1.5e-9 * (out_dim + in_dim) * r)
+    powers = (2.75 * b * b * (out_dim + in_dim) * _ELEMENT + (1.4 * b + 6) * _OPERATION) * (M > 1)
     if explicit:
         products = out_dim * in_dim * (M * r + (batch or 0))
-        steps = 2.6 * out_dim * in_dim * _ELEMENT + 8 * _OPERATION
+        steps = 2.6 * out_dim * in_dim * _ELEMENT + 3 * _OPERATION
     else:
         products = m * r * (out_dim + in_dim) * batch
         steps = 1.3 * (out_dim + in_dim) * batch * _ELEMENT + 10 * _OPERATION
@@ -320,10 +328,12 @@ def plan_table(
 
 
 @functools.lru_cache(maxsize=256)
-def chain_plan(out_dim: int, in_dim: int, nb_columns: int, chain_length: int) -> ChainPlan:
-    """The :class:`~structurednets_ldr.krylov.ChainPlan` of ``diag(A, B^T)`` (cached: it
-    keeps the plan's index tensors per device)."""
-    return make_chain_plan((out_dim, in_dim), nb_columns, chain_length)
+def chain_plan(
+    out_dim: int, in_dim: int, nb_columns: int, chain_length: int, rank: int = 1
+) -> ChainPlan:
+    """The :class:`~structurednets_ldr.krylov.ChainPlan` of ``diag(A, B^T)`` for ``rank``
+    generators (cached: it keeps the plan's index tensors per device)."""
+    return make_chain_plan((out_dim, in_dim), nb_columns, chain_length, rank=rank)
 
 
 def make_plan(
@@ -362,13 +372,20 @@ def _cut(chain: ChainPlan, r: int) -> int | None:
     return (chain.nb_chains - 1) * r
 
 
-def _starts(A_bands, B_bands, G, H, chain: ChainPlan, keep: bool) -> torch.Tensor:
-    """The chain starts ``(M, r, rows)``; fresh if ``keep`` (saved for backward), else
-    scratch."""
+def _starts(A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
+    """``(starts, S_A, S_B)``: the chain starts ``(M, r, rows)`` if ``keep`` (fresh, saved
+    for backward; else empty), and ``S_A`` ``(out, M r)``, ``S_B`` ``(in, M r)``
+    (contiguous, scratch)."""
     P = power_chunks(combined_coefficients(A_bands, B_bands), chain)
-    shape = (chain.nb_chains, G.shape[1], chain.nb_chunk_rows)
-    out = None if keep else scratch("starts", shape, G)
-    return chain_starts(P, torch.cat((G, H)), chain, out=out)
+    state = coarse_state(P, torch.cat((G, H)), chain)
+    M, chunks, r, q = state.shape
+    S = scratch("S", (chunks * q, M * r), G)
+    S.view(chunks, q, M, r).copy_(state.permute(1, 3, 0, 2))
+    starts = G.new_empty(0)
+    if keep:
+        starts = G.new_empty(M, r, chunks * q)
+        starts.view(M, r, chunks, q).copy_(state.transpose(1, 2))
+    return starts, S[chain.rows(0)], S[chain.rows(1)]
 
 
 def _starts_backward(A_bands, B_bands, starts, gradient, chain: ChainPlan):
@@ -428,7 +445,7 @@ def _horner(A_bands, B_bands, W0, W0_cut, chain: ChainPlan, slots, W=None) -> No
         return made[key]
 
     A_parts = _coefficient_parts(A_bands, rows=True)
-    B_parts = _coefficient_parts(transpose_bands(B_bands), rows=False)
+    B_parts = _transposed_parts(B_bands)
     X_rows, X_columns = _row_parts(X), _column_parts(X)
     slots[b - 2].copy_(W0 if b - 1 < last else W0_cut)
     for step in range(b - 2, 0 if W is None else -1, -1):
@@ -444,11 +461,10 @@ def explicit_forward(A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
     the chain starts and ``W_0 = S_A S_B^T`` ``(out, in)``; else both are empty."""
     out_dim, in_dim = chain.block_sizes
     b = chain.chain_length
-    starts = _starts(A_bands, B_bands, G, H, chain, keep)
-    S_A, S_B = _split_starts(starts, chain)
+    starts, S_A, S_B = _starts(A_bands, B_bands, G, H, chain, keep)
     if b == 1:
         W = S_A @ S_B.T
-        return W, starts if keep else G.new_empty(0), G.new_empty(0)
+        return W, starts, G.new_empty(0)
     shape = (out_dim, in_dim)
     W0 = G.new_empty(shape) if keep else scratch("W0", shape, G)
     W0_cut = _first_term(S_A, S_B, chain, W0)
@@ -528,8 +544,7 @@ def factored_forward(U, A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
     ``Q_l = S_A Z_l + A Q_(l+1)`` ``(out, b, batch)`` for the backward pass; else empty."""
     out_dim, in_dim = chain.block_sizes
     b, last, batch = chain.chain_length, chain.last_chain_length, U.shape[0]
-    starts = _starts(A_bands, B_bands, G, H, chain, keep)
-    S_A, S_B = _split_starts(starts, chain)
+    starts, S_A, S_B = _starts(A_bands, B_bands, G, H, chain, keep)
     columns = S_A.shape[1]
 
     def new(name: str, shape: tuple[int, ...]) -> torch.Tensor:
