@@ -104,10 +104,11 @@ def _coefficient_parts(bands: torch.Tensor, rows: bool) -> tuple[torch.Tensor, .
     return centre, minus[1:], minus[:1], plus[:-1], plus[-1:]
 
 
-def _transposed_parts(bands: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """:func:`_coefficient_parts` (as rows) of the transpose of ``bands``, without forming
-    its bands (``transpose_bands`` is two rolls and a stack)."""
-    minus, centre, plus = bands  # the transpose's minus band is plus rolled, and so on
+def _transposed_parts(bands: torch.Tensor, rows: bool = False) -> tuple[torch.Tensor, ...]:
+    """:func:`_coefficient_parts` of the transpose of ``bands``, without forming its bands
+    (``transpose_bands`` is two rolls and a stack)."""
+    # the transpose's minus band is plus rolled, and so on
+    minus, centre, plus = (band.unsqueeze(1) for band in bands) if rows else bands
     return centre, plus[:-1], plus[-1:], minus[1:], minus[:1]
 
 
@@ -507,16 +508,20 @@ def explicit_backward(dW, A_bands, B_bands, starts, W0, chain: ChainPlan):
             )
         horner = scratch("horner", (out_dim, b - 1, in_dim), W0)
         _horner(A_bands, B_bands, W0, W0_cut, chain, horner.unbind(1))
-        A_T = transpose_bands(A_bands)
         X_step = scratch("A_H", shape, dW)
         dX = scratch("dX", shape, dW)
-        for step in range(b - 1):
+        # coefficients and slices made once (every slicing is an operation of its own)
+        A_rows, A_T_rows = _coefficient_parts(A_bands, True), _transposed_parts(A_bands, True)
+        B_columns = _coefficient_parts(B_bands, rows=False)  # dX = dH B^T
+        X_rows, dX_rows, dX_columns = _row_parts(X_step), _row_parts(dX), _column_parts(dX)
+        dH_rows, dH_columns = _row_parts(dH), _column_parts(dH)
+        for step, H_next in enumerate(horner.unbind(1)):
             # H_l = W0 + X_l B and X_l = A H_(l+1)
-            _stencil_rows(A_bands, horner[:, step], X_step)
+            _stencil(A_rows, H_next, _row_parts(H_next), X_step, X_rows)
             dB += _band_dots(X_step.T, dH.T)
-            _stencil_columns(B_bands, dH, dX)
-            dA += _band_dots(dX, horner[:, step])
-            _stencil_rows(A_T, dX, dH)
+            _stencil(B_columns, dH, dH_columns, dX, dX_columns)
+            dA += _band_dots(dX, H_next)
+            _stencil(A_T_rows, dX, dX_rows, dH, dH_rows)
             D_all += dH
             if D_early is not None and step + 1 < last:
                 D_early += dH
