@@ -16,8 +16,11 @@ them. The chunks come out of ``b`` steps of a small recursion on ``(chunks, w, q
 (``T^T`` applied to the unit vectors of the chunk's rows inside the window, which a walk of
 ``b`` steps never leaves, so it is exact even where a window wraps around a small periodic
 block); its adjoint is :func:`power_chunks_backward`. A coarse step is one batched product of
-``(r x w)`` by ``(w x q)`` blocks: keeping the state as ``(r, rows)`` (not ``(rows, r)``)
-makes the small products several times faster.
+``(r x w)`` by ``(w x q)`` blocks (faster than ``(q x w)`` by ``(w x r)`` for small ``r``),
+with the state in the layout ``(chunks, r, q)``: one ``index_select`` gathers the windows
+and ``bmm(out=)`` writes the next chain's starts in place, two operations per step, which is
+what counts at small sizes (Python and dispatch, not arithmetic). The adjoint steps are one
+``bmm`` and one ``scatter_add_`` each, straight in the layout ``(r, rows)``.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ __all__ = [
     "ChainPlan",
     "chain_starts",
     "chain_starts_backward",
+    "coarse_state",
     "combined_coefficients",
     "combined_coefficients_backward",
-    "coarse_state",
     "default_chunk_size",
     "even_chains",
     "make_chain_plan",
@@ -244,9 +247,7 @@ def _power_gather(plan: ChainPlan, device: torch.device) -> torch.Tensor:
         idx = plan.indices(device)
         N = idx.nb_minus.shape[0]
         real = idx.window_real.reshape(-1)
-        plan._cache[key] = torch.cat(
-            (2 * N + idx.nb_minus[real], N + real, idx.nb_plus[real])
-        )
+        plan._cache[key] = torch.cat((2 * N + idx.nb_minus[real], N + real, idx.nb_plus[real]))
     return plan._cache[key]
 
 

@@ -56,9 +56,7 @@ def _weight(
     chain_length: int,
     keep: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    chain = chain_plan(
-        A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, G.shape[1]
-    )
+    chain = chain_plan(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, G.shape[1])
     with _without_autocast(A_bands):
         return explicit_forward(A_bands, B_bands, G, H, chain, keep)
 
@@ -146,9 +144,7 @@ def _product(
     chain_length: int,
     keep: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    chain = chain_plan(
-        A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, G.shape[1]
-    )
+    chain = chain_plan(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, G.shape[1])
     with _without_autocast(U):
         return factored_forward(U, A_bands, B_bands, G, H, chain, keep)
 
