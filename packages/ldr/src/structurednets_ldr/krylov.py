@@ -16,8 +16,11 @@ them. The chunks come out of ``b`` steps of a small recursion on ``(chunks, w, q
 (``T^T`` applied to the unit vectors of the chunk's rows inside the window, which a walk of
 ``b`` steps never leaves, so it is exact even where a window wraps around a small periodic
 block); its adjoint is :func:`power_chunks_backward`. A coarse step is one batched product of
-``(r x w)`` by ``(w x q)`` blocks: keeping the state as ``(r, rows)`` (not ``(rows, r)``)
-makes the small products several times faster.
+``(r x w)`` by ``(w x q)`` blocks (faster than ``(q x w)`` by ``(w x r)`` for small ``r``),
+with the state in the layout ``(chunks, r, q)``: one ``index_select`` gathers the windows
+and ``bmm(out=)`` writes the next chain's starts in place, two operations per step, which is
+what counts at small sizes (Python and dispatch, not arithmetic). The adjoint steps are one
+``bmm`` and one ``scatter_add_`` each, straight in the layout ``(r, rows)``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "ChainPlan",
     "chain_starts",
     "chain_starts_backward",
+    "coarse_state",
     "combined_coefficients",
     "combined_coefficients_backward",
     "default_chunk_size",
@@ -115,18 +119,44 @@ class ChainPlan:
             self._cache[key] = _build_indices(self, torch.device(device))
         return self._cache[key]
 
+    def window_gather(self, device: torch.device, rank: int) -> torch.Tensor:
+        """``(chunks * r * w,)`` flat indices into a state of layout ``(chunks, r, q)`` that
+        gather its windows ``(chunks, r, w)`` in one ``index_select``."""
+        key = (str(device), "gather", rank)
+        if key not in self._cache:
+            q, w = self.chunk_size, self.window
+            rows = self.indices(device).window_rows.view(self.nb_chunks, 1, w)
+            generators = torch.arange(rank, device=rows.device).view(1, rank, 1)
+            self._cache[key] = (rows // q * rank + generators) * q + rows % q
+        return self._cache[key].reshape(-1)
+
+    def window_scatter(self, device: torch.device, rank: int) -> torch.Tensor:
+        """``(chunks * r * w,)`` flat indices into a state of layout ``(r, rows)`` of the
+        window slots ``(chunks, r, w)`` (the adjoint of :meth:`window_gather`'s gather)."""
+        key = (str(device), "scatter", rank)
+        if key not in self._cache:
+            rows = self.indices(device).window_rows.view(self.nb_chunks, 1, self.window)
+            generators = torch.arange(rank, device=rows.device).view(1, rank, 1)
+            self._cache[key] = (generators * self.nb_chunk_rows + rows).reshape(-1)
+        return self._cache[key]
+
 
 def make_chain_plan(
-    block_sizes: tuple[int, ...], nb_columns: int, chain_length: int, chunk_size: int | None = None
+    block_sizes: tuple[int, ...],
+    nb_columns: int,
+    chain_length: int,
+    chunk_size: int | None = None,
+    rank: int = 1,
 ) -> ChainPlan:
-    """A :class:`ChainPlan`; the chain length is evened out so that ``M b - m < M``."""
+    """A :class:`ChainPlan`; the chain length is evened out so that ``M b - m < M``; the
+    default chunk size depends on the number ``rank`` of vectors per block."""
     if nb_columns < 1 or not block_sizes or min(block_sizes) < 1:
         raise ValueError(
             f"need nb_columns >= 1 and block sizes >= 1, got {nb_columns}, {block_sizes}"
         )
     chain_length, nb_chains = even_chains(nb_columns, chain_length)
     if chunk_size is None:
-        chunk_size = default_chunk_size(chain_length, max(block_sizes))
+        chunk_size = default_chunk_size(chain_length, max(block_sizes), rank)
     return ChainPlan(
         tuple(int(n) for n in block_sizes), int(nb_columns), chain_length, nb_chains, chunk_size
     )
@@ -139,19 +169,28 @@ def even_chains(nb_columns: int, chain_length: int) -> tuple[int, int]:
     return math.ceil(nb_columns / nb_chains), nb_chains
 
 
-def default_chunk_size(chain_length: int, largest_block):
-    """``q``: ``(r x w) @ (w x q)`` products are fastest for ``q`` about ``2 b``.
+def default_chunk_size(chain_length: int, largest_block, rank: int = 1):
+    """``q = max(16, 2 b)``, and at least so large that ``r w q = r (q + 2 b) q >= 400``.
+
+    The coarse steps are ``(r x w) @ (w x q)`` products of ``w = q + 2 b`` columns: ``q``
+    about ``2 b`` keeps the zeros of the window few, but for short chains more, smaller
+    products cost more than the zeros (measured, one thread: ``q = 16`` to ``24`` are
+    equally fast for ``b = 4 .. 10`` at 128 to 512, ``q = 8`` or ``12`` up to 20% slower),
+    and with ``r w q < 400`` ``torch.bmm`` on CPU takes a naive loop, several times slower.
 
     Works on symbolic sizes too (for shape functions under ``torch.compile``).
     """
-    return torch.sym_min(max(4, 2 * chain_length), largest_block)
+    q = max(16, 2 * chain_length)
+    while rank * q * (q + 2 * chain_length) < 400:
+        q += 1
+    return torch.sym_min(q, largest_block)
 
 
 def starts_shape(out_dim, in_dim, rank: int, nb_columns: int, chain_length: int) -> tuple:
     """Shape ``(M, r, rows)`` of the chain starts of ``diag(A, B^T)``, from sizes alone
     (symbolic ones included): what :func:`chain_starts` returns for that plan."""
     chain_length, nb_chains = even_chains(nb_columns, chain_length)
-    q = default_chunk_size(chain_length, torch.sym_max(out_dim, in_dim))
+    q = default_chunk_size(chain_length, torch.sym_max(out_dim, in_dim), rank)
     return nb_chains, rank, ((out_dim + q - 1) // q + (in_dim + q - 1) // q) * q
 
 
@@ -200,13 +239,22 @@ def combined_coefficients_backward(
     return gradient[:, :out_dim], of_B
 
 
-def _power_windows(coefficients: torch.Tensor, idx: _Indices) -> torch.Tensor:
-    """``(3, chunks, 1, w + 2)``: the bands of ``T^T`` at every window slot, with a zero
-    slot at each end."""
-    transposed = torch.stack(
-        (coefficients[2][idx.nb_minus], coefficients[1], coefficients[0][idx.nb_plus])
-    )
-    return torch.nn.functional.pad(transposed[:, idx.window_real], (1, 1)).unsqueeze(2)
+def _power_gather(plan: ChainPlan, device: torch.device) -> torch.Tensor:
+    """``(3 * chunks * w,)`` flat indices into ``coefficients`` ``(3, N)`` of the bands of
+    ``T^T`` at every window slot (see :func:`_power_windows`)."""
+    key = (str(device), "power_gather")
+    if key not in plan._cache:
+        idx = plan.indices(device)
+        N = idx.nb_minus.shape[0]
+        real = idx.window_real.reshape(-1)
+        plan._cache[key] = torch.cat((2 * N + idx.nb_minus[real], N + real, idx.nb_plus[real]))
+    return plan._cache[key]
+
+
+def _power_windows(coefficients: torch.Tensor, plan: ChainPlan) -> torch.Tensor:
+    """``(3, chunks, 1, w)``: the bands of ``T^T`` at every window slot."""
+    flat = coefficients.reshape(-1).index_select(0, _power_gather(plan, coefficients.device))
+    return flat.view(3, plan.nb_chunks, 1, plan.window)
 
 
 def power_steps(coefficients: torch.Tensor, plan: ChainPlan, keep: bool = True) -> torch.Tensor:
@@ -217,23 +265,35 @@ def power_steps(coefficients: torch.Tensor, plan: ChainPlan, keep: bool = True) 
     The window slots are the last, contiguous dimension: the shifts of the recursion are
     then offsets along rows of ``w + 2`` numbers, several times faster than along ``q``.
     """
-    idx = plan.indices(coefficients.device)
-    window = _power_windows(coefficients, idx)
-    centre, minus, plus = window[1, ..., 1:-1], window[0, ..., 1:-1], window[2, ..., 1:-1]
+    minus, centre, plus = _power_windows(coefficients, plan).unbind(0)
     steps = plan.chain_length + 1 if keep else 2
     shape = (steps, plan.nb_chunks, plan.chunk_size, plan.window + 2)
     powers = scratch("powers", shape, coefficients)
-    powers[..., 0].zero_()
-    powers[..., -1].zero_()
-    powers[0, ..., 1:-1] = idx.unit.transpose(1, 2)
+    powers[0].copy_(_padded_unit(plan, coefficients))
+    powers[1:, ..., 0].zero_()
+    powers[1:, ..., -1].zero_()
+    # every view made once: each slicing is an operation of its own
+    middle, left, right = (
+        powers[..., 1:-1].unbind(0),
+        powers[..., :-2].unbind(0),
+        powers[..., 2:].unbind(0),
+    )
     for step in range(plan.chain_length):
         # next[p] = w1[p] power[p] + w0[p] power[p - 1] + w2[p] power[p + 1]
-        power = powers[step % steps]
-        target = powers[(step + 1) % steps, ..., 1:-1]
-        torch.mul(power[..., 1:-1], centre, out=target)
-        target.addcmul_(power[..., :-2], minus)
-        target.addcmul_(power[..., 2:], plus)
+        now, target = step % steps, middle[(step + 1) % steps]
+        torch.mul(middle[now], centre, out=target)
+        target.addcmul_(left[now], minus)
+        target.addcmul_(right[now], plus)
     return powers if keep else powers[plan.chain_length % 2 :][:1]
+
+
+def _padded_unit(plan: ChainPlan, like: torch.Tensor) -> torch.Tensor:
+    """Step 0 of :func:`power_steps`: ``unit`` transposed, with zero end slots."""
+    key = (str(like.device), like.dtype, "padded_unit")
+    if key not in plan._cache:
+        unit = plan.indices(like.device).unit.transpose(1, 2)
+        plan._cache[key] = torch.nn.functional.pad(unit, (1, 1)).to(like.dtype).contiguous()
+    return plan._cache[key]
 
 
 def power_chunks(coefficients: torch.Tensor, plan: ChainPlan) -> torch.Tensor | None:
@@ -254,7 +314,7 @@ def power_chunks_backward(
     """Gradient ``(3, N)`` of ``coefficients`` from the gradient ``(chunks, w, q)`` of
     :func:`power_chunks`, given the steps ``powers`` of :func:`power_steps` (``keep=True``)."""
     idx = plan.indices(coefficients.device)
-    window = _power_windows(coefficients, idx)
+    window = torch.nn.functional.pad(_power_windows(coefficients, plan), (1, 1))
     b = plan.chain_length
     # gradients of every step, with zero end slots like the steps themselves
     of_powers = scratch("power_gradients", tuple(powers.shape), coefficients)
@@ -282,6 +342,44 @@ def power_chunks_backward(
     return result
 
 
+def _cached(plan: ChainPlan, key: tuple, make) -> torch.Tensor:
+    if key not in plan._cache:
+        plan._cache[key] = make()
+    return plan._cache[key]
+
+
+def _state_positions(plan: ChainPlan, device: torch.device, rank: int) -> torch.Tensor:
+    """``(N * r,)`` flat positions of ``X[i, k]`` in a state of layout ``(chunks, r, q)``."""
+
+    def make():
+        rows = plan.indices(device).chunk_rows[:, None]
+        generators = torch.arange(rank, device=rows.device)
+        q = plan.chunk_size
+        return ((rows // q * rank + generators) * q + rows % q).reshape(-1)
+
+    return _cached(plan, (str(device), "positions", rank), make)
+
+
+def coarse_state(P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan) -> torch.Tensor:
+    """The chain starts in the layout ``(M, chunks, r, q)`` (scratch): ``[J, c, k, li]`` is
+    ``(T^(J b) X)[row li of chunk c, k]``, zero in the padding rows."""
+    r, q, w, chunks, M = X.shape[1], plan.chunk_size, plan.window, plan.nb_chunks, plan.nb_chains
+    state = scratch("chain_state", (M, chunks, r, q), X)
+    flat, blocks = state.view(M, -1).unbind(0), state.unbind(0)
+    flat[0].zero_()  # the padding rows; later chains are written whole
+    flat[0].index_put_((_state_positions(plan, X.device, r),), X.reshape(-1))
+    if M == 1:
+        return state
+    # one gather of the windows and one batched product that writes the next state in
+    # place: no copies or transposes per step
+    window = X.new_empty(chunks, r, w)
+    window_flat, gather = window.view(-1), plan.window_gather(X.device, r)
+    for J in range(M - 1):
+        torch.index_select(flat[J], 0, gather, out=window_flat)
+        torch.bmm(window, P, out=blocks[J + 1])
+    return state
+
+
 def chain_starts(
     P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -290,14 +388,10 @@ def chain_starts(
     ``X`` is ``(N, r)``, the vectors of every block stacked (``[G; H]`` for an LDR matrix).
     Written into ``out`` if given.
     """
-    idx = plan.indices(X.device)
-    r, q, w, chunks = X.shape[1], plan.chunk_size, plan.window, plan.nb_chunks
-    starts = X.new_empty(plan.nb_chains, r, plan.nb_chunk_rows) if out is None else out
-    starts[0].zero_()  # the padding rows; later chains are written whole
-    starts[0][:, idx.chunk_rows] = X.T
-    for J in range(plan.nb_chains - 1):
-        window = starts[J].index_select(1, idx.window_rows).view(r, chunks, w).transpose(0, 1)
-        starts[J + 1].view(r, chunks, q).copy_(torch.bmm(window, P).transpose(0, 1))
+    r, q, chunks, M = X.shape[1], plan.chunk_size, plan.nb_chunks, plan.nb_chains
+    state = coarse_state(P, X, plan)
+    starts = X.new_empty(M, r, plan.nb_chunk_rows) if out is None else out
+    starts.view(M, r, chunks, q).copy_(state.transpose(1, 2))
     return starts
 
 
@@ -315,9 +409,14 @@ def chain_starts_backward(
     if P is None:
         return None, gradient[0][:, idx.chunk_rows].T
     P_T = P.transpose(1, 2)
+    # one batched product and one scatter_add_ per step, straight in the layout (r, rows)
+    blocks = gradient.view(M, r, chunks, q).transpose(1, 2).unbind(0)
+    flat = gradient.view(M, -1).unbind(0)
+    spread = gradient.new_empty(chunks, r, w)
+    spread_flat, scatter_to = spread.view(-1), plan.window_scatter(starts.device, r)
     for J in range(M - 2, -1, -1):
-        spread = torch.bmm(gradient[J + 1].view(r, chunks, q).transpose(0, 1), P_T)
-        gradient[J].index_add_(1, idx.window_rows, spread.transpose(0, 1).reshape(r, -1))
+        torch.bmm(blocks[J + 1], P_T, out=spread)
+        flat[J].scatter_add_(0, scatter_to, spread_flat)
     windows = scratch("chain_windows", ((M - 1) * r, chunks * w), starts)
     torch.index_select(starts[: M - 1].view((M - 1) * r, -1), 1, idx.window_rows, out=windows)
     windows = windows.view((M - 1) * r, chunks, w).permute(1, 2, 0)

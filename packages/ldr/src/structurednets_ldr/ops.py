@@ -56,7 +56,7 @@ def _weight(
     chain_length: int,
     keep: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    chain = chain_plan(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length)
+    chain = chain_plan(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, G.shape[1])
     with _without_autocast(A_bands):
         return explicit_forward(A_bands, B_bands, G, H, chain, keep)
 
@@ -85,7 +85,9 @@ def _weight_backward(
     nb_columns: int,
     chain_length: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    chain = chain_plan(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length)
+    chain = chain_plan(
+        A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, starts.shape[1]
+    )
     with _without_autocast(dW):
         return explicit_backward(dW, A_bands, B_bands, starts, W0, chain)
 
@@ -142,7 +144,7 @@ def _product(
     chain_length: int,
     keep: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    chain = chain_plan(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length)
+    chain = chain_plan(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, G.shape[1])
     with _without_autocast(U):
         return factored_forward(U, A_bands, B_bands, G, H, chain, keep)
 
@@ -177,7 +179,9 @@ def _product_backward(
     chain_length: int,
     input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    chain = chain_plan(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length)
+    chain = chain_plan(
+        A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, starts.shape[1]
+    )
     with _without_autocast(dY):
         return factored_backward(dY, U, A_bands, B_bands, starts, V, Z, Q, chain, input_grad)
 

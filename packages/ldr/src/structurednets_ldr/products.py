@@ -30,10 +30,11 @@ import torch
 
 from structurednets_ldr.krylov import (
     ChainPlan,
-    chain_starts,
     chain_starts_backward,
+    coarse_state,
     combined_coefficients,
     combined_coefficients_backward,
+    default_chunk_size,
     make_chain_plan,
     power_chunks,
     power_chunks_backward,
@@ -84,6 +85,49 @@ def _stencil_columns(bands_T, source, target, base=None) -> None:
     target[:, -1:].addcmul_(source[:, :1], plus[-1:])
 
 
+def _row_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The views ``[1:]``, ``[:1]``, ``[:-1]``, ``[-1:]`` along the first dimension, which a
+    periodic three-band stencil on rows reads and writes (made once per buffer, since every
+    slicing is an operation of its own)."""
+    return tensor[1:], tensor[:1], tensor[:-1], tensor[-1:]
+
+
+def _column_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`_row_parts` along the second dimension."""
+    return tensor[:, 1:], tensor[:, :1], tensor[:, :-1], tensor[:, -1:]
+
+
+def _coefficient_parts(bands: torch.Tensor, rows: bool) -> tuple[torch.Tensor, ...]:
+    """``(centre, minus[1:], minus[:1], plus[:-1], plus[-1:])`` of periodic three-band
+    ``bands`` ``(3, n)``, as columns (for :func:`_row_parts`) or as rows."""
+    minus, centre, plus = (band.unsqueeze(1) for band in bands) if rows else bands
+    return centre, minus[1:], minus[:1], plus[:-1], plus[-1:]
+
+
+def _transposed_parts(bands: torch.Tensor, rows: bool = False) -> tuple[torch.Tensor, ...]:
+    """:func:`_coefficient_parts` of the transpose of ``bands``, without forming its bands
+    (``transpose_bands`` is two rolls and a stack)."""
+    # the transpose's minus band is plus rolled, and so on
+    minus, centre, plus = (band.unsqueeze(1) for band in bands) if rows else bands
+    return centre, plus[:-1], plus[-1:], minus[1:], minus[:1]
+
+
+def _stencil(coefficients, source, source_parts, target, target_parts, base=None) -> None:
+    """``target = base + stencil(source)`` with the parts made by :func:`_coefficient_parts`
+    and :func:`_row_parts` (rows) or :func:`_column_parts` (columns): five operations."""
+    centre, minus_tail, minus_head, plus_init, plus_last = coefficients
+    source_tail, source_head, source_init, source_last = source_parts
+    target_tail, target_head, target_init, target_last = target_parts
+    if base is None:
+        torch.mul(source, centre, out=target)
+    else:
+        torch.addcmul(base, source, centre, out=target)
+    target_tail.addcmul_(source_init, minus_tail)
+    target_head.addcmul_(source_last, minus_head)
+    target_init.addcmul_(source_tail, plus_init)
+    target_last.addcmul_(source_head, plus_last)
+
+
 @functools.lru_cache(maxsize=64)
 def _boundary_indices(n: int, covered: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Rows of :func:`_band_dots` outside the chunked interior and their three neighbours."""
@@ -131,7 +175,7 @@ def _band_dots(left: torch.Tensor, right: torch.Tensor, chunk: int = 16) -> torc
 _MULTIPLY_ADD = 2e-11
 _ELEMENT = 3e-10
 _OPERATION = 5e-6
-_COARSE_STEP = 25e-6
+_COARSE_STEP = 10e-6
 _COARSE_ROW = 4e-9
 
 
@@ -181,13 +225,13 @@ def _estimate_forward(explicit: bool, out_dim, in_dim, m, r, batch, b, M) -> flo
     """The forward pass alone (no gradient wanted), fitted like :func:`_estimate` to
     single-thread timings at 128 to 1024: longer chains pay off here, since no backward
     pass runs the ``M - 1`` coarse steps and the Horner steps again."""
-    q = max(4, 2 * b)
+    q = default_chunk_size(b, max(out_dim, in_dim), r)
     chunks = math.ceil(out_dim / q) + math.ceil(in_dim / q)
-    coarse = (M - 1) * (6e-6 + 2e-7 * chunks + 1.5e-9 * (out_dim + in_dim) * r)
-    powers = (2.75 * b * b * (out_dim + in_dim) * _ELEMENT + 3.3 * b * _OPERATION) * (M > 1)
+    coarse = (M - 1) * (2e-6 + 2e-7 * chunks + 1.5e-9 * (out_dim + in_dim) * r)
+    powers = (2.75 * b * b * (out_dim + in_dim) * _ELEMENT + (1.4 * b + 6) * _OPERATION) * (M > 1)
     if explicit:
         products = out_dim * in_dim * (M * r + (batch or 0))
-        steps = 2.6 * out_dim * in_dim * _ELEMENT + 8 * _OPERATION
+        steps = 2.6 * out_dim * in_dim * _ELEMENT + 3 * _OPERATION
     else:
         products = m * r * (out_dim + in_dim) * batch
         steps = 1.3 * (out_dim + in_dim) * batch * _ELEMENT + 10 * _OPERATION
@@ -285,10 +329,12 @@ def plan_table(
 
 
 @functools.lru_cache(maxsize=256)
-def chain_plan(out_dim: int, in_dim: int, nb_columns: int, chain_length: int) -> ChainPlan:
-    """The :class:`~structurednets_ldr.krylov.ChainPlan` of ``diag(A, B^T)`` (cached: it
-    keeps the plan's index tensors per device)."""
-    return make_chain_plan((out_dim, in_dim), nb_columns, chain_length)
+def chain_plan(
+    out_dim: int, in_dim: int, nb_columns: int, chain_length: int, rank: int = 1
+) -> ChainPlan:
+    """The :class:`~structurednets_ldr.krylov.ChainPlan` of ``diag(A, B^T)`` for ``rank``
+    generators (cached: it keeps the plan's index tensors per device)."""
+    return make_chain_plan((out_dim, in_dim), nb_columns, chain_length, rank=rank)
 
 
 def make_plan(
@@ -327,13 +373,20 @@ def _cut(chain: ChainPlan, r: int) -> int | None:
     return (chain.nb_chains - 1) * r
 
 
-def _starts(A_bands, B_bands, G, H, chain: ChainPlan, keep: bool) -> torch.Tensor:
-    """The chain starts ``(M, r, rows)``; fresh if ``keep`` (saved for backward), else
-    scratch."""
+def _starts(A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
+    """``(starts, S_A, S_B)``: the chain starts ``(M, r, rows)`` if ``keep`` (fresh, saved
+    for backward; else empty), and ``S_A`` ``(out, M r)``, ``S_B`` ``(in, M r)``
+    (contiguous, scratch)."""
     P = power_chunks(combined_coefficients(A_bands, B_bands), chain)
-    shape = (chain.nb_chains, G.shape[1], chain.nb_chunk_rows)
-    out = None if keep else scratch("starts", shape, G)
-    return chain_starts(P, torch.cat((G, H)), chain, out=out)
+    state = coarse_state(P, torch.cat((G, H)), chain)
+    M, chunks, r, q = state.shape
+    S = scratch("S", (chunks * q, M * r), G)
+    S.view(chunks, q, M, r).copy_(state.permute(1, 3, 0, 2))
+    starts = G.new_empty(0)
+    if keep:
+        starts = G.new_empty(M, r, chunks * q)
+        starts.view(M, r, chunks, q).copy_(state.transpose(1, 2))
+    return starts, S[chain.rows(0)], S[chain.rows(1)]
 
 
 def _starts_backward(A_bands, B_bands, starts, gradient, chain: ChainPlan):
@@ -377,18 +430,31 @@ def _first_term(S_A, S_B, chain: ChainPlan, W0: torch.Tensor) -> torch.Tensor:
     return W0_cut
 
 
-def _horner(A_bands, B_bands, W0, W0_cut, chain: ChainPlan, slot, W=None) -> None:
+def _horner(A_bands, B_bands, W0, W0_cut, chain: ChainPlan, slots, W=None) -> None:
     """Horner's rule ``H_(b-1) = W_0``, ``H_l = W_0 + A H_(l+1) B`` (``W_0`` without the cut
-    chain past its end): ``H_(l+1)`` goes to ``slot(l)`` (``(out, in)`` views, ``l < b - 1``)
-    and ``H_0 = W`` to ``W``, or stops at ``H_1`` when ``W`` is ``None``."""
+    chain past its end): ``H_(l+1)`` goes to ``slots[l]`` (``(out, in)`` views, ``l < b - 1``;
+    the same tensor may serve several) and ``H_0 = W`` to ``W``, or stops at ``H_1`` when
+    ``W`` is ``None``."""
     b, last = chain.chain_length, chain.last_chain_length
-    B_T = transpose_bands(B_bands)
     X = scratch("A_H", W0.shape, W0)
-    slot(b - 2).copy_(W0 if b - 1 < last else W0_cut)
+    rows, columns = {}, {}  # the slices of every buffer, made once
+
+    def parts(tensor, made, make):
+        key = (tensor.data_ptr(), tensor.stride())
+        if key not in made:
+            made[key] = make(tensor)
+        return made[key]
+
+    A_parts = _coefficient_parts(A_bands, rows=True)
+    B_parts = _transposed_parts(B_bands)
+    X_rows, X_columns = _row_parts(X), _column_parts(X)
+    slots[b - 2].copy_(W0 if b - 1 < last else W0_cut)
     for step in range(b - 2, 0 if W is None else -1, -1):
-        _stencil_rows(A_bands, slot(step), X)
-        target = slot(step - 1) if step > 0 else W
-        _stencil_columns(B_T, X, target, base=W0 if step < last else W0_cut)
+        source = slots[step]
+        _stencil(A_parts, source, parts(source, rows, _row_parts), X, X_rows)
+        target = slots[step - 1] if step > 0 else W
+        base = W0 if step < last else W0_cut
+        _stencil(B_parts, X, X_columns, target, parts(target, columns, _column_parts), base)
 
 
 def explicit_forward(A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
@@ -396,17 +462,17 @@ def explicit_forward(A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
     the chain starts and ``W_0 = S_A S_B^T`` ``(out, in)``; else both are empty."""
     out_dim, in_dim = chain.block_sizes
     b = chain.chain_length
-    starts = _starts(A_bands, B_bands, G, H, chain, keep)
-    S_A, S_B = _split_starts(starts, chain)
+    starts, S_A, S_B = _starts(A_bands, B_bands, G, H, chain, keep)
     if b == 1:
         W = S_A @ S_B.T
-        return W, starts if keep else G.new_empty(0), G.new_empty(0)
+        return W, starts, G.new_empty(0)
     shape = (out_dim, in_dim)
     W0 = G.new_empty(shape) if keep else scratch("W0", shape, G)
     W0_cut = _first_term(S_A, S_B, chain, W0)
     pair = scratch("horner", (2, *shape), G)  # H_(l+1) in turn
     W = G.new_empty(shape)
-    _horner(A_bands, B_bands, W0, W0_cut, chain, lambda step: pair[step % 2], W)
+    slots = pair.unbind(0) * (b // 2)
+    _horner(A_bands, B_bands, W0, W0_cut, chain, slots, W)
     if not keep:
         return W, G.new_empty(0), G.new_empty(0)
     return W, starts, W0
@@ -441,17 +507,21 @@ def explicit_backward(dW, A_bands, B_bands, starts, W0, chain: ChainPlan):
                 out=scratch("W0_cut", shape, W0),
             )
         horner = scratch("horner", (out_dim, b - 1, in_dim), W0)
-        _horner(A_bands, B_bands, W0, W0_cut, chain, lambda step: horner[:, step])
-        A_T = transpose_bands(A_bands)
+        _horner(A_bands, B_bands, W0, W0_cut, chain, horner.unbind(1))
         X_step = scratch("A_H", shape, dW)
         dX = scratch("dX", shape, dW)
-        for step in range(b - 1):
+        # coefficients and slices made once (every slicing is an operation of its own)
+        A_rows, A_T_rows = _coefficient_parts(A_bands, True), _transposed_parts(A_bands, True)
+        B_columns = _coefficient_parts(B_bands, rows=False)  # dX = dH B^T
+        X_rows, dX_rows, dX_columns = _row_parts(X_step), _row_parts(dX), _column_parts(dX)
+        dH_rows, dH_columns = _row_parts(dH), _column_parts(dH)
+        for step, H_next in enumerate(horner.unbind(1)):
             # H_l = W0 + X_l B and X_l = A H_(l+1)
-            _stencil_rows(A_bands, horner[:, step], X_step)
+            _stencil(A_rows, H_next, _row_parts(H_next), X_step, X_rows)
             dB += _band_dots(X_step.T, dH.T)
-            _stencil_columns(B_bands, dH, dX)
-            dA += _band_dots(dX, horner[:, step])
-            _stencil_rows(A_T, dX, dH)
+            _stencil(B_columns, dH, dH_columns, dX, dX_columns)
+            dA += _band_dots(dX, H_next)
+            _stencil(A_T_rows, dX, dX_rows, dH, dH_rows)
             D_all += dH
             if D_early is not None and step + 1 < last:
                 D_early += dH
@@ -479,8 +549,7 @@ def factored_forward(U, A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
     ``Q_l = S_A Z_l + A Q_(l+1)`` ``(out, b, batch)`` for the backward pass; else empty."""
     out_dim, in_dim = chain.block_sizes
     b, last, batch = chain.chain_length, chain.last_chain_length, U.shape[0]
-    starts = _starts(A_bands, B_bands, G, H, chain, keep)
-    S_A, S_B = _split_starts(starts, chain)
+    starts, S_A, S_B = _starts(A_bands, B_bands, G, H, chain, keep)
     columns = S_A.shape[1]
 
     def new(name: str, shape: tuple[int, ...]) -> torch.Tensor:

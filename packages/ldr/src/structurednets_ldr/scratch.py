@@ -16,7 +16,7 @@ Rules that make this safe:
 - only CPU tensors between 1 MiB and 256 MiB (float32) go through here; others are
   allocated as usual.
 
-Lifetime: a thread keeps its buffers, at most about ``b + 8`` matrices of the largest layer it
+Lifetime: a thread keeps its buffers, at most about ``b + 10`` matrices of the largest layer it
 ran (``b`` the chain length), until it ends or calls :func:`release_scratch`.
 """
 
