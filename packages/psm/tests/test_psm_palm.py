@@ -115,3 +115,19 @@ def test_bad_settings_and_projections_are_rejected():
         PSMLayer(16, 16, 0.5, initial_weight_matrix=np.eye(16), palm_settings={"max_sweeps": 3})
     with pytest.raises(ValueError, match="projection must be 'global' or 'rowcol'"):
         project(torch.eye(3), 2, "diagonal")
+
+
+@pytest.mark.parametrize("share", [0.05, 0.2])
+def test_fit_stays_within_budget_when_row_column_projections_win(share):
+    # A smooth rectangular kernel, where the row/column mode wins the search. Its refinement
+    # once kept the supports of an unfinished continuation (and grew row/column supports):
+    # 256 x 512 at share 0.1 came out with 17,135 nonzeros for a budget of 13,107.
+    x, y = np.linspace(0, 1, 128), np.linspace(0, 1, 64)
+    target = 1.0 / (1.0 + 50.0 * np.abs(y[:, None] - x[None, :]))
+    layer = PSMLayer(128, 64, share, use_bias=False, initial_weight_matrix=target)
+    assert layer.fit.strategy.projection == "rowcol"
+    assert layer.nb_weight_parameters <= layer.weight_budget
+    singular_values = np.linalg.svd(target, compute_uv=False)
+    rank = layer.weight_budget // (128 + 64)  # truncated SVD with the same budget
+    low_rank = np.sqrt((singular_values[rank:] ** 2).sum() / (singular_values**2).sum())
+    assert relative_error(layer, target) < low_rank

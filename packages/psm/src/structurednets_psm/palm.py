@@ -296,6 +296,8 @@ def _palm(
     tightening = max(1, math.ceil(0.7 * nb_sweeps))
     for sweep in range(nb_sweeps):
         factor = continuation ** max(0.0, 1.0 - sweep / tightening) if continuation > 1 else 1.0
+        if sweep == nb_sweeps - 1:
+            factor = 1.0  # a run always ends at the final sparsity (a short run too)
         # Products on the side not yet updated in this sweep.
         if left_to_right:
             fixed = [_product(factors[j + 1 :]) for j in range(count)]
@@ -486,6 +488,8 @@ class _HierarchicalRun:
         cycle lets the supports move again. Keeps the best state seen; stops after two
         cycles without improvement, or once the factorisation is exact."""
         key = (self.key, "global", len(self.shapes))
+        # Row/column projections may keep more than k_j entries; global ones keep exactly k_j.
+        self.state.projections = ["global"] * len(self.state.factors)
         best_error, best = self.error(), self._snapshot()
         failures = 0
         while nb_sweeps > 0 and best_error > _EXACT and failures < 2:
@@ -816,6 +820,12 @@ def _finish(run: _HierarchicalRun, nb_updates: int) -> Factorization:
     else:
         factors[0] = factors[0] * lam
     supports = [s.clone() for s in state.supports]
+    sizes = [int(s.sum()) for s in supports]
+    if any(size > allowed for size, allowed in zip(sizes, state.nonzeros, strict=True)):
+        raise RuntimeError(
+            f"structurednets_psm bug: the fitted supports hold {sizes} nonzeros, more than the "
+            f"{list(state.nonzeros)} allowed; please report it"
+        )
     product = _product(factors)
     error = float(torch.linalg.norm(state.target - product) / _norm(state.target))
     return Factorization(factors, supports, error, run.strategy, nb_updates)
