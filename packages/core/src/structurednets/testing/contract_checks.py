@@ -243,7 +243,8 @@ def check_initial_bias(case: ConformanceCase) -> None:
 
 def check_initial_weight_matrix(case: ConformanceCase) -> None:
     """A layer fitted to ``initial_weight_matrix`` is closer to it than a random layer and
-    than zero, within budget, and the same for numpy and tensor input under one seed."""
+    than zero, within budget (for noise and for a smooth kernel), and the same for numpy
+    and tensor input under one seed."""
     input_dim, output_dim = case.shape
     target = np.random.default_rng(0).standard_normal((output_dim, input_dim))
     fitted = case.build(initial_weight_matrix=target)
@@ -257,6 +258,14 @@ def check_initial_weight_matrix(case: ConformanceCase) -> None:
     assert error < random_error, f"fitted error {error:.3f} >= random layer's {random_error:.3f}"
     assert fitted.nb_weight_parameters <= fitted.weight_budget
     assert fitted.get_nb_parameters() == get_nb_model_parameters(fitted)
+    # A smooth kernel takes other paths through a fitter than noise (structure is found).
+    rows, cols = np.linspace(0, 1, output_dim), np.linspace(0, 1, input_dim)
+    kernel = 1.0 / (1.0 + 20.0 * np.abs(rows[:, None] - cols[None, :]))
+    fitted = case.build(initial_weight_matrix=kernel)
+    assert fitted.nb_weight_parameters <= fitted.weight_budget, (
+        f"the layer fitted to a smooth kernel holds {fitted.nb_weight_parameters} weight "
+        f"parameters, over the budget of {fitted.weight_budget}"
+    )
 
 
 def check_random_init_scale(case: ConformanceCase) -> None:
