@@ -35,7 +35,6 @@ from structurednets_ldr.scratch import scratch
 
 __all__ = [
     "ChainPlan",
-    "chain_starts",
     "chain_starts_backward",
     "coarse_state",
     "combined_coefficients",
@@ -113,32 +112,38 @@ class ChainPlan:
         start = sum(self.block_chunks[:block]) * self.chunk_size
         return slice(start, start + self.block_sizes[block])
 
-    def indices(self, device: torch.device) -> _Indices:
-        key = str(device)
+    def cached(self, key: tuple, make):
+        """``make()``, computed once per ``key`` and kept with the plan (index tensors per
+        device, and the like)."""
         if key not in self._cache:
-            self._cache[key] = _build_indices(self, torch.device(device))
+            self._cache[key] = make()
         return self._cache[key]
+
+    def indices(self, device: torch.device) -> _Indices:
+        return self.cached((str(device),), lambda: _build_indices(self, torch.device(device)))
 
     def window_gather(self, device: torch.device, rank: int) -> torch.Tensor:
         """``(chunks * r * w,)`` flat indices into a state of layout ``(chunks, r, q)`` that
         gather its windows ``(chunks, r, w)`` in one ``index_select``."""
-        key = (str(device), "gather", rank)
-        if key not in self._cache:
+
+        def make():
             q, w = self.chunk_size, self.window
             rows = self.indices(device).window_rows.view(self.nb_chunks, 1, w)
             generators = torch.arange(rank, device=rows.device).view(1, rank, 1)
-            self._cache[key] = (rows // q * rank + generators) * q + rows % q
-        return self._cache[key].reshape(-1)
+            return ((rows // q * rank + generators) * q + rows % q).reshape(-1)
+
+        return self.cached((str(device), "gather", rank), make)
 
     def window_scatter(self, device: torch.device, rank: int) -> torch.Tensor:
         """``(chunks * r * w,)`` flat indices into a state of layout ``(r, rows)`` of the
         window slots ``(chunks, r, w)`` (the adjoint of :meth:`window_gather`'s gather)."""
-        key = (str(device), "scatter", rank)
-        if key not in self._cache:
+
+        def make():
             rows = self.indices(device).window_rows.view(self.nb_chunks, 1, self.window)
             generators = torch.arange(rank, device=rows.device).view(1, rank, 1)
-            self._cache[key] = (generators * self.nb_chunk_rows + rows).reshape(-1)
-        return self._cache[key]
+            return (generators * self.nb_chunk_rows + rows).reshape(-1)
+
+        return self.cached((str(device), "scatter", rank), make)
 
 
 def make_chain_plan(
@@ -188,7 +193,8 @@ def default_chunk_size(chain_length: int, largest_block, rank: int = 1):
 
 def starts_shape(out_dim, in_dim, rank: int, nb_columns: int, chain_length: int) -> tuple:
     """Shape ``(M, r, rows)`` of the chain starts of ``diag(A, B^T)``, from sizes alone
-    (symbolic ones included): what :func:`chain_starts` returns for that plan."""
+    (symbolic ones included): the layout of the chain starts saved for the backward
+    pass (:func:`coarse_state` transposed to ``(M, r, rows)``)."""
     chain_length, nb_chains = even_chains(nb_columns, chain_length)
     q = default_chunk_size(chain_length, torch.sym_max(out_dim, in_dim), rank)
     return nb_chains, rank, ((out_dim + q - 1) // q + (in_dim + q - 1) // q) * q
@@ -242,13 +248,14 @@ def combined_coefficients_backward(
 def _power_gather(plan: ChainPlan, device: torch.device) -> torch.Tensor:
     """``(3 * chunks * w,)`` flat indices into ``coefficients`` ``(3, N)`` of the bands of
     ``T^T`` at every window slot (see :func:`_power_windows`)."""
-    key = (str(device), "power_gather")
-    if key not in plan._cache:
+
+    def make():
         idx = plan.indices(device)
         N = idx.nb_minus.shape[0]
         real = idx.window_real.reshape(-1)
-        plan._cache[key] = torch.cat((2 * N + idx.nb_minus[real], N + real, idx.nb_plus[real]))
-    return plan._cache[key]
+        return torch.cat((2 * N + idx.nb_minus[real], N + real, idx.nb_plus[real]))
+
+    return plan.cached((str(device), "power_gather"), make)
 
 
 def _power_windows(coefficients: torch.Tensor, plan: ChainPlan) -> torch.Tensor:
@@ -289,11 +296,12 @@ def power_steps(coefficients: torch.Tensor, plan: ChainPlan, keep: bool = True) 
 
 def _padded_unit(plan: ChainPlan, like: torch.Tensor) -> torch.Tensor:
     """Step 0 of :func:`power_steps`: ``unit`` transposed, with zero end slots."""
-    key = (str(like.device), like.dtype, "padded_unit")
-    if key not in plan._cache:
+
+    def make():
         unit = plan.indices(like.device).unit.transpose(1, 2)
-        plan._cache[key] = torch.nn.functional.pad(unit, (1, 1)).to(like.dtype).contiguous()
-    return plan._cache[key]
+        return torch.nn.functional.pad(unit, (1, 1)).to(like.dtype).contiguous()
+
+    return plan.cached((str(like.device), like.dtype, "padded_unit"), make)
 
 
 def power_chunks(coefficients: torch.Tensor, plan: ChainPlan) -> torch.Tensor | None:
@@ -342,12 +350,6 @@ def power_chunks_backward(
     return result
 
 
-def _cached(plan: ChainPlan, key: tuple, make) -> torch.Tensor:
-    if key not in plan._cache:
-        plan._cache[key] = make()
-    return plan._cache[key]
-
-
 def _state_positions(plan: ChainPlan, device: torch.device, rank: int) -> torch.Tensor:
     """``(N * r,)`` flat positions of ``X[i, k]`` in a state of layout ``(chunks, r, q)``."""
 
@@ -357,7 +359,7 @@ def _state_positions(plan: ChainPlan, device: torch.device, rank: int) -> torch.
         q = plan.chunk_size
         return ((rows // q * rank + generators) * q + rows % q).reshape(-1)
 
-    return _cached(plan, (str(device), "positions", rank), make)
+    return plan.cached((str(device), "positions", rank), make)
 
 
 def coarse_state(P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan) -> torch.Tensor:
@@ -378,21 +380,6 @@ def coarse_state(P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan) -> to
         torch.index_select(flat[J], 0, gather, out=window_flat)
         torch.bmm(window, P, out=blocks[J + 1])
     return state
-
-
-def chain_starts(
-    P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``starts[J] = (T^(J b) X)^T`` in the chunk layout: ``(M, r, rows)``; not differentiable.
-
-    ``X`` is ``(N, r)``, the vectors of every block stacked (``[G; H]`` for an LDR matrix).
-    Written into ``out`` if given.
-    """
-    r, q, chunks, M = X.shape[1], plan.chunk_size, plan.nb_chunks, plan.nb_chains
-    state = coarse_state(P, X, plan)
-    starts = X.new_empty(M, r, plan.nb_chunk_rows) if out is None else out
-    starts.view(M, r, chunks, q).copy_(state.transpose(1, 2))
-    return starts
 
 
 def chain_starts_backward(

@@ -40,7 +40,6 @@ from structurednets_ldr.krylov import (
     power_chunks_backward,
     power_steps,
 )
-from structurednets_ldr.operators import transpose_bands
 from structurednets_ldr.scratch import scratch
 
 __all__ = [
@@ -57,32 +56,6 @@ __all__ = [
 
 
 # -- three-band stencils and banded dot products -------------------------------------------
-
-
-def _stencil_rows(bands, source, target, base=None) -> None:
-    """``target = base + A source``; ``A`` periodic three-band ``(3, n)`` acting on rows."""
-    minus, centre, plus = bands[0].unsqueeze(1), bands[1].unsqueeze(1), bands[2].unsqueeze(1)
-    if base is None:
-        torch.mul(source, centre, out=target)
-    else:
-        torch.addcmul(base, source, centre, out=target)
-    target[1:].addcmul_(source[:-1], minus[1:])
-    target[:1].addcmul_(source[-1:], minus[:1])
-    target[:-1].addcmul_(source[1:], plus[:-1])
-    target[-1:].addcmul_(source[:1], plus[-1:])
-
-
-def _stencil_columns(bands_T, source, target, base=None) -> None:
-    """``target = base + source M``, where ``bands_T`` are the bands of ``M^T``."""
-    minus, centre, plus = bands_T[0], bands_T[1], bands_T[2]
-    if base is None:
-        torch.mul(source, centre, out=target)
-    else:
-        torch.addcmul(base, source, centre, out=target)
-    target[:, 1:].addcmul_(source[:, :-1], minus[1:])
-    target[:, :1].addcmul_(source[:, -1:], minus[:1])
-    target[:, :-1].addcmul_(source[:, 1:], plus[:-1])
-    target[:, -1:].addcmul_(source[:, :1], plus[-1:])
 
 
 def _row_parts(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -126,6 +99,11 @@ def _stencil(coefficients, source, source_parts, target, target_parts, base=None
     target_head.addcmul_(source_last, minus_head)
     target_init.addcmul_(source_tail, plus_init)
     target_last.addcmul_(source_head, plus_last)
+
+
+def _stencil_rows(coefficients, source, target, base=None) -> None:
+    """:func:`_stencil` on rows, for buffers whose slices are not reused."""
+    _stencil(coefficients, source, _row_parts(source), target, _row_parts(target), base)
 
 
 @functools.lru_cache(maxsize=64)
@@ -557,8 +535,9 @@ def factored_forward(U, A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
 
     V = new("V", (in_dim, b, batch))
     V[:, 0].copy_(U.T)
+    B_rows = _coefficient_parts(B_bands, rows=True)
     for step in range(1, b):
-        _stencil_rows(B_bands, V[:, step - 1], V[:, step])
+        _stencil_rows(B_rows, V[:, step - 1], V[:, step])
     Z = new("Z", (columns, b, batch))
     torch.mm(S_B.T, V.view(in_dim, b * batch), out=Z.view(columns, b * batch))
     cut = _cut(chain, columns // chain.nb_chains)
@@ -566,8 +545,9 @@ def factored_forward(U, A_bands, B_bands, G, H, chain: ChainPlan, keep: bool):
         Z[cut:, last:] = 0.0
     Q = new("Q", (out_dim, b, batch))
     torch.mm(S_A, Z.view(columns, b * batch), out=Q.view(out_dim, b * batch))
+    A_rows = _coefficient_parts(A_bands, rows=True)
     for step in range(b - 2, -1, -1):
-        _stencil_rows(A_bands, Q[:, step + 1], Q[:, step], base=Q[:, step])
+        _stencil_rows(A_rows, Q[:, step + 1], Q[:, step], base=Q[:, step])
     Y = Q[:, 0].T.clone(memory_format=torch.contiguous_format)  # never a view of Q
     if not keep:
         return Y, *(U.new_empty(0) for _ in range(4))
@@ -583,9 +563,9 @@ def factored_backward(dY, U, A_bands, B_bands, starts, V, Z, Q, chain: ChainPlan
     columns = S_A.shape[1]
     dQ = scratch("dQ", (out_dim, b, batch), dY)
     dQ[:, 0].copy_(dY.T)
-    A_T = transpose_bands(A_bands)
+    A_T_rows = _transposed_parts(A_bands, rows=True)
     for step in range(b - 1):
-        _stencil_rows(A_T, dQ[:, step], dQ[:, step + 1])
+        _stencil_rows(A_T_rows, dQ[:, step], dQ[:, step + 1])
     dA = _band_dots(dQ[:, : b - 1].reshape(out_dim, -1), Q[:, 1:].reshape(out_dim, -1))
     dQ_flat = dQ.view(out_dim, b * batch)
     gradient, dS_A_T, dS_B_T = _start_gradients(starts, chain)
@@ -598,9 +578,9 @@ def factored_backward(dY, U, A_bands, B_bands, starts, V, Z, Q, chain: ChainPlan
     torch.mm(dZ.view(columns, b * batch), V.view(in_dim, b * batch).T, out=dS_B_T)
     dV = scratch("dV", (in_dim, b, batch), dY)
     torch.mm(S_B, dZ.view(columns, b * batch), out=dV.view(in_dim, b * batch))
-    B_T = transpose_bands(B_bands)
+    B_T_rows = _transposed_parts(B_bands, rows=True)
     for step in range(b - 2, -1, -1):
-        _stencil_rows(B_T, dV[:, step + 1], dV[:, step], base=dV[:, step])
+        _stencil_rows(B_T_rows, dV[:, step + 1], dV[:, step], base=dV[:, step])
     dB = _band_dots(dV[:, 1:].reshape(in_dim, -1), V[:, : b - 1].reshape(in_dim, -1))
     dU = dV[:, 0].T.clone(memory_format=torch.contiguous_format) if input_grad else U.new_empty(0)
     dA_starts, dB_starts, dG, dH = _starts_backward(A_bands, B_bands, starts, gradient, chain)
