@@ -355,6 +355,10 @@ def _best_cut(tree: list[TreeNode], spectra: list[LeafSpectrum], budget: int) ->
     return best
 
 
+_SpectrumCache = dict[tuple[int, int, int, int], tuple[LeafSpectrum, _Svd | None]]
+"""Spectra and singular vectors of blocks by (row start, row stop, col start, col stop),
+shared by the candidates of one fit."""
+
 SEARCH_MIN_BLOCK_SIZES = (DEFAULT_MIN_BLOCK_SIZE, 2)
 """The minimum block sizes the default fit tries, coarsest (fastest layer) first."""
 
@@ -415,7 +419,7 @@ def approximate(
     search = partition is None and min_block_size is None and merge_blocks is None
     if min_block_size is None:
         min_block_size = DEFAULT_MIN_BLOCK_SIZE
-    cache: dict[tuple[int, int, int, int], tuple[LeafSpectrum, _Svd | None]] = {}
+    cache: _SpectrumCache = {}
     if partition is not None:
         if merge_blocks:
             raise ValueError(
@@ -474,7 +478,7 @@ def _cached_spectra(
     target: torch.Tensor,
     blocks: list[Leaf],
     budget: int,
-    cache: dict[tuple[int, int, int, int], tuple[LeafSpectrum, _Svd | None]],
+    cache: _SpectrumCache,
 ) -> tuple[list[LeafSpectrum], dict[int, _Svd]]:
     """:func:`_spectra` with singular vectors, computing only blocks not yet in ``cache`` (by
     row and column range: the blocks far from the diagonal are the same in every partition)."""
@@ -497,7 +501,7 @@ def _standard_candidate(
     target: torch.Tensor,
     partition: HMatrixPartition,
     budget: int,
-    cache: dict[tuple[int, int, int, int], tuple[LeafSpectrum, _Svd | None]],
+    cache: _SpectrumCache,
 ) -> _Candidate:
     """The greedy allocation on the blocks of ``partition`` (its ranks ignored)."""
     blocks = partition.with_ranks([0] * len(partition.leaves))
@@ -553,7 +557,7 @@ def _merged_candidates(
     target: torch.Tensor,
     tree: list[TreeNode],
     budget: int,
-    cache: dict[tuple[int, int, int, int], tuple[LeafSpectrum, _Svd | None]],
+    cache: _SpectrumCache,
 ) -> list[_Candidate]:
     """The candidates of ``merge_blocks=True``, each filled greedily: the standard partition
     (the tree's leaves), the best cut (:func:`_best_cut`) and the whole matrix as one block."""
