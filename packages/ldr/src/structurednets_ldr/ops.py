@@ -23,6 +23,7 @@ import contextlib
 import torch
 from torch import Tensor
 
+from structurednets_ldr import compiled
 from structurednets_ldr.krylov import even_chains, starts_shape
 from structurednets_ldr.products import (
     LDRPlan,
@@ -56,6 +57,9 @@ def _weight(
     chain_length: int,
     keep: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    if not keep and compiled.supports(G):  # no backward pass to feed: the compiled kernels
+        W = compiled.weight(A_bands, B_bands, G, H, nb_columns)
+        return W, G.new_empty(0), G.new_empty(0)
     chain = chain_plan(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, G.shape[1])
     with _without_autocast(A_bands):
         return explicit_forward(A_bands, B_bands, G, H, chain, keep)

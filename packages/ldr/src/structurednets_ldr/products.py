@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from structurednets_ldr import compiled
 from structurednets_ldr.krylov import (
     ChainPlan,
     chain_starts_backward,
@@ -213,7 +214,13 @@ def _estimate_forward(explicit: bool, out_dim, in_dim, m, r, batch, b, M) -> flo
     else:
         products = m * r * (out_dim + in_dim) * batch
         steps = 1.3 * (out_dim + in_dim) * batch * _ELEMENT + 10 * _OPERATION
-    return products * _MULTIPLY_ADD + (b - 1) * steps + coarse + powers
+    seconds = products * _MULTIPLY_ADD + (b - 1) * steps + coarse + powers
+    if explicit and compiled.AVAILABLE:
+        # On CPU the compiled kernels build W, whatever b; b matters only where the torch
+        # kernels run (other devices and dtypes), so their estimate still breaks ties.
+        product = out_dim * in_dim * (batch or 0) * _MULTIPLY_ADD
+        return compiled.weight_seconds(out_dim, in_dim, m, r) + product + 1e-3 * seconds
+    return seconds
 
 
 def _chain_lengths(nb_columns: int) -> list[int]:

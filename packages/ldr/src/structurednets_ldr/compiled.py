@@ -1,0 +1,211 @@
+"""Compiled CPU kernels that build ``W`` when no gradient is wanted (inference), with numba.
+
+The torch kernels of :mod:`structurednets_ldr.products` issue hundreds of small operations
+per ``W`` (coarse steps, then ``b - 1`` Horner steps of two stencils with five operations
+each); on CPU each costs 1.5 to 2 us of dispatch, which dominates below about 256 x 256
+(at 128 x 128, ``r = 3``: about 400 us for 50 us of arithmetic). Here the same evaluation
+runs as two compiled loops and one matrix product:
+
+1. the chain starts ``S_A = [G, A^b G, A^(2b) G, ...]`` and ``S_B = [H, (B^T)^b H, ...]``
+   by ``m - 1`` sequential three-band steps on the ``r`` generators, kept every ``b``-th;
+2. ``W_0 = S_A S_B^T`` (and ``W_0`` without the last, cut chain) by torch's ``mm``;
+3. Horner's rule ``H_(b-1) = W_0``, ``H_l = W_0 + A H_(l+1) B``, each step one fused pass
+   over ``out x in`` (both stencils and the addition, row by row).
+
+Only the forward pass is compiled: training runs the torch kernels, whose hand-written
+backward needs their intermediates. numba compiles each kernel on its first call per dtype
+(about a second, cached on disk where numba can write); without numba, or for dtypes other
+than float32 and float64, or off the CPU, :func:`supports` is false and the torch kernels
+run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from structurednets_ldr.scratch import scratch
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; this keeps torch working
+    numba = None
+
+__all__ = ["AVAILABLE", "chain_length", "supports", "weight", "weight_seconds"]
+
+#: Whether numba is importable (the kernels themselves compile on first use).
+AVAILABLE = numba is not None
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def supports(tensor: torch.Tensor) -> bool:
+    """Whether :func:`weight` can run on ``tensor``'s device and dtype."""
+    return AVAILABLE and tensor.device.type == "cpu" and tensor.dtype in _DTYPES
+
+
+# Single-thread rates behind the chain length: multiply-adds per second of the W_0 product
+# and of the starts' steps, and matrix entries per second of a Horner step (measured at 64
+# to 1024, float32), and the fixed cost of a call.
+_PRODUCT_RATE = 5e10
+_STEP_RATE = 2.5e10
+_HORNER_RATE = 5.5e9
+_CALL = 30e-6
+
+
+@functools.lru_cache(maxsize=256)
+def chain_length(out_dim: int, in_dim: int, nb_columns: int, rank: int) -> int:
+    """The chain length ``b`` with the least estimated time of :func:`weight`: a longer chain
+    means a thinner ``W_0`` product and more Horner steps, ``b* ~ sqrt(5.5 m r / 50)``."""
+    return min(
+        range(1, nb_columns + 1),
+        key=lambda b: weight_seconds(out_dim, in_dim, nb_columns, rank, b),
+    )
+
+
+def weight_seconds(
+    out_dim: int, in_dim: int, nb_columns: int, rank: int, chain: int | None = None
+) -> float:
+    """Estimated seconds of :func:`weight` (one thread)."""
+    if chain is None:
+        chain = chain_length(out_dim, in_dim, nb_columns, rank)
+    nb_chains = math.ceil(nb_columns / chain)
+    steps = 3 * nb_columns * rank * (out_dim + in_dim) / _STEP_RATE
+    product = out_dim * in_dim * nb_chains * rank / _PRODUCT_RATE
+    horner = (chain - 1) * out_dim * in_dim / _HORNER_RATE
+    return _CALL + steps + product + horner
+
+
+def weight(
+    A_bands: torch.Tensor,
+    B_bands: torch.Tensor,
+    G: torch.Tensor,
+    H: torch.Tensor,
+    nb_columns: int,
+    chain: int | None = None,
+) -> torch.Tensor:
+    """``W = sum_(k<m) A^k G H^T B^k`` ``(out, in)``, without autograd (a fresh tensor).
+
+    Needs :func:`supports` of the inputs; ``A_bands`` ``(3, out)``, ``B_bands`` ``(3, in)``,
+    ``G`` ``(out, r)``, ``H`` ``(in, r)``, all of one dtype. ``chain``: the chain length
+    ``b`` (default :func:`chain_length`).
+    """
+    out_dim, in_dim, rank = A_bands.shape[1], B_bands.shape[1], G.shape[1]
+    b = chain or chain_length(out_dim, in_dim, nb_columns, rank)
+    nb_chains = math.ceil(nb_columns / b)
+    b = math.ceil(nb_columns / nb_chains)  # even chains: only the last may be shorter
+    last = nb_columns - (nb_chains - 1) * b
+    with torch.no_grad():
+        A = A_bands.detach().contiguous()
+        B = B_bands.detach().contiguous()
+        S_A = G.new_empty(nb_chains * rank, out_dim)
+        S_B = G.new_empty(nb_chains * rank, in_dim)
+        _kernels().starts(
+            A.numpy(), False, G.detach().T.contiguous().numpy(), nb_chains, b, S_A.numpy()
+        )
+        _kernels().starts(
+            B.numpy(), True, H.detach().T.contiguous().numpy(), nb_chains, b, S_B.numpy()
+        )
+        shape = (out_dim, in_dim)
+        W = G.new_empty(shape)
+        W0 = W if b == 1 else scratch("W0", shape, G)
+        if last < b:  # the Horner steps past the end of the cut chain leave it out
+            cut = (nb_chains - 1) * rank
+            W0_cut = torch.mm(S_A[:cut].T, S_B[:cut], out=scratch("W0_cut", shape, G))
+            torch.addmm(W0_cut, S_A[cut:].T, S_B[cut:], out=W0)
+        else:
+            W0_cut = torch.mm(S_A.T, S_B, out=W0)
+        if b > 1:
+            work = scratch("horner", (2, *shape), G).numpy()
+            _kernels().horner(
+                A.numpy(), B.numpy(), W0.numpy(), W0_cut.numpy(), b, last, work, W.numpy()
+            )
+    return W
+
+
+class _Kernels:
+    """The numba kernels, compiled on first use."""
+
+    def __init__(self) -> None:
+        options = {"cache": True, "nogil": True, "fastmath": True}
+        self.starts = numba.njit(**options)(_starts)
+        self.horner = numba.njit(**options)(_horner)
+
+
+_compiled: _Kernels | None = None
+
+
+def _kernels() -> _Kernels:
+    global _compiled
+    if _compiled is None:
+        _compiled = _Kernels()
+    return _compiled
+
+
+# -- the kernels (plain Python for numba: loops over numpy arrays) ---------------------------
+
+
+def _starts(bands, transposed, X, nb_chains, chain, out):  # pragma: no cover - compiled
+    """``out[J r + k] = T^(J b) X[k]`` for ``J < nb_chains``: ``T`` has ``bands``
+    ``(3, n)``, or is the transpose of that matrix (``transposed``); ``X`` ``(r, n)``."""
+    r, n = X.shape
+    lower = np.empty(n, X.dtype)  # T[i, i - 1], T[i, i], T[i, i + 1], indices modulo n
+    centre = bands[1].copy()
+    upper = np.empty(n, X.dtype)
+    for i in range(n):
+        if transposed:  # T[i, i - 1] = M[i - 1, i], T[i, i + 1] = M[i + 1, i]
+            lower[i] = bands[2, (i - 1) % n]
+            upper[i] = bands[0, (i + 1) % n]
+        else:
+            lower[i] = bands[0, i]
+            upper[i] = bands[2, i]
+    x = np.empty((r, n + 2), X.dtype)  # one periodic halo entry on each side
+    y = np.empty((r, n + 2), X.dtype)
+    x[:, 1 : n + 1] = X
+    out[:r] = X
+    for J in range(1, nb_chains):
+        for _ in range(chain):
+            for k in range(r):
+                xk, yk = x[k], y[k]
+                xk[0] = xk[n]
+                xk[n + 1] = xk[1]
+                for i in range(n):
+                    yk[i + 1] = lower[i] * xk[i] + centre[i] * xk[i + 1] + upper[i] * xk[i + 2]
+            x, y = y, x
+        out[J * r : (J + 1) * r] = x[:, 1 : n + 1]
+
+
+def _horner(A_bands, B_bands, W0, W0_cut, chain, last, work, W):  # pragma: no cover
+    """``W = H_0`` of Horner's rule ``H_(b-1) = W_0``, ``H_l = W_0 + A H_(l+1) B``, with
+    ``W0_cut`` in place of ``W0`` for ``l >= last``; ``chain`` ``b >= 2``; ``work``
+    ``(2, out, in)`` holds ``H_(l+1)`` and ``H_l`` in turn."""
+    out_dim, in_dim = W0.shape
+    # (X B)[:, j] = X[:, j - 1] B[j - 1, j] + X[:, j] B[j, j] + X[:, j + 1] B[j + 1, j]
+    left = np.empty(in_dim, W0.dtype)
+    centre = B_bands[1].copy()
+    right = np.empty(in_dim, W0.dtype)
+    for j in range(in_dim):
+        left[j] = B_bands[2, (j - 1) % in_dim]
+        right[j] = B_bands[0, (j + 1) % in_dim]
+    current, following = work[0], work[1]
+    current[:] = W0 if chain - 1 < last else W0_cut
+    x = np.empty(in_dim + 2, W0.dtype)  # a row of A H, with one periodic halo entry per side
+    for step in range(chain - 2, -1, -1):
+        base = W0 if step < last else W0_cut
+        target = W if step == 0 else following
+        for row in range(out_dim):
+            above = row - 1 if row > 0 else out_dim - 1
+            below = row + 1 if row < out_dim - 1 else 0
+            a0, a1, a2 = A_bands[0, row], A_bands[1, row], A_bands[2, row]
+            h0, h1, h2 = current[above], current[row], current[below]
+            for j in range(in_dim):
+                x[j + 1] = a0 * h0[j] + a1 * h1[j] + a2 * h2[j]
+            x[0] = x[in_dim]
+            x[in_dim + 1] = x[1]
+            t, w0 = target[row], base[row]
+            for j in range(in_dim):
+                t[j] = w0[j] + left[j] * x[j] + centre[j] * x[j + 1] + right[j] * x[j + 2]
+        current, following = following, current
