@@ -13,8 +13,8 @@ runs as two compiled loops and one matrix product:
    over ``out x in`` (both stencils and the addition, row by row).
 
 Only the forward pass is compiled: training runs the torch kernels, whose hand-written
-backward needs their intermediates. numba compiles each kernel on its first call per dtype
-(about a second, cached on disk where numba can write); without numba, or for dtypes other
+backward needs their intermediates. numba compiles the kernels on their first call per dtype
+(about 4 s; then 0.3 s per process from numba's disk cache); without numba, for dtypes other
 than float32 and float64, or off the CPU, :func:`supports` is false and the torch kernels
 run.
 """
@@ -22,6 +22,7 @@ run.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 
 import numpy as np
@@ -29,15 +30,10 @@ import torch
 
 from structurednets_ldr.scratch import scratch
 
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a dependency; this keeps torch working
-    numba = None
-
 __all__ = ["AVAILABLE", "chain_length", "supports", "weight", "weight_seconds"]
 
-#: Whether numba is importable (the kernels themselves compile on first use).
-AVAILABLE = numba is not None
+#: Whether numba is installed (it is imported, and the kernels compiled, on first use).
+AVAILABLE = importlib.util.find_spec("numba") is not None
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -127,12 +123,20 @@ def weight(
 
 
 class _Kernels:
-    """The numba kernels, compiled on first use."""
+    """The numba kernels, compiled on first use per dtype and cached on disk where numba
+    finds a writable place (else compiled once per process)."""
 
     def __init__(self) -> None:
-        options = {"cache": True, "nogil": True, "fastmath": True}
-        self.starts = numba.njit(**options)(_starts)
-        self.horner = numba.njit(**options)(_horner)
+        import numba
+
+        def compile(function):
+            try:
+                return numba.njit(cache=True, nogil=True, fastmath=True)(function)
+            except RuntimeError:  # no writable cache location
+                return numba.njit(nogil=True, fastmath=True)(function)
+
+        self.starts = compile(_starts)
+        self.horner = compile(_horner)
 
 
 _compiled: _Kernels | None = None
