@@ -230,43 +230,25 @@ def descend_operators(
     For targets that are not LDR matrices, where :func:`estimate_operators` drifts away.
     """
     norm_squared = target.square().sum()
-    A_bands = A_bands.detach().clone().requires_grad_(True)
-    B_bands = B_bands.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.LBFGS(
-        [A_bands, B_bands],
-        lr=1.0,
-        max_iter=max_evaluations,
-        max_eval=max_evaluations,
-        history_size=50,
-        tolerance_grad=1e-16,
-        tolerance_change=1e-20,
-        line_search_fn="strong_wolfe",
-    )
-    best = [float("inf"), A_bands.detach().clone(), B_bands.detach().clone()]
 
-    def closure() -> torch.Tensor:
-        if time.perf_counter() > deadline:
-            raise _Stop
-        optimiser.zero_grad()
+    def objective(A_bands, B_bands):
         displacement = target - bands_to_dense(A_bands) @ target @ bands_to_dense(B_bands)
         with torch.no_grad():
             U, S, Vh = torch.linalg.svd(displacement, full_matrices=False)
             low_rank = (U[:, :rank] * S[:rank]) @ Vh[:rank]
         loss = (displacement - low_rank).square().sum() / norm_squared
-        value = float(loss.detach())
-        if not value < float("inf"):
-            raise _Stop
-        if value < best[0]:
-            best[:] = [value, A_bands.detach().clone(), B_bands.detach().clone()]
-        loss.backward()
-        return loss
+        return loss, loss
 
-    try:
-        with torch.enable_grad():
-            optimiser.step(closure)
-    except (_Stop, torch.linalg.LinAlgError):
-        pass
-    return best[1], best[2]
+    _, (A_bands, B_bands), _ = _minimise(
+        objective,
+        (A_bands, B_bands),
+        budget=max_evaluations,
+        history_size=50,
+        tolerance_grad=1e-16,
+        tolerance_change=1e-20,
+        deadline=deadline,
+    )
+    return A_bands, B_bands
 
 
 class _Stop(Exception):
@@ -519,15 +501,49 @@ def fit_ldr(
 
 def _refine(relative_error, start, budget: int, tolerance: float, deadline: float):
     """L-BFGS on the squared relative error; returns ``(error, parameters, evaluations)``."""
+
+    def objective(*parameters):
+        error = relative_error(*parameters)
+        return error, error * error
+
+    return _minimise(
+        objective,
+        start,
+        budget=budget,
+        history_size=30,
+        tolerance_grad=1e-14,
+        tolerance_change=1e-16,
+        deadline=deadline,
+        stop_at=tolerance,
+    )
+
+
+def _minimise(
+    objective,
+    start,
+    *,
+    budget: int,
+    history_size: int,
+    tolerance_grad: float,
+    tolerance_change: float,
+    deadline: float,
+    stop_at: float = float("-inf"),
+):
+    """L-BFGS (strong Wolfe) on ``objective(*parameters) -> (value, loss)`` from ``start``,
+    minimising ``loss`` and keeping the parameters of the smallest ``value``; stops at
+    ``deadline``, at a non-finite value or one ``<= stop_at``.
+
+    Returns ``(best value, best parameters, evaluations)``.
+    """
     parameters = [t.detach().clone().requires_grad_(True) for t in start]
     optimiser = torch.optim.LBFGS(
         parameters,
         lr=1.0,
         max_iter=budget,
         max_eval=budget,
-        history_size=30,
-        tolerance_grad=1e-14,
-        tolerance_change=1e-16,
+        history_size=history_size,
+        tolerance_grad=tolerance_grad,
+        tolerance_change=tolerance_change,
         line_search_fn="strong_wolfe",
     )
     best = [float("inf"), [t.detach().clone() for t in parameters]]
@@ -537,20 +553,20 @@ def _refine(relative_error, start, budget: int, tolerance: float, deadline: floa
         if time.perf_counter() > deadline:
             raise _Stop
         optimiser.zero_grad()
-        error = relative_error(*parameters)
-        value = float(error.detach())
+        value_tensor, loss = objective(*parameters)
+        value = float(value_tensor.detach())
         evaluations[0] += 1
         if value < best[0]:
             best[0] = value
             best[1] = [t.detach().clone() for t in parameters]
-        if value <= tolerance or value != value or value == float("inf"):
+        if value <= stop_at or not value < float("inf"):
             raise _Stop
-        loss = error * error
         loss.backward()
         return loss
 
     try:
-        optimiser.step(closure)
+        with torch.enable_grad():
+            optimiser.step(closure)
     except (_Stop, torch.linalg.LinAlgError):
         pass
     return best[0], best[1], evaluations[0]

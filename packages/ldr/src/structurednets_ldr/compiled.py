@@ -28,6 +28,7 @@ import math
 import numpy as np
 import torch
 
+from structurednets_ldr.krylov import even_chains
 from structurednets_ldr.scratch import scratch
 
 __all__ = ["AVAILABLE", "chain_length", "supports", "weight", "weight_seconds"]
@@ -90,9 +91,7 @@ def weight(
     ``b`` (default :func:`chain_length`).
     """
     out_dim, in_dim, rank = A_bands.shape[1], B_bands.shape[1], G.shape[1]
-    b = chain or chain_length(out_dim, in_dim, nb_columns, rank)
-    nb_chains = math.ceil(nb_columns / b)
-    b = math.ceil(nb_columns / nb_chains)  # even chains: only the last may be shorter
+    b, nb_chains = even_chains(nb_columns, chain or chain_length(out_dim, in_dim, nb_columns, rank))
     last = nb_columns - (nb_chains - 1) * b
     with torch.no_grad():
         A = A_bands.detach().contiguous()
@@ -139,14 +138,9 @@ class _Kernels:
         self.horner = compile(_horner)
 
 
-_compiled: _Kernels | None = None
-
-
+@functools.cache
 def _kernels() -> _Kernels:
-    global _compiled
-    if _compiled is None:
-        _compiled = _Kernels()
-    return _compiled
+    return _Kernels()
 
 
 # -- the kernels (plain Python for numba: loops over numpy arrays) ---------------------------
