@@ -48,6 +48,9 @@ class DiagonalLayer(StructuredLayer):
             diagonal = torch.randn(size, dtype=torch.float64) * std
         self.diagonal = nn.Parameter(diagonal.to(torch.get_default_dtype()))
 
+    def layout_sizes(self):
+        return {}
+
     def multiply(self, U):
         size = self.diagonal.numel()
         product = U[:, :size] * self.diagonal

@@ -41,5 +41,8 @@ class FullLayer(StructuredLayer):
             target = torch.randn(shape, dtype=torch.float64) * dense_init_std(self.input_dim)
         self.weight = nn.Parameter(target.to(torch.get_default_dtype()))
 
+    def layout_sizes(self):
+        return {}
+
     def multiply(self, U):
         return U @ self.weight.T

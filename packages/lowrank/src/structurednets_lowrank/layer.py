@@ -134,6 +134,9 @@ class LRLayer(StructuredLayer):
         self.left = nn.Parameter(left.to(dtype))
         self.right = nn.Parameter(right.to(dtype))
 
+    def layout_sizes(self) -> dict[str, object]:
+        return {"rank": self.rank}
+
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         return (U @ self.right.T) @ self.left.T
 

@@ -29,6 +29,11 @@ from structurednets.testing.contract_checks import (
     check_repr,
     check_state_dict_round_trip,
 )
+from structurednets.testing.layout_checks import (
+    check_layout_mismatch_is_refused,
+    check_layout_round_trip,
+    check_save_and_load,
+)
 from structurednets.testing.setup_checks import (
     check_approximation_robustness,
     check_cuda,
@@ -63,6 +68,9 @@ _CHECKS = [
     check_bad_inputs,
     check_repr,
     check_state_dict_mismatch_is_refused,
+    check_layout_round_trip,
+    check_layout_mismatch_is_refused,
+    check_save_and_load,
     check_dtypes_and_autocast,
     check_follows_module_device,
     check_cuda,
