@@ -20,7 +20,22 @@ def full_nb_weight_parameters(input_dim, output_dim, nb_params_share):
 
 
 class FullLayer(StructuredLayer):
-    """W is stored as it is (the dense layer, seen as a structure)."""
+    """W is stored as it is (the dense layer, seen as a structure).
+
+    Args:
+        input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
+            as for every StructuredLayer; it needs ``nb_params_share=1``.
+
+    Shape:
+        input ``(..., input_dim)``, output ``(..., output_dim)``.
+
+    Attributes:
+        weight: ``W``, shape ``(output_dim, input_dim)``.
+
+    Example:
+        >>> FullLayer(4, 3, 1.0).weight.shape
+        torch.Size([3, 4])
+    """
 
     structure_name = "full"
 

@@ -78,9 +78,13 @@ class LRLayer(StructuredLayer):
             ``floor(nb_params_share * input_dim * output_dim / (input_dim + output_dim))``.
         factors: ``(L, R)`` to start from (arrays or tensors); their rank is the layer's rank.
 
+    Shape:
+        input ``(..., input_dim)``, output ``(..., output_dim)``.
+
     Attributes:
         left: ``L``, shape ``(output_dim, rank)``.
         right: ``R``, shape ``(rank, input_dim)``.
+        rank: the rank; ``layout.sizes == {"rank": rank}``.
 
     Example:
         >>> layer = LRLayer(512, 256, nb_params_share=0.1)
