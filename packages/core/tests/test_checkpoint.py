@@ -42,6 +42,7 @@ def test_round_trip_restores_structured_layers_bit_for_bit(diagonal_structure, t
     assert torch.equal(restored(U), small(U))
 
 
+@pytest.mark.slow  # a new Python process
 def test_round_trip_in_a_new_process(diagonal_structure, tmp_path):
     small = compressed(diagonal_structure)
     structurednets.save(small, tmp_path / "small.safetensors")

@@ -38,7 +38,8 @@ def check_registered(case: ConformanceCase) -> None:
 
 
 def check_constructor_signature(case: ConformanceCase) -> None:
-    """The constructor is the seed's, with structure options keyword-only."""
+    """The constructor is the one every structure shares (that of MatthiasKi/structurednets 1.0),
+    with structure options keyword-only."""
     layer_class = structurednets.get_structure(case.structure).layer_class
     parameters = list(inspect.signature(layer_class.__init__).parameters.values())[1:]
     expected = [
