@@ -6,7 +6,7 @@ from structurednets.testing import ConformanceCase, conformance_checks
 CASE = ConformanceCase(
     "sss",
     option_strategies={
-        "nb_states": st.integers(1, 12),
+        "nb_stages": st.integers(1, 12),
         "state_dim": st.one_of(st.integers(0, 5), st.lists(st.integers(0, 4), max_size=6)),
         "anticausal_state_dim": st.integers(0, 5),
     },

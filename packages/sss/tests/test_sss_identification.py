@@ -6,8 +6,8 @@ import torch
 
 from structurednets import BudgetTooSmallError
 from structurednets.testing import default_dtype
-from structurednets_sss import SSSLayer, SSSSystem, identify
-from structurednets_sss.plan import block_sizes
+from structurednets_sss import SSSLayer, fit_sss
+from structurednets_sss.layout import block_sizes
 
 
 def random_sss_matrix(input_sizes, output_sizes, dim, rng):
@@ -121,11 +121,10 @@ def test_reported_error_is_the_actual_error(shape, share):
     rng = np.random.default_rng(2)
     target = rng.standard_normal(shape)
     budget = int(share * shape[0] * shape[1])
-    fitted = identify(target, share)
-    dense = SSSSystem(**fitted.matrices).to_dense().numpy()
+    fitted = fit_sss(target, budget)
+    dense = fitted.system.to_dense().numpy()
     assert np.sum((dense - target) ** 2) == pytest.approx(fitted.squared_error, rel=1e-9)
-    assert fitted.plan.nb_weight_parameters <= budget
-    assert SSSSystem(**fitted.matrices).plan() == fitted.plan
+    assert fitted.sizes.nb_weight_parameters <= budget
 
 
 def test_fixed_state_dimensions_are_respected():

@@ -121,7 +121,7 @@ def test_system_round_trip_and_rectangular_uneven_blocks():
     with default_dtype(torch.float64):
         layer = SSSLayer(1000, 300, 0.2, nb_states=12)
         rebuilt = SSSLayer(1000, 300, 0.2, system=layer.system())
-    assert layer.plan.input_sizes[0] != layer.plan.input_sizes[-1]  # 1000 / 12 is uneven
+    assert layer.sizes.input_sizes[0] != layer.sizes.input_sizes[-1]  # 1000 / 12 is uneven
     U = torch.randn(4, 1000, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(U) - rebuilt.bias, layer(U) - layer.bias)
