@@ -12,7 +12,21 @@ CASE = ConformanceCase(
     },
 )
 
+# Checks that take seconds each (processes, compilation, many hypothesis examples).
+SLOW = {
+    "distributed_training",
+    "torch_compile",
+    "random_valid_arguments",
+    "random_invalid_arguments",
+}
 
-@pytest.mark.parametrize("check", conformance_checks(), ids=str)
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        pytest.param(check, id=str(check), marks=[pytest.mark.slow] if str(check) in SLOW else [])
+        for check in conformance_checks()
+    ],
+)
 def test_conformance(check):
     check(CASE)

@@ -162,7 +162,9 @@ def test_parameter_count_function_matches_the_layer(options):
 
 
 def test_default_number_of_stages():
-    # Fewest stages (power of two) whose diagonal blocks take at most half of the budget.
+    # Fewest stages (power of two) whose diagonal blocks take at most half of the budget:
+    # at 2048^2 and budget 419430, K = 32 has 2 * 2048^2 / 32 = 262144 diagonal scalars
+    # (half fits), K = 16 has 524288 (it does not).
     assert default_nb_stages(2048, 2048, 419430) == 32
     assert default_nb_stages(512, 512, 65536) == 8
     assert SSSLayer(2048, 2048, 0.1).nb_states == 32

@@ -1,10 +1,12 @@
-"""System identification: exact recovery, optimal truncation, error bookkeeping, accuracy."""
+"""The fit (system identification): exact recovery, optimal truncation, error bookkeeping,
+accuracy."""
 
 import numpy as np
 import pytest
 import torch
 
 from structurednets import BudgetTooSmallError
+from structurednets.numerics import relative_error
 from structurednets.testing import default_dtype
 from structurednets_sss import SSSLayer, fit_sss
 from structurednets_sss.layout import block_sizes
@@ -59,11 +61,6 @@ def minimal_count(input_sizes, output_sizes, dim):
     return total
 
 
-def relative_error(layer, target):
-    dense = layer.to_dense().detach().double().numpy()
-    return np.linalg.norm(dense - target) / np.linalg.norm(target)
-
-
 @pytest.mark.parametrize(
     "output_dim, input_dim, nb_stages, dim, give_nb_states",
     [
@@ -90,7 +87,7 @@ def test_random_sss_matrix_is_recovered_within_its_parameter_count(
         with default_dtype(dtype):
             layer = SSSLayer(input_dim, output_dim, share, initial_weight_matrix=target, **options)
         assert layer.nb_weight_parameters <= count
-        assert relative_error(layer, target) <= tolerance, (dtype, layer)
+        assert relative_error(layer.to_dense(), target) <= tolerance, (dtype, layer)
 
 
 def test_recovery_needs_the_state_dimension():
@@ -101,7 +98,7 @@ def test_recovery_needs_the_state_dimension():
     count = minimal_count(sizes, sizes, 3)
     with default_dtype(torch.float64):
         short = SSSLayer(48, 48, (count - 1) / 48**2, initial_weight_matrix=target, nb_states=6)
-    assert relative_error(short, target) > 1e-6
+    assert relative_error(short.to_dense(), target) > 1e-6
 
 
 def test_two_stages_truncate_the_off_diagonal_blocks_optimally():
@@ -113,7 +110,7 @@ def test_two_stages_truncate_the_off_diagonal_blocks_optimally():
     lower = np.linalg.svd(target[15:, :20], compute_uv=False)
     upper = np.linalg.svd(target[:15, 20:], compute_uv=False)
     optimum = np.sqrt(np.sum(lower[4:] ** 2) + np.sum(upper[4:] ** 2)) / np.linalg.norm(target)
-    assert relative_error(layer, target) == pytest.approx(optimum, rel=1e-9)
+    assert relative_error(layer.to_dense(), target) == pytest.approx(optimum, rel=1e-9)
 
 
 @pytest.mark.parametrize("shape, share", [((50, 70), 0.3), ((64, 31), 0.5), ((33, 33), 0.15)])
@@ -159,17 +156,20 @@ def toeplitz_like(n):
     return 1.0 / (1.0 + np.abs(index[:, None] - index[None, :]))
 
 
-@pytest.mark.parametrize("share, seed_error", [(0.1, 1.03e-3), (0.25, 2.0e-6)])
-def test_smooth_kernel_at_least_as_accurate_as_the_seed(share, seed_error):
+# MatthiasKi/structurednets 1.0 reached these errors on this kernel (its README's table).
+@pytest.mark.slow
+@pytest.mark.parametrize("share, reference_error", [(0.1, 1.03e-3), (0.25, 2.0e-6)])
+def test_smooth_kernel_ten_times_more_accurate_than_structurednets_1(share, reference_error):
     target = toeplitz_like(512)
     with default_dtype(torch.float64):
         layer = SSSLayer(512, 512, share, initial_weight_matrix=target)
-    assert relative_error(layer, target) <= seed_error / 10
+    assert relative_error(layer.to_dense(), target) <= reference_error / 10
     assert layer.nb_weight_parameters <= layer.weight_budget
 
 
 def test_gaussian_better_than_one_stage_per_two_rows():
-    """The seed's fixed layout (K = n/2, one state dimension) reached 0.987 at share 0.1."""
+    """MatthiasKi/structurednets 1.0's fixed layout (K = n/2, one state dimension) reached
+    0.987 at share 0.1."""
     target = np.random.default_rng(6).standard_normal((256, 256))
     layer = SSSLayer(256, 256, 0.1, initial_weight_matrix=target)
-    assert relative_error(layer, target) < 0.96
+    assert relative_error(layer.to_dense(), target) < 0.96
