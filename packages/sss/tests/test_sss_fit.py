@@ -43,22 +43,15 @@ def random_sss_matrix(input_sizes, output_sizes, dim, rng):
     return W
 
 
-def minimal_count(input_sizes, output_sizes, dim):
-    """Parameters of the minimal realisation: state dims min(dim, Hankel block sizes)."""
-    K = len(input_sizes)
-    total = sum(m * n for m, n in zip(output_sizes, input_sizes, strict=True))
+def minimal_dims(input_sizes, output_sizes, dim):
+    """State dimensions of the minimal realisation: min(dim, Hankel block sizes)."""
     before = np.cumsum(input_sizes)[:-1]
     after = np.sum(output_sizes) - np.cumsum(output_sizes)[:-1]
     causal = [min(dim, b, a) for b, a in zip(before, after, strict=True)]
     before_rows = np.cumsum(output_sizes)[:-1]
     after_cols = np.sum(input_sizes) - np.cumsum(input_sizes)[:-1]
     anticausal = [min(dim, b, a) for b, a in zip(before_rows, after_cols, strict=True)]
-    for p in range(K - 1):
-        total += causal[p] * (input_sizes[p] + output_sizes[p + 1])
-        total += anticausal[p] * (input_sizes[p + 1] + output_sizes[p])
-    for p in range(K - 2):
-        total += causal[p] * causal[p + 1] + anticausal[p] * anticausal[p + 1]
-    return total
+    return causal, anticausal
 
 
 @pytest.mark.parametrize(
@@ -74,13 +67,13 @@ def minimal_count(input_sizes, output_sizes, dim):
     ],
 )
 def test_random_sss_matrix_is_recovered_within_its_parameter_count(
-    output_dim, input_dim, nb_stages, dim, give_nb_states
+    output_dim, input_dim, nb_stages, dim, give_nb_states, weight_count
 ):
     rng = np.random.default_rng(output_dim + dim)
     input_sizes = block_sizes(input_dim, nb_stages)
     output_sizes = block_sizes(output_dim, nb_stages)
     target = random_sss_matrix(input_sizes, output_sizes, dim, rng)
-    count = minimal_count(input_sizes, output_sizes, dim)
+    count = weight_count(input_sizes, output_sizes, *minimal_dims(input_sizes, output_sizes, dim))
     share = count / (input_dim * output_dim) + 1e-9
     options = {"nb_states": nb_stages} if give_nb_states else {}
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
@@ -90,12 +83,12 @@ def test_random_sss_matrix_is_recovered_within_its_parameter_count(
         assert relative_error(layer.to_dense(), target) <= tolerance, (dtype, layer)
 
 
-def test_recovery_needs_the_state_dimension():
+def test_recovery_needs_the_state_dimension(weight_count):
     """One parameter short of the minimal realisation, the error is no longer zero."""
     rng = np.random.default_rng(5)
     sizes = block_sizes(48, 6)
     target = random_sss_matrix(sizes, sizes, 3, rng)
-    count = minimal_count(sizes, sizes, 3)
+    count = weight_count(sizes, sizes, *minimal_dims(sizes, sizes, 3))
     with default_dtype(torch.float64):
         short = SSSLayer(48, 48, (count - 1) / 48**2, initial_weight_matrix=target, nb_states=6)
     assert relative_error(short.to_dense(), target) > 1e-6

@@ -9,40 +9,13 @@ from structurednets import BudgetTooSmallError
 from structurednets.testing import default_dtype
 from structurednets_sss import SSSLayer, SSSSizes, SSSSystem, fit_sss, sss_nb_weight_parameters
 
-
-def count(input_sizes, output_sizes, causal, anticausal):
-    """Weight scalars of an SSS layer of these sizes, from the stage-matrix shapes by hand."""
-    total = sum(m * n for m, n in zip(output_sizes, input_sizes, strict=True))
-    for p in range(len(input_sizes) - 1):
-        total += causal[p] * (input_sizes[p] + output_sizes[p + 1])
-        total += anticausal[p] * (input_sizes[p + 1] + output_sizes[p])
-    for p in range(len(input_sizes) - 2):
-        total += causal[p] * causal[p + 1] + anticausal[p] * anticausal[p + 1]
-    return total
-
-
-def random_system(input_sizes, output_sizes, causal, anticausal, seed=0):
-    rng = np.random.default_rng(seed)
-    K = len(input_sizes)
-    dx, dz = [0, *causal, 0], [0, *anticausal, 0]  # dz[k + 1] = dim z_k
-    return SSSSystem(
-        D=[rng.standard_normal((output_sizes[k], input_sizes[k])) for k in range(K)],
-        A=[rng.standard_normal((dx[k + 1], dx[k])) for k in range(K)],
-        B=[rng.standard_normal((dx[k + 1], input_sizes[k])) for k in range(K)],
-        C=[rng.standard_normal((output_sizes[k], dx[k])) for k in range(K)],
-        E=[rng.standard_normal((dz[k], dz[k + 1])) for k in range(K)],
-        F=[rng.standard_normal((dz[k], input_sizes[k])) for k in range(K)],
-        G=[rng.standard_normal((output_sizes[k], dz[k + 1])) for k in range(K)],
-    )
-
-
 # Ragged blocks, and a causal state (7) above its cap (n_0 = 6): not a minimal realisation.
 RAGGED = ((6, 2, 8), (4, 6, 4), (7, 1), (1, 3))
 
 
-def test_layout_of_a_ragged_system_rebuilds_it_exactly():
+def test_layout_of_a_ragged_system_rebuilds_it_exactly(random_stage_matrices, weight_count):
     with default_dtype(torch.float64):
-        layer = SSSLayer(16, 14, 1.0, system=random_system(*RAGGED))
+        layer = SSSLayer(16, 14, 1.0, system=SSSSystem(**random_stage_matrices(*RAGGED)))
     assert layer.layout.sizes == {
         "input_sizes": (6, 2, 8),
         "output_sizes": (4, 6, 4),
@@ -52,7 +25,7 @@ def test_layout_of_a_ragged_system_rebuilds_it_exactly():
     with default_dtype(torch.float64):
         twin = structurednets.create("sss", layout=layer.layout)
     assert twin.sizes == layer.sizes == SSSSizes(*RAGGED)
-    expected = count(*RAGGED) + 14
+    expected = weight_count(*RAGGED) + 14
     assert twin.get_nb_parameters() == layer.get_nb_parameters() == expected
     assert structurednets.nb_parameters("sss", layout=layer.layout) == expected
     twin.load_state_dict(layer.state_dict())
@@ -61,20 +34,20 @@ def test_layout_of_a_ragged_system_rebuilds_it_exactly():
         assert torch.equal(twin(U), layer(U))
 
 
-def test_constructor_takes_a_fitted_layers_sizes():
+def test_constructor_takes_a_fitted_layers_sizes(weight_count):
     target = np.random.default_rng(1).standard_normal((40, 56))
     fitted = SSSLayer(56, 40, 0.3, initial_weight_matrix=target)
     rebuilt = SSSLayer(56, 40, 0.3, **fitted.layout_sizes())
     assert rebuilt.sizes == fitted.sizes
-    assert rebuilt.nb_weight_parameters == count(*fitted.layout_sizes().values())
-    assert sss_nb_weight_parameters(56, 40, 0.3, **fitted.layout_sizes()) == count(
+    assert rebuilt.nb_weight_parameters == weight_count(*fitted.layout_sizes().values())
+    assert sss_nb_weight_parameters(56, 40, 0.3, **fitted.layout_sizes()) == weight_count(
         *fitted.layout_sizes().values()
     )
     rebuilt.load_state_dict(fitted.state_dict())
     torch.testing.assert_close(rebuilt.to_dense(), fitted.to_dense(), rtol=0, atol=0)
 
 
-def test_fit_with_exact_sizes_pads_states_above_the_hankel_rank():
+def test_fit_with_exact_sizes_pads_states_above_the_hankel_rank(weight_count):
     """Two stages of 10 x 12 blocks whose off-diagonal blocks have rank 2: states of 4 recover
     W exactly and carry two zero components; states of 1 give the Eckart-Young error."""
     rng = np.random.default_rng(2)
@@ -85,7 +58,7 @@ def test_fit_with_exact_sizes_pads_states_above_the_hankel_rank():
     with default_dtype(torch.float64):
         layer = SSSLayer(24, 20, 1.0, initial_weight_matrix=target, anticausal_dims=(4,), **exact)
         assert layer.sizes == SSSSizes((12, 12), (10, 10), (4,), (4,))
-        assert layer.nb_weight_parameters == count((12, 12), (10, 10), (4,), (4,))
+        assert layer.nb_weight_parameters == weight_count((12, 12), (10, 10), (4,), (4,))
         np.testing.assert_allclose(layer.to_dense().detach().numpy(), target, atol=1e-12)
         fitted = fit_sss(target, 480, **dict(exact, causal_dims=(1,)), anticausal_dims=(1,))
     lower = np.linalg.svd(target[10:, :12], compute_uv=False)
@@ -96,12 +69,14 @@ def test_fit_with_exact_sizes_pads_states_above_the_hankel_rank():
     assert np.sum((dense - target) ** 2) == pytest.approx(optimum, rel=1e-10)
 
 
-def test_exact_sizes_over_the_budget_are_refused():
+def test_exact_sizes_over_the_budget_are_refused(random_stage_matrices):
     with pytest.raises(BudgetTooSmallError, match="the given sizes"):
         fit_sss(
             np.ones((14, 16)),
             100,
-            **SSSLayer(16, 14, 1.0, system=random_system(*RAGGED)).layout_sizes(),
+            **SSSLayer(
+                16, 14, 1.0, system=SSSSystem(**random_stage_matrices(*RAGGED))
+            ).layout_sizes(),
         )
     with pytest.raises(BudgetTooSmallError, match="2 stages"):
         SSSLayer(
@@ -153,9 +128,15 @@ def test_bad_exact_sizes_name_the_option(change, error, fragments):
         assert fragment in str(info.value), str(info.value)
 
 
-def test_a_system_excludes_the_exact_sizes():
+def test_a_system_excludes_the_exact_sizes(random_stage_matrices):
     with pytest.raises(ValueError, match="do not pass input_sizes, output_sizes"):
-        SSSLayer(16, 14, 1.0, system=random_system(*RAGGED), **SSSSizes(*RAGGED).layout_sizes())
+        SSSLayer(
+            16,
+            14,
+            1.0,
+            system=SSSSystem(**random_stage_matrices(*RAGGED)),
+            **SSSSizes(*RAGGED).layout_sizes(),
+        )
 
 
 def test_the_fit_restores_the_thread_count():

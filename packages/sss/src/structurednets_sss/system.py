@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from structurednets.plugin import BudgetTooSmallError, as_matrix, torch_threads, weight_budget
+from structurednets.plugin import BudgetTooSmallError, as_matrix, weight_budget
 from structurednets_sss.layout import KINDS, SSSSizes
 
 __all__ = ["SSSSystem", "check_system_fits", "random_system"]
