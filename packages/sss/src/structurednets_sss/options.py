@@ -54,7 +54,13 @@ def check_state_dims(name: str, value: object, nb_stages: int | None) -> int | t
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
         return int(value)
-    dims = _int_sequence(name, value, 0, "an integer >= 0 or a sequence of nb_stages - 1 such")
+    dims = _int_sequence(
+        name,
+        value,
+        0,
+        "an integer >= 0 or a sequence of nb_stages - 1 such integers (one per boundary "
+        "between stages)",
+    )
     if nb_stages is not None and len(dims) != nb_stages - 1:
         raise ValueError(
             f"{name} must have nb_stages - 1 = {nb_stages - 1} entries (one per boundary "
@@ -66,9 +72,7 @@ def check_state_dims(name: str, value: object, nb_stages: int | None) -> int | t
 def _int_sequence(name: str, value: object, least: int, what: str) -> tuple[int, ...]:
     """``value`` as a tuple of integers >= ``least``; ``what`` says what was expected."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(
-            f"{name} must be {what} integers (one per boundary between stages), got {value!r}"
-        )
+        raise TypeError(f"{name} must be {what}, got {value!r}")
     for entry in value:
         if isinstance(entry, bool) or not isinstance(entry, numbers.Integral) or entry < least:
             raise TypeError(f"{name} must hold integers >= {least}, got {list(value)!r}")
@@ -108,7 +112,7 @@ def check_exact_sizes(
         ("input_sizes", input_dim, "input_dim"),
         ("output_sizes", output_dim, "output_dim"),
     ):
-        sizes = _int_sequence(name, given[name], 1, "a sequence of one block size per stage:")
+        sizes = _int_sequence(name, given[name], 1, "a sequence of one block size per stage")
         if not sizes or sum(sizes) != total:
             raise ValueError(
                 f"{name} must be one block size per stage summing to {dim_name} = {total}, "
@@ -123,7 +127,9 @@ def check_exact_sizes(
         )
     dims = {}
     for name in ("causal_dims", "anticausal_dims"):
-        dims[name] = _int_sequence(name, given[name], 0, "a sequence of K - 1")
+        dims[name] = _int_sequence(
+            name, given[name], 0, "a sequence of one state dimension per boundary between stages"
+        )
         if len(dims[name]) != K - 1:
             raise ValueError(
                 f"{name} must have K - 1 = {K - 1} entries (one per boundary between the "
