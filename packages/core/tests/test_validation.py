@@ -87,6 +87,7 @@ def test_as_matrix_takes_reversed_and_empty_views():
     assert as_matrix("W", empty_view, 3, 0).shape == (3, 0)
 
 
+@pytest.mark.slow  # parses the whole standard library
 def test_stdlib_sentences_are_prose_and_the_parts_disjoint():
     from structurednets.datasets import split_sentences, stdlib_sentences
 
