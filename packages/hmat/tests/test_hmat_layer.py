@@ -6,13 +6,13 @@ import torch
 
 import structurednets
 from structurednets import BudgetTooSmallError
+from structurednets.numerics import relative_error
 from structurednets.testing import default_dtype
 from structurednets_hmat import (
     HMatLayer,
     HMatrixPartition,
-    approximate,
+    fit_hmat,
     hmat_nb_weight_parameters,
-    relative_error,
 )
 
 
@@ -66,7 +66,7 @@ def test_gradients_through_buckets(rows, cols, share, min_block_size):
 def test_fitted_layer_is_the_approximation():
     target = smooth_matrix(70, 50)
     layer = fitted_layer(70, 50, 0.3, min_block_size=4)
-    hmatrix = approximate(target, layer.weight_budget, min_block_size=4)
+    hmatrix = fit_hmat(target, layer.weight_budget, min_block_size=4)
     assert layer.partition == hmatrix.partition
     assert relative_error(layer.to_dense(), target) == pytest.approx(
         relative_error(hmatrix.to_dense(), target), rel=1e-10
@@ -197,7 +197,7 @@ def test_fitted_layer_searches_but_random_layer_does_not_change():
     target = np.random.default_rng(8).standard_normal((128, 128))
     fitted = structurednets.create("hmat", 128, 128, 0.25, initial_weight_matrix=target)
     assert fitted.partition.min_block_size == 2
-    expected = approximate(target, fitted.weight_budget)
+    expected = fit_hmat(target, fitted.weight_budget)
     assert fitted.partition == expected.partition
     plain = structurednets.create(
         "hmat", 128, 128, 0.25, initial_weight_matrix=target, min_block_size=16
