@@ -82,10 +82,10 @@ def fit_hmat(
             ``None`` searches (above).
 
     >>> from structurednets.numerics import relative_error
-    >>> W = 1.0 / (1.0 + abs(np.subtract.outer(np.arange(512), np.arange(512))))
-    >>> hmatrix = fit_hmat(W, budget=512 * 512 // 10)
-    >>> relative_error(hmatrix.to_dense(), W) < 4.7e-3
-    True
+    >>> W = 1.0 / (1.0 + abs(np.subtract.outer(np.arange(256), np.arange(256))))
+    >>> hmatrix = fit_hmat(W, budget=256 * 256 // 4)
+    >>> hmatrix.nb_parameters <= 256 * 256 // 4, relative_error(hmatrix.to_dense(), W) < 1e-5
+    (True, True)
     """
     if isinstance(matrix, (np.ndarray, torch.Tensor)) and len(matrix.shape) == 2:
         output_dim, input_dim = matrix.shape
