@@ -124,16 +124,18 @@ def _leaf(entry: object, where: str) -> Leaf:
 
 
 def _check_tiling(partition: HMatrixPartition, name: str) -> None:
-    """Each entry of the matrix in exactly one leaf (the partition checks the total only)."""
-    counts = np.zeros(partition.shape, dtype=np.int32)
-    for leaf in partition.leaves:
-        counts[leaf.rows, leaf.cols] += 1
-    if (counts != 1).any():
-        row, col = np.argwhere(counts != 1)[0]
-        raise ValueError(
-            f"{name}'s leaves must tile the matrix; entry ({row}, {col}) lies in "
-            f"{counts[row, col]} leaves"
-        )
+    """No entry of the matrix in two leaves: with the total the partition checks (the leaves
+    cover as many entries as the matrix has), each entry is in exactly one leaf."""
+    covered = np.zeros(partition.shape, dtype=bool)
+    for index, leaf in enumerate(partition.leaves):
+        block = covered[leaf.rows, leaf.cols]
+        if block.any():
+            row, col = np.argwhere(block)[0]
+            raise ValueError(
+                f"{name}'s leaves must tile the matrix; entry ({leaf.row_start + row}, "
+                f"{leaf.col_start + col}) lies in leaf {index} and in an earlier one"
+            )
+        block[...] = True
 
 
 def given_partition(hmatrix: object, partition: object) -> HMatrixPartition | None:
