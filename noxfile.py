@@ -117,6 +117,22 @@ def wheels(session: nox.Session) -> None:
         session.run("structurednets", "list")
 
 
+#: The oldest torch every package declares (``torch.library.custom_op``,
+#: ``torch.is_autocast_enabled(device_type)`` and ``torch.get_autocast_dtype`` need 2.4).
+OLDEST_TORCH = "torch==2.4.1"
+
+
+@nox.session(name="tests-oldest-torch")
+def tests_oldest_torch(session: nox.Session) -> None:
+    """Every package's fast tests (-m "not slow") against the oldest declared torch. Not in the
+    default list: PyPI has no CPU-only build of it for Linux, so this downloads the CUDA build
+    (about 3 GB with its libraries); it runs on the CPU all the same."""
+    session.install(OLDEST_TORCH)
+    session.install(f"{PACKAGES / 'core'}[test]", *(str(PACKAGES / name) for name in PLUGINS))
+    for package in ("core", *PLUGINS):
+        session.run("pytest", str(PACKAGES / package / "tests"), "-m", "not slow", *session.posargs)
+
+
 def _install_everything(session: nox.Session, extras: str = "") -> None:
     install_torch(session)
     session.install(f"{PACKAGES / 'core'}{extras}", *(str(PACKAGES / name) for name in PLUGINS))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from structurednets.plugin import as_matrix, check_positive_int
+from structurednets.plugin import as_matrix, balanced_factors, check_positive_int
 from structurednets_hmat.allocation import LeafSpectrum, allocate_greedy
 from structurednets_hmat.hmatrix import HMatrix
 from structurednets_hmat.partition import (
@@ -28,7 +28,6 @@ from structurednets_hmat.partition import (
 from structurednets_hmat.spectra import (
     BlockSvd,
     SpectrumCache,
-    balanced_factors,
     block_spectra,
     cached_spectra,
     leading_triplets,
@@ -185,7 +184,7 @@ def _build(target: torch.Tensor, chosen: _Candidate) -> HMatrix:
             svd = chosen.vectors.get(index)
             if svd is None:  # a merged block: its leading singular vectors now
                 svd = leading_triplets(target[leaf.rows, leaf.cols], leaf.rank)
-            factors.append(balanced_factors(svd, leaf.rank))
+            factors.append(balanced_factors(svd.U, svd.S, svd.Vh, leaf.rank))
     return HMatrix(chosen.ranked, tuple(factors))
 
 

@@ -17,7 +17,6 @@ from structurednets_hmat.partition import Leaf, leaf_groups
 __all__ = [
     "BlockSvd",
     "SpectrumCache",
-    "balanced_factors",
     "block_spectra",
     "cached_spectra",
     "leading_triplets",
@@ -111,11 +110,3 @@ def leading_triplets(block: torch.Tensor, rank: int) -> BlockSvd:
     if transposed:
         return BlockSvd(V, S, U.T)
     return BlockSvd(U, S, V.T)
-
-
-def balanced_factors(svd: BlockSvd, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, R)`` of the ``rank`` leading triplets, ``L = U sqrt(S)``, ``R = sqrt(S) V^T``:
-    what :func:`structurednets.numerics.balanced_truncated_svd` gives, from triplets already
-    known (the fit takes them batched, once per block, before it knows the ranks)."""
-    root = svd.S[:rank].sqrt()
-    return svd.U[:, :rank] * root, root[:, None] * svd.Vh[:rank]
