@@ -245,6 +245,14 @@ class LDRLayer(StructuredLayer):
             bands_from_dense("operators[1] (B)", operators[1], self.input_dim),
         )
 
+    def layout_sizes(self) -> dict[str, object]:
+        """``{"displacement_rank": r, "krylov_columns": m}``: with the operators' fixed
+        three bands these fix every parameter's shape (the chain lengths follow from them)."""
+        return {
+            "displacement_rank": self.displacement_rank,
+            "krylov_columns": self.krylov_columns,
+        }
+
     @property
     def operators(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` as dense matrices (differentiable)."""
