@@ -2,14 +2,14 @@ import numpy as np
 import pytest
 import torch
 
+from structurednets.numerics import relative_error
 from structurednets_ldr import (
     LDRLayer,
     cyclic_shift_bands,
+    displacement_rank_for,
     fit_ldr,
-    ldr_weight,
-    plan_displacement_rank,
+    weight,
 )
-from structurednets_ldr.products import make_plan
 
 
 def toeplitz_kernel(n):
@@ -20,11 +20,6 @@ def toeplitz_kernel(n):
 def low_rank_error(target, rank):
     singular_values = np.linalg.svd(target, compute_uv=False)
     return np.sqrt(np.sum(singular_values[rank:] ** 2) / np.sum(singular_values**2))
-
-
-def relative_error(layer, target):
-    dense = layer.to_dense().detach().double().numpy()
-    return np.linalg.norm(dense - target) / np.linalg.norm(target)
 
 
 def generated(n, rank, noise, seed, out_dim=None, operators=False):
@@ -40,8 +35,7 @@ def generated(n, rank, noise, seed, out_dim=None, operators=False):
     A = cyclic_shift_bands(out_dim, 1.0, dtype=torch.float64) + noise * normal(3, out_dim)
     B = cyclic_shift_bands(n, -1.0, down=False, dtype=torch.float64) + noise * normal(3, n)
     G, H = normal(out_dim, rank), normal(n, rank)
-    plan = make_plan(out_dim, n, min(out_dim, n), True, 4)
-    W = ldr_weight(A, B, G, H, plan).detach()
+    W = weight(A, B, G, H, min(out_dim, n), 4).detach()
     return (W, A, B) if operators else W
 
 
@@ -54,7 +48,7 @@ def test_toeplitz_kernel_256_beats_low_rank_with_the_same_budget():
     layer = LDRLayer(256, 256, 0.1, initial_weight_matrix=target)
     assert layer.displacement_rank == 9
     assert layer.nb_weight_parameters <= layer.weight_budget
-    assert relative_error(layer, target) < 1e-6  # float32 parameters
+    assert relative_error(layer.to_dense(), target) < 1e-6  # float32 parameters
     assert layer.fit_relative_error < 1e-12  # float64 fit
 
 
@@ -72,18 +66,18 @@ def test_rectangular_toeplitz_and_hankel_are_exact():
 
 
 def test_generated_from_shift_operators_is_recovered_exactly():
-    rank = plan_displacement_rank(256, 256, 0.1)
+    rank = displacement_rank_for(256, 256, 0.1)
     target = generated(256, rank, noise=0.0, seed=0)
     fit = fit_ldr(target, rank, 256)
     assert fit.relative_error < 1e-12
-    assert fit.start == "cyclic"
+    assert fit.start == "cyclic"  # the generating operators are a start: found at once
 
 
 @pytest.mark.parametrize("seed", [0, 2])
 def test_generated_from_perturbed_operators_is_fitted_to_1e_3(seed):
     """Operators that are not among the starts (each nonzero of the cyclic shifts perturbed
     by 1% noise): estimated from the displacement, then refined."""
-    rank = plan_displacement_rank(64, 64, 0.25)
+    rank = displacement_rank_for(64, 64, 0.25)
     target = generated(64, rank, noise=0.01, seed=seed)
     fit = fit_ldr(target, rank, 64)
     assert fit.relative_error <= 1e-3
@@ -97,10 +91,11 @@ def test_strongly_perturbed_operators_are_identified(noise, seed):
     Levenberg-Marquardt on the displacement's tail recovers the operators (up to
     ``(c A, B / c)``, which leaves ``W`` unchanged). The last one stalls in the first
     sequence (rank 3 r, then 2 r) and is identified by the next (2 r directly)."""
-    rank = plan_displacement_rank(64, 64, 0.25)
+    rank = displacement_rank_for(64, 64, 0.25)
     target, A_bands, B_bands = generated(64, rank, noise, seed, operators=True)
     fit = fit_ldr(target, rank, 64)
     assert fit.relative_error <= 1e-3
+    # regression figures: which continuation of the estimation identified them
     assert fit.start == ("cyclic, estimated" if noise > 0.1 else "cyclic, estimated via rank 15")
     scale = torch.dot(fit.A_bands.flatten(), A_bands.flatten()) / fit.A_bands.square().sum()
     assert torch.linalg.norm(scale * fit.A_bands - A_bands) <= 1e-8 * torch.linalg.norm(A_bands)
@@ -113,7 +108,7 @@ def test_perturbed_operators_of_a_rectangular_target_are_identified(out_dim, in_
     only from the cyclic ones does the estimation reach a zero of the displacement's tail
     (the estimation is started from the operators nearest to one; the L-BFGS estimation
     stopped at 7.1e-3 and 1.4e-2 for these)."""
-    rank = plan_displacement_rank(in_dim, out_dim, 0.25)
+    rank = displacement_rank_for(in_dim, out_dim, 0.25)
     target = generated(in_dim, rank, 0.05, seed, out_dim=out_dim)
     fit = fit_ldr(target, rank, min(out_dim, in_dim))
     assert fit.relative_error <= 1e-3
