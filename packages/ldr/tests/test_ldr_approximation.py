@@ -39,6 +39,7 @@ def generated(n, rank, noise, seed, out_dim=None, operators=False):
     return (W, A, B) if operators else W
 
 
+@pytest.mark.slow  # a 256 x 256 fit
 def test_toeplitz_kernel_256_beats_low_rank_with_the_same_budget():
     """1 / (1 + |i - j|), 256 x 256, share 0.1: low rank with the same budget (rank 12)
     has relative error 0.645; shift operators represent Toeplitz matrices exactly."""
@@ -65,6 +66,7 @@ def test_rectangular_toeplitz_and_hankel_are_exact():
         assert fit.relative_error < 1e-12, fit.start
 
 
+@pytest.mark.slow  # a 256 x 256 fit
 def test_generated_from_shift_operators_is_recovered_exactly():
     rank = displacement_rank_for(256, 256, 0.1)
     target = generated(256, rank, noise=0.0, seed=0)
@@ -84,6 +86,7 @@ def test_generated_from_perturbed_operators_is_fitted_to_1e_3(seed):
     assert "estimated" in fit.start
 
 
+@pytest.mark.slow  # four estimations, some through several continuations
 @pytest.mark.parametrize(("noise", "seed"), [(0.05, 0), (0.1, 1), (0.1, 2), (0.15, 7)])
 def test_strongly_perturbed_operators_are_identified(noise, seed):
     """5%, 10% and 15% noise on the shifts: the L-BFGS estimation of the displacement
@@ -102,6 +105,7 @@ def test_strongly_perturbed_operators_are_identified(noise, seed):
     assert torch.linalg.norm(fit.B_bands / scale - B_bands) <= 1e-8 * torch.linalg.norm(B_bands)
 
 
+@pytest.mark.slow  # two rectangular estimations
 @pytest.mark.parametrize(("out_dim", "in_dim", "seed"), [(96, 64, 2), (64, 96, 0)])
 def test_perturbed_operators_of_a_rectangular_target_are_identified(out_dim, in_dim, seed):
     """With m = min(out, in) < n the nilpotent shifts fit better than the cyclic ones, but

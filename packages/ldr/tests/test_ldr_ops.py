@@ -11,6 +11,7 @@ from structurednets_ldr.kernels import scratch
 from structurednets_ldr.schedule import choose_schedule, schedule_table
 
 
+@pytest.mark.slow  # opcheck traces the operators as torch.compile does
 @pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize(
     "out_dim, in_dim, nb_columns, chain_length",
