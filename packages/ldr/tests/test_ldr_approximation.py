@@ -149,3 +149,13 @@ def test_fit_is_deterministic_and_respects_given_operators():
 def test_zero_target():
     layer = LDRLayer(16, 16, 1.0, initial_weight_matrix=np.zeros((16, 16)))
     assert not layer.to_dense().any()
+
+
+def test_fit_arguments_are_checked_and_krylov_columns_default_to_the_smaller_side():
+    with pytest.raises(ValueError, match=r"matrix must be 2-D \(out, in\), got shape \(3,\)"):
+        fit_ldr(torch.ones(3), 1)
+    with pytest.raises(ValueError, match="displacement_rank must be a positive integer, got 0"):
+        fit_ldr(torch.ones(8, 8), 0)
+    i, j = np.arange(12)[:, None], np.arange(10)[None, :]
+    toeplitz = np.random.default_rng(4).standard_normal(22)[i - j + 9]  # m = 10 by default
+    assert fit_ldr(toeplitz, 2).relative_error < 1e-12
