@@ -6,7 +6,7 @@ import torch
 
 import structurednets
 from structurednets.testing import ConformanceCase, conformance_checks, default_dtype
-from structurednets_psm import BlockSparseFactor, PSMLayer, plan_psm
+from structurednets_psm import BlockSparseFactor, PSMLayer, layer_sizes
 
 # The kit's budget grid has prime sizes, which no block size > 1 divides; the other checks
 # run on a block layer with dimensions that 4 divides.
@@ -43,10 +43,10 @@ def test_block_budget_grid_counts_and_smallest_share():
             assert all(f.nnz % 16 == 0 for f in layer.factors)
 
 
-def test_block_plan_uses_whole_blocks():
-    plan = plan_psm(64, 32, 0.5, block_size=8)
-    assert plan.block_size == 8
-    assert plan.nonzeros == (8 * 64, 8 * 64)  # 16 whole blocks of the 1024-value budget
+def test_block_sizes_use_whole_blocks():
+    sizes = layer_sizes(64, 32, 0.5, block_size=8)
+    assert sizes.block_size == 8
+    assert sizes.nonzeros == (8 * 64, 8 * 64)  # 16 whole blocks of the 1024-value budget
     with pytest.raises(structurednets.BudgetTooSmallError, match=r"of 8x8 blocks .* 0\.375"):
         PSMLayer(64, 32, 0.3, block_size=8)
     with pytest.raises(ValueError, match=r"block_size=5 must divide input_dim, output_dim"):

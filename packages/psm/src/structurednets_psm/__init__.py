@@ -5,7 +5,14 @@ hierarchical PALM (Le Magoarou and Gribonval, 2016).
 """
 
 from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
-from structurednets_psm.layer import PSMLayer, psm_nb_weight_parameters
+from structurednets_psm.layer import PSMLayer
+from structurednets_psm.layout import (
+    FactorSizes,
+    factor_shapes,
+    layer_sizes,
+    psm_nb_weight_parameters,
+    split_nonzeros,
+)
 from structurednets_psm.palm import (
     Factorization,
     PALMSettings,
@@ -13,23 +20,22 @@ from structurednets_psm.palm import (
     factorize,
     hierarchical_factorization,
 )
-from structurednets_psm.plan import PSMPlan, factor_shapes, plan_psm, split_nonzeros
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockSparseFactor",
+    "FactorSizes",
     "Factorization",
     "PALMSettings",
     "PSMLayer",
-    "PSMPlan",
     "SparseFactor",
     "Strategy",
     "__version__",
     "factor_shapes",
     "factorize",
     "hierarchical_factorization",
-    "plan_psm",
+    "layer_sizes",
     "psm_nb_weight_parameters",
     "random_support",
     "split_nonzeros",

@@ -188,26 +188,27 @@ def _compressed(sorted_indices: torch.Tensor, length: int) -> torch.Tensor:
 def random_support(
     rows: int, cols: int, nnz: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nnz`` distinct random positions of a ``rows x cols`` matrix that touch every row and
-    every column (needs ``max(rows, cols) <= nnz <= rows * cols``).
+    """``nnz`` distinct random positions of a ``rows x cols`` matrix (``0 <= nnz <= rows *
+    cols``) that touch every row and every column when ``nnz >= max(rows, cols)``.
 
     ``max(rows, cols)`` positions form a random cover (a permutation matrix when square);
-    the others are drawn uniformly from the remaining positions. Returns
-    ``(row_indices, col_indices)``, int64, unsorted.
+    the others are drawn uniformly from the remaining positions. Fewer than
+    ``max(rows, cols)`` positions are part of such a cover (in distinct rows or columns,
+    whichever are more). Returns ``(row_indices, col_indices)``, int64, unsorted.
     """
     size = rows * cols
     cover = max(rows, cols)
-    if not cover <= nnz <= size:
+    if isinstance(nnz, bool) or not isinstance(nnz, int) or not 0 <= nnz <= size:
         raise ValueError(
-            f"a {rows}x{cols} support touching every row and column needs between {cover} and {size} entries, got {nnz}"
+            f"nnz must be an integer between 0 and {size} (a {rows}x{cols} support), got {nnz!r}"
         )
     steps = torch.arange(cover)
     row_perm = torch.randperm(rows, generator=generator)
     col_perm = torch.randperm(cols, generator=generator)
     covered = row_perm[steps % rows] * cols + col_perm[steps % cols]
     needed = nnz - cover
-    if needed == 0:
-        chosen = covered
+    if needed <= 0:
+        chosen = covered[:nnz]
     elif needed > (size - cover) // 4:
         taken = torch.zeros(size, dtype=torch.bool)
         taken[covered] = True

@@ -8,108 +8,23 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from structurednets import StructuredLayer
-from structurednets.layers.structured_layer import dense_init_std
-from structurednets.validation import BudgetTooSmallError, weight_budget
-from structurednets_psm.factors import (
-    BlockSparseFactor,
-    SparseFactor,
-    as_coordinates,
-    random_support,
+from structurednets.plugin import StructuredLayer, dense_init_std
+from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
+from structurednets_psm.layout import (
+    FactorSizes,
+    check_block_size,
+    check_factors_alone,
+    check_nnz_split,
+    check_nonzeros,
+    layer_sizes,
+    require_covering_budget,
+    require_nonzeros_within_budget,
+    resolve_shapes,
+    sizes_of_factors,
 )
 from structurednets_psm.palm import Factorization, PALMSettings, factorize
-from structurednets_psm.plan import (
-    PSMPlan,
-    block_shapes,
-    check_block_size,
-    check_nnz_split,
-    factor_shapes,
-    plan_psm,
-    smallest_nonzeros,
-)
 
-__all__ = ["PSMLayer", "psm_nb_weight_parameters"]
-
-
-def psm_nb_weight_parameters(
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
-    *,
-    nb_matrices: int = 2,
-    nnz_split: Sequence[float] | None = None,
-    inner_dim: int | None = None,
-    factors: Sequence[object] | None = None,
-    seed: int = 0,
-    palm_settings: PALMSettings | None = None,
-    block_size: int = 1,
-) -> int:
-    """Stored values of a :class:`PSMLayer` built with these arguments and no
-    ``initial_weight_matrix``: the whole budget shared between the factors (in whole blocks),
-    or the nonzeros of the given ``factors``."""
-    if factors is not None:
-        _refuse_blocks_with_factors(block_size)
-        plan = _plan_from_factors(input_dim, output_dim, nb_params_share, factors, inner_dim)[0]
-        return plan.total_nonzeros
-    plan = plan_psm(
-        input_dim,
-        output_dim,
-        nb_params_share,
-        nb_matrices=nb_matrices,
-        inner_dim=inner_dim,
-        nnz_split=nnz_split,
-        block_size=block_size,
-    )
-    return plan.total_nonzeros
-
-
-def _refuse_blocks_with_factors(block_size: object) -> None:
-    if block_size != 1:
-        raise ValueError(
-            f"block_size={block_size!r} cannot be combined with factors (given factors are "
-            "element-sparse); leave block_size=1"
-        )
-
-
-def _plan_from_factors(
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
-    factors: object,
-    inner_dim: int | None,
-) -> tuple[PSMPlan, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence) or not factors:
-        raise TypeError(
-            "factors must be a non-empty list of sparse factors S_1, ..., S_J (W = S_1 ... S_J; "
-            f"scipy sparse matrices, torch sparse tensors or (indices, values) pairs), got {factors!r}"
-        )
-    expected = factor_shapes(input_dim, output_dim, len(factors), inner_dim)
-    shapes, coordinates = [], []
-    previous_cols = output_dim
-    for j, factor in enumerate(factors):
-        is_pair = isinstance(factor, (tuple, list))
-        shape, rows, cols, values = as_coordinates(
-            f"factors[{j}]", factor, expected[j] if is_pair else None
-        )
-        if shape[0] != previous_cols:
-            raise ValueError(
-                f"factors[{j}] must have {previous_cols} rows to chain "
-                f"(W = S_1 ... S_J is output_dim x input_dim), got shape {shape}"
-            )
-        previous_cols = shape[1]
-        shapes.append(shape)
-        coordinates.append((rows, cols, values))
-    if previous_cols != input_dim:
-        raise ValueError(
-            f"factors[-1] must have input_dim={input_dim} columns, got shape {shapes[-1]}"
-        )
-    nonzeros = tuple(rows.numel() for rows, _, _ in coordinates)
-    needed = sum(nonzeros)
-    if needed > weight_budget(input_dim, output_dim, nb_params_share):
-        raise BudgetTooSmallError(
-            "psm", input_dim, output_dim, nb_params_share, needed, "the given factors"
-        )
-    return PSMPlan(tuple(shapes), nonzeros), coordinates
+__all__ = ["PSMLayer"]
 
 
 class PSMLayer(StructuredLayer):
@@ -127,10 +42,16 @@ class PSMLayer(StructuredLayer):
             as for every :class:`~structurednets.StructuredLayer`. ``initial_weight_matrix`` is
             approximated by hierarchical PALM (:func:`structurednets_psm.factorize`), which
             also searches the split of the nonzeros unless ``nnz_split`` is given.
-        nb_matrices: ``J``, the number of sparse factors.
+        nb_matrices: ``J``, the number of sparse factors; default 2 (or the number of
+            ``factor_shapes``).
         nnz_split: relative share of the nonzeros of each factor (``J`` positive numbers);
             default equal for a random layer, searched when fitting a matrix.
         inner_dim: the inner dimensions (all equal); default ``min(input_dim, output_dim)``.
+        factor_shapes: ``[rows, cols]`` of each factor, chained from ``output_dim`` rows to
+            ``input_dim`` columns (instead of ``nb_matrices`` and ``inner_dim``).
+        nonzeros: the stored values of each factor (multiples of ``block_size**2``, at most
+            the budget in all), instead of sharing the whole budget. With ``factor_shapes``
+            and ``block_size`` these are the layer's ``layout.sizes``.
         factors: ``S_1, ..., S_J`` to start from: scipy sparse matrices, torch sparse
             tensors, or ``(indices, values)`` pairs with ``indices`` of shape ``(2, nnz)``
             (pairs take the shapes implied by the dims and ``inner_dim``). Their supports
@@ -169,9 +90,11 @@ class PSMLayer(StructuredLayer):
         initial_weight_matrix: object = None,
         initial_bias: object = None,
         *,
-        nb_matrices: int = 2,
+        nb_matrices: int | None = None,
         nnz_split: Sequence[float] | None = None,
         inner_dim: int | None = None,
+        factor_shapes: Sequence[Sequence[int]] | None = None,
+        nonzeros: Sequence[int] | None = None,
         factors: Sequence[object] | None = None,
         seed: int = 0,
         palm_settings: PALMSettings | None = None,
@@ -189,27 +112,53 @@ class PSMLayer(StructuredLayer):
         if factors is not None:
             if target is not None:
                 raise ValueError("pass either initial_weight_matrix or factors, not both")
-            _refuse_blocks_with_factors(block_size)
-            plan, coordinates = _plan_from_factors(
+            check_factors_alone(
+                factors,
+                nb_matrices=nb_matrices,
+                nnz_split=nnz_split,
+                factor_shapes=factor_shapes,
+                nonzeros=nonzeros,
+                block_size=block_size,
+            )
+            sizes, coordinates = sizes_of_factors(
                 self.input_dim, self.output_dim, self.nb_params_share, factors, inner_dim
             )
             modules = [
                 SparseFactor(rows, cols, *coords)
-                for (rows, cols), coords in zip(plan.shapes, coordinates, strict=True)
+                for (rows, cols), coords in zip(sizes.shapes, coordinates, strict=True)
             ]
         elif target is not None:
-            shapes = factor_shapes(self.input_dim, self.output_dim, nb_matrices, inner_dim)
+            shapes = resolve_shapes(
+                self.input_dim,
+                self.output_dim,
+                nb_matrices=nb_matrices,
+                inner_dim=inner_dim,
+                factor_shapes=factor_shapes,
+            )
             weights = check_nnz_split(nnz_split, len(shapes))
             block = check_block_size(block_size, shapes)
-            needed = sum(smallest_nonzeros(block_shapes(shapes, block))) * block * block
-            self.require_budget(
-                needed, f"{len(shapes)} sparse factor(s) with a nonzero in every row and column"
-            )
+            counts = None
+            if nonzeros is not None:
+                if weights is not None:
+                    raise ValueError("pass either nonzeros or nnz_split, not both")
+                counts = check_nonzeros(nonzeros, shapes, block)
+                require_nonzeros_within_budget(
+                    self.input_dim,
+                    self.output_dim,
+                    self.nb_params_share,
+                    counts,
+                    "the given nonzeros",
+                )
+            else:
+                require_covering_budget(
+                    self.input_dim, self.output_dim, self.nb_params_share, shapes, block
+                )
             self.fit = factorize(
                 target,
                 shapes,
                 self.weight_budget,
                 nnz_split=weights,
+                nonzeros=counts,
                 seed=seed,
                 settings=palm_settings,
                 block_size=block,
@@ -221,17 +170,33 @@ class PSMLayer(StructuredLayer):
                 )
             ]
         else:
-            plan = plan_psm(
+            sizes = layer_sizes(
                 self.input_dim,
                 self.output_dim,
                 self.nb_params_share,
                 nb_matrices=nb_matrices,
                 inner_dim=inner_dim,
+                factor_shapes=factor_shapes,
+                nonzeros=nonzeros,
                 nnz_split=nnz_split,
                 block_size=block_size,
             )
-            modules = _random_factors(plan, dense_init_std(self.input_dim))
+            modules = _random_factors(sizes, dense_init_std(self.input_dim))
         self.factors = nn.ModuleList(modules)
+
+    def layout_sizes(self) -> dict[str, object]:
+        """``factor_shapes`` (``[rows, cols]`` of each factor), ``nonzeros`` (stored values of
+        each factor) and ``block_size``: options that rebuild exactly these factors."""
+        return self.sizes.as_layout_sizes()
+
+    @property
+    def sizes(self) -> FactorSizes:
+        """The factors' shapes and nonzeros (see :meth:`layout_sizes`)."""
+        return FactorSizes(
+            tuple((f.rows, f.cols) for f in self.factors),
+            tuple(f.nnz for f in self.factors),
+            self.block_size,
+        )
 
     @property
     def nb_matrices(self) -> int:
@@ -278,7 +243,7 @@ def _factor_from_fit(
     return BlockSparseFactor(rows, cols, block, block_rows, block_cols, blocks)
 
 
-def _random_factors(plan: PSMPlan, std: float) -> list[SparseFactor | BlockSparseFactor]:
+def _random_factors(sizes: FactorSizes, std: float) -> list[SparseFactor | BlockSparseFactor]:
     """Random supports touching every row and column (of blocks); Gaussian values of one
     common scale so that the entries of the product have deviation ``std``.
 
@@ -286,15 +251,17 @@ def _random_factors(plan: PSMPlan, std: float) -> list[SparseFactor | BlockSpars
     variance ``s^2``, an entry of the product has variance
     ``prod_j (p_j s^2) * prod_{j<J} d_j`` (also for block supports, ``p_j`` their density).
     """
-    log_gain = 0.0
-    for j, ((rows, cols), nnz) in enumerate(zip(plan.shapes, plan.nonzeros, strict=True)):
-        log_gain += math.log(nnz / (rows * cols))
-        if j < len(plan.shapes) - 1:
-            log_gain += math.log(cols)
-    scale = math.exp((2 * math.log(std) - log_gain) / (2 * len(plan.shapes)))
-    b = plan.block_size
+    scale = 1.0  # a factor without values makes the product zero at any scale
+    if all(sizes.nonzeros):
+        log_gain = 0.0
+        for j, ((rows, cols), nnz) in enumerate(zip(sizes.shapes, sizes.nonzeros, strict=True)):
+            log_gain += math.log(nnz / (rows * cols))
+            if j < len(sizes.shapes) - 1:
+                log_gain += math.log(cols)
+        scale = math.exp((2 * math.log(std) - log_gain) / (2 * len(sizes.shapes)))
+    b = sizes.block_size
     modules: list[SparseFactor | BlockSparseFactor] = []
-    for (rows, cols), nnz in zip(plan.shapes, plan.nonzeros, strict=True):
+    for (rows, cols), nnz in zip(sizes.shapes, sizes.nonzeros, strict=True):
         nb_blocks = nnz // (b * b)
         block_rows, block_cols = random_support(rows // b, cols // b, nb_blocks)
         if b == 1:

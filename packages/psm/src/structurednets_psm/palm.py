@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from structurednets_psm.plan import block_shapes, split_nonzeros
+from structurednets_psm.layout import block_shapes, split_nonzeros
 
 __all__ = [
     "Factorization",
@@ -610,6 +610,7 @@ def factorize(
     total_nonzeros: int,
     *,
     nnz_split: Sequence[float] | None = None,
+    nonzeros: Sequence[int] | None = None,
     seed: int = 0,
     settings: PALMSettings | None = None,
     block_size: int = 1,
@@ -635,6 +636,7 @@ def factorize(
         total_nonzeros: the budget of stored values, shared between the factors by the
             search (each factor gets at least ``max(rows, cols)``).
         nnz_split: fix the split (relative weights per factor) instead of searching it.
+        nonzeros: fix each factor's nonzeros (then ``total_nonzeros`` is not used).
         seed: seeds the power iterations' start vectors (the only randomness).
         settings: the work budget and search options.
 
@@ -642,7 +644,7 @@ def factorize(
         The best :class:`Factorization` found.
     """
     settings = settings or PALMSettings()
-    arguments = (target, shapes, total_nonzeros, nnz_split, seed, settings, block_size)
+    arguments = (target, shapes, total_nonzeros, nnz_split, nonzeros, seed, settings, block_size)
     if settings.threads is None:
         return _factorize(*arguments)
     previous = torch.get_num_threads()
@@ -658,6 +660,7 @@ def _factorize(
     shapes: Sequence[tuple[int, int]],
     total_nonzeros: int,
     nnz_split: Sequence[float] | None,
+    nonzeros: Sequence[int] | None,
     seed: int,
     settings: PALMSettings,
     block: int,
@@ -666,6 +669,8 @@ def _factorize(
     grid = block_shapes(shapes, block)
 
     def allocate(split: Sequence[float]) -> tuple[int, ...]:
+        if nonzeros is not None:
+            return tuple(nonzeros)
         blocks = split_nonzeros(total_nonzeros // (block * block), grid, split)
         return tuple(count * block * block for count in blocks)
 
@@ -676,7 +681,10 @@ def _factorize(
     # Factor updates per sweep of every PALM run of one start: for J > 2, J - 1 local runs of
     # two factors and J - 1 global runs of 2, 3, ..., J factors.
     start_updates = 2 if count <= 2 else 2 * (count - 1) + (count - 1) * (count + 2) // 2
-    splits = [tuple(nnz_split)] if nnz_split is not None else candidate_splits(count)
+    if nonzeros is not None or nnz_split is not None:
+        splits = [tuple(nnz_split or nonzeros)]
+    else:
+        splits = candidate_splits(count)
     modes = list(_MODES)
     if not settings.search:
         modes, splits = modes[:1], splits[:1]

@@ -1,7 +1,8 @@
 """Entry point of the PSM plugin (group ``structurednets``)."""
 
 from structurednets import hookimpl
-from structurednets_psm.layer import PSMLayer, psm_nb_weight_parameters
+from structurednets_psm.layer import PSMLayer
+from structurednets_psm.layout import psm_nb_weight_parameters
 
 
 @hookimpl
