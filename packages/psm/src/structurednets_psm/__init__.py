@@ -1,10 +1,17 @@
 """Products of sparse matrices for structurednets (structure ``"psm"``).
 
 ``W = S_1 S_2 ... S_J`` with sparse factors of fixed support; fitted to a dense matrix by
-hierarchical PALM (Le Magoarou and Gribonval, 2016).
+hierarchical PALM (Le Magoarou and Gribonval, 2016) with :func:`fit_psm`.
 """
 
 from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
+from structurednets_psm.fit import (
+    Factorization,
+    PALMSettings,
+    Strategy,
+    fit_psm,
+    hierarchical_factorization,
+)
 from structurednets_psm.layer import PSMLayer
 from structurednets_psm.layout import (
     FactorSizes,
@@ -12,13 +19,6 @@ from structurednets_psm.layout import (
     layer_sizes,
     psm_nb_weight_parameters,
     split_nonzeros,
-)
-from structurednets_psm.palm import (
-    Factorization,
-    PALMSettings,
-    Strategy,
-    factorize,
-    hierarchical_factorization,
 )
 
 __version__ = "0.1.0"
@@ -33,7 +33,7 @@ __all__ = [
     "Strategy",
     "__version__",
     "factor_shapes",
-    "factorize",
+    "fit_psm",
     "hierarchical_factorization",
     "layer_sizes",
     "psm_nb_weight_parameters",

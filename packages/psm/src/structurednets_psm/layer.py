@@ -10,6 +10,7 @@ from torch import nn
 
 from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
+from structurednets_psm.fit import Factorization, PALMSettings, fit_psm
 from structurednets_psm.layout import (
     FactorSizes,
     check_block_size,
@@ -22,7 +23,6 @@ from structurednets_psm.layout import (
     resolve_shapes,
     sizes_of_factors,
 )
-from structurednets_psm.palm import Factorization, PALMSettings, factorize
 
 __all__ = ["PSMLayer"]
 
@@ -40,7 +40,7 @@ class PSMLayer(StructuredLayer):
     Args:
         input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
             as for every :class:`~structurednets.StructuredLayer`. ``initial_weight_matrix`` is
-            approximated by hierarchical PALM (:func:`structurednets_psm.factorize`), which
+            approximated by hierarchical PALM (:func:`structurednets_psm.fit_psm`), which
             also searches the split of the nonzeros unless ``nnz_split`` is given.
         nb_matrices: ``J``, the number of sparse factors; default 2 (or the number of
             ``factor_shapes``).
@@ -66,17 +66,30 @@ class PSMLayer(StructuredLayer):
             element-sparse kernels at the same number of values, at some cost in accuracy
             when fitting a matrix.
 
+    Shape:
+        input: ``(..., input_dim)``; output: ``(..., output_dim)``.
+
     Attributes:
-        factors: ``nn.ModuleList`` of :class:`SparseFactor`, ``S_1`` first (output side).
-        fit: the :class:`~structurednets_psm.palm.Factorization` when fitted to a matrix,
-            else ``None``.
+        factors: ``nn.ModuleList`` of :class:`SparseFactor` (or :class:`BlockSparseFactor`),
+            ``S_1`` first (output side); each holds its support as persistent integer
+            buffers and its values as one parameter.
+        sizes: the factors' shapes and nonzeros (:class:`~structurednets_psm.FactorSizes`).
+        fit: the :class:`~structurednets_psm.Factorization` when fitted to a matrix, else
+            ``None`` (not saved with the state dict).
+        bias: the learnable ``(output_dim,)`` bias, or ``None``.
 
     Example:
-        >>> layer = PSMLayer(512, 256, nb_params_share=0.1)
-        >>> [f.nnz for f in layer.factors]
-        [6554, 6553]
-        >>> layer(torch.randn(8, 512)).shape
-        torch.Size([8, 256])
+        >>> _ = torch.manual_seed(0)
+        >>> layer = PSMLayer(64, 32, nb_params_share=0.25)
+        >>> layer.layout_sizes()
+        {'factor_shapes': [[32, 32], [32, 64]], 'nonzeros': [256, 256], 'block_size': 1}
+        >>> layer(torch.randn(8, 64)).shape
+        torch.Size([8, 32])
+        >>> twin = structurednets.create("psm", layout=layer.layout)  # random, same shapes
+        >>> _ = twin.load_state_dict(layer.state_dict())  # supports and values
+        >>> U = torch.randn(4, 64)
+        >>> torch.equal(twin(U), layer(U))
+        True
     """
 
     structure_name = "psm"
@@ -153,10 +166,10 @@ class PSMLayer(StructuredLayer):
                 require_covering_budget(
                     self.input_dim, self.output_dim, self.nb_params_share, shapes, block
                 )
-            self.fit = factorize(
+            self.fit = fit_psm(
                 target,
-                shapes,
                 self.weight_budget,
+                factor_shapes=shapes,
                 nnz_split=weights,
                 nonzeros=counts,
                 seed=seed,
