@@ -20,8 +20,27 @@ BLOCK_CASE = ConformanceCase(
 GRID_CHECKS = {"forward_matches_dense", "budget_and_parameter_counts"}
 
 
+# distributed, compile and fitting checks (as in test_psm_conformance.py)
+SLOW = {
+    "distributed_training",
+    "torch_compile",
+    "random_valid_arguments",
+    "random_invalid_arguments",
+    "initial_weight_matrix",
+    "approximation_robustness",
+    "layout_round_trip",
+    "save_and_load",
+}
+
+
 @pytest.mark.parametrize(
-    "check", [c for c in conformance_checks() if c.name not in GRID_CHECKS], ids=str
+    "check",
+    [
+        pytest.param(c, marks=pytest.mark.slow) if c.name in SLOW else c
+        for c in conformance_checks()
+        if c.name not in GRID_CHECKS
+    ],
+    ids=str,
 )
 def test_block_layer_conformance(check):
     check(BLOCK_CASE)
@@ -91,6 +110,7 @@ def test_block_supports_cover_every_block_row_and_column():
         )
 
 
+@pytest.mark.slow
 def test_block_fit_is_block_aligned_and_close():
     i = np.arange(64)
     target = 1.0 / (1.0 + np.abs(i[:, None] - i[None, :]))
