@@ -24,11 +24,6 @@ from structurednets_psm.layout import split_nonzeros
 SHORT = PALMSettings(max_sweeps=200)
 
 
-def relative_error_of(layer, target):
-    dense = layer.to_dense().detach().double().numpy()
-    return np.linalg.norm(dense - target) / np.linalg.norm(target)
-
-
 def dense_product(layer):
     product = None
     for factor in layer.factors:
@@ -281,7 +276,8 @@ def test_fit_with_fixed_nonzeros_keeps_them():
     # better than one sparse matrix keeping the 120 largest entries (0.455; the fit: 0.346)
     magnitudes = np.sort(np.abs(target).ravel())
     top_k = np.sqrt((magnitudes[:-120] ** 2).sum() / (magnitudes**2).sum())
-    assert relative_error_of(layer, target) < top_k
+    dense = layer.to_dense().detach().double().numpy()
+    assert np.linalg.norm(dense - target) / np.linalg.norm(target) < top_k
 
 
 def test_size_option_errors_name_the_option():

@@ -12,14 +12,8 @@ from structurednets_psm.fit import (
     fit_psm,
     hierarchical_factorization,
 )
-from structurednets_psm.layer import PSMLayer
-from structurednets_psm.layout import (
-    FactorSizes,
-    factor_shapes,
-    layer_sizes,
-    psm_nb_weight_parameters,
-    split_nonzeros,
-)
+from structurednets_psm.layer import PSMLayer, psm_nb_weight_parameters
+from structurednets_psm.layout import FactorSizes, factor_shapes, layer_sizes, split_nonzeros
 
 __version__ = "0.1.0"
 

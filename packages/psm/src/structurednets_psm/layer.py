@@ -11,20 +11,53 @@ from torch import nn
 from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
 from structurednets_psm.fit import Factorization, PALMSettings, fit_psm
-from structurednets_psm.layout import (
-    FactorSizes,
-    check_block_size,
-    check_factors_alone,
-    check_nnz_split,
-    check_nonzeros,
-    layer_sizes,
-    require_covering_budget,
-    require_nonzeros_within_budget,
-    resolve_shapes,
-    sizes_of_factors,
-)
+from structurednets_psm.given_factors import check_factors_alone, sizes_of_factors
+from structurednets_psm.layout import FactorSizes, check_size_options, layer_sizes
 
-__all__ = ["PSMLayer"]
+__all__ = ["PSMLayer", "psm_nb_weight_parameters"]
+
+
+def psm_nb_weight_parameters(
+    input_dim: int,
+    output_dim: int,
+    nb_params_share: float,
+    *,
+    nb_matrices: int | None = None,
+    nnz_split: Sequence[float] | None = None,
+    inner_dim: int | None = None,
+    factor_shapes: object = None,
+    nonzeros: object = None,
+    factors: Sequence[object] | None = None,
+    seed: int = 0,
+    palm_settings: object = None,
+    block_size: int = 1,
+) -> int:
+    """Stored values of a :class:`~structurednets_psm.PSMLayer` built with these arguments
+    and no ``initial_weight_matrix``: the given ``nonzeros``, the nonzeros of the given
+    ``factors``, or the whole budget shared between the factors (in whole blocks)."""
+    if factors is not None:
+        check_factors_alone(
+            factors,
+            nb_matrices=nb_matrices,
+            nnz_split=nnz_split,
+            factor_shapes=factor_shapes,
+            nonzeros=nonzeros,
+            block_size=block_size,
+        )
+        return sizes_of_factors(input_dim, output_dim, nb_params_share, factors, inner_dim)[
+            0
+        ].total_nonzeros
+    return layer_sizes(
+        input_dim,
+        output_dim,
+        nb_params_share,
+        nb_matrices=nb_matrices,
+        inner_dim=inner_dim,
+        factor_shapes=factor_shapes,
+        nonzeros=nonzeros,
+        nnz_split=nnz_split,
+        block_size=block_size,
+    ).total_nonzeros
 
 
 class PSMLayer(StructuredLayer):
@@ -122,78 +155,47 @@ class PSMLayer(StructuredLayer):
                 f"palm_settings must be a structurednets_psm.PALMSettings, got {palm_settings!r}"
             )
         self.fit: Factorization | None = None
+        size_options = {
+            "nb_matrices": nb_matrices,
+            "inner_dim": inner_dim,
+            "factor_shapes": factor_shapes,
+            "nonzeros": nonzeros,
+            "nnz_split": nnz_split,
+            "block_size": block_size,
+        }
+        share = self.nb_params_share
         if factors is not None:
             if target is not None:
                 raise ValueError("pass either initial_weight_matrix or factors, not both")
-            check_factors_alone(
-                factors,
-                nb_matrices=nb_matrices,
-                nnz_split=nnz_split,
-                factor_shapes=factor_shapes,
-                nonzeros=nonzeros,
-                block_size=block_size,
-            )
+            inner_dim = size_options.pop("inner_dim")  # shapes the (indices, values) pairs
+            check_factors_alone(factors, **size_options)
             sizes, coordinates = sizes_of_factors(
-                self.input_dim, self.output_dim, self.nb_params_share, factors, inner_dim
+                self.input_dim, self.output_dim, share, factors, inner_dim
             )
             modules = [
                 SparseFactor(rows, cols, *coords)
                 for (rows, cols), coords in zip(sizes.shapes, coordinates, strict=True)
             ]
         elif target is not None:
-            shapes = resolve_shapes(
-                self.input_dim,
-                self.output_dim,
-                nb_matrices=nb_matrices,
-                inner_dim=inner_dim,
-                factor_shapes=factor_shapes,
-            )
-            weights = check_nnz_split(nnz_split, len(shapes))
-            block = check_block_size(block_size, shapes)
-            counts = None
-            if nonzeros is not None:
-                if weights is not None:
-                    raise ValueError("pass either nonzeros or nnz_split, not both")
-                counts = check_nonzeros(nonzeros, shapes, block)
-                require_nonzeros_within_budget(
-                    self.input_dim,
-                    self.output_dim,
-                    self.nb_params_share,
-                    counts,
-                    "the given nonzeros",
-                )
-            else:
-                require_covering_budget(
-                    self.input_dim, self.output_dim, self.nb_params_share, shapes, block
-                )
+            checked = check_size_options(self.input_dim, self.output_dim, share, **size_options)
             self.fit = fit_psm(
                 target,
                 self.weight_budget,
-                factor_shapes=shapes,
-                nnz_split=weights,
-                nonzeros=counts,
+                factor_shapes=checked.shapes,
+                nnz_split=checked.nnz_split,
+                nonzeros=checked.nonzeros,
                 seed=seed,
                 settings=palm_settings,
-                block_size=block,
+                block_size=checked.block_size,
             )
             modules = [
-                _factor_from_fit(rows, cols, block, matrix, support)
+                _factor_from_fit(rows, cols, checked.block_size, matrix, support)
                 for (rows, cols), matrix, support in zip(
-                    shapes, self.fit.factors, self.fit.supports, strict=True
+                    checked.shapes, self.fit.factors, self.fit.supports, strict=True
                 )
             ]
         else:
-            sizes = layer_sizes(
-                self.input_dim,
-                self.output_dim,
-                self.nb_params_share,
-                nb_matrices=nb_matrices,
-                inner_dim=inner_dim,
-                factor_shapes=factor_shapes,
-                nonzeros=nonzeros,
-                nnz_split=nnz_split,
-                block_size=block_size,
-            )
+            sizes = layer_sizes(self.input_dim, self.output_dim, share, **size_options)
             modules = _random_factors(sizes, dense_init_std(self.input_dim))
         self.factors = nn.ModuleList(modules)
 

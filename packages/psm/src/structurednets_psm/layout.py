@@ -13,22 +13,19 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 from structurednets.plugin import BudgetTooSmallError, check_positive_int, weight_budget
-from structurednets_psm.factors import as_coordinates
 
 __all__ = [
     "FactorSizes",
+    "SizeOptions",
     "block_shapes",
     "check_block_size",
     "check_nnz_split",
     "check_nonzeros",
+    "check_size_options",
     "factor_shapes",
     "layer_sizes",
-    "psm_nb_weight_parameters",
     "resolve_shapes",
-    "sizes_of_factors",
     "smallest_nonzeros",
     "split_nonzeros",
 ]
@@ -304,7 +301,24 @@ def require_nonzeros_within_budget(
         raise BudgetTooSmallError("psm", input_dim, output_dim, nb_params_share, needed, what)
 
 
-def layer_sizes(
+@dataclass(frozen=True)
+class SizeOptions:
+    """The layer's size options, checked against each other and against the budget.
+
+    Attributes:
+        shapes: ``(rows, cols)`` of each factor.
+        block_size: side of the support blocks.
+        nnz_split: relative weights of the factors' nonzeros, or ``None``.
+        nonzeros: each factor's nonzeros, or ``None`` (then the budget is shared).
+    """
+
+    shapes: Shapes
+    block_size: int
+    nnz_split: tuple[float, ...] | None
+    nonzeros: tuple[int, ...] | None
+
+
+def check_size_options(
     input_dim: int,
     output_dim: int,
     nb_params_share: float,
@@ -315,14 +329,13 @@ def layer_sizes(
     nonzeros: object = None,
     nnz_split: Sequence[float] | None = None,
     block_size: int = 1,
-) -> FactorSizes:
-    """The factors of a PSM layer built with these options and no matrix to fit.
+) -> SizeOptions:
+    """Check the size options of a layer (random or fitted).
 
-    ``nonzeros`` fixes each factor's count (at most the budget in all); otherwise the whole
-    budget ``floor(share * input_dim * output_dim)`` is shared by ``nnz_split`` (default
-    equal) in whole ``block_size x block_size`` blocks, and :class:`BudgetTooSmallError` is
-    raised when it cannot give every factor one nonzero (block) in each of its rows and
-    columns (of blocks).
+    Raises :class:`BudgetTooSmallError` when the given ``nonzeros`` exceed the budget, or,
+    without them, when the budget cannot give every factor one nonzero (block) in each of
+    its rows and columns (of blocks); ``ValueError``/``TypeError`` for options that are
+    malformed or contradict each other.
     """
     shapes = resolve_shapes(
         input_dim,
@@ -333,126 +346,39 @@ def layer_sizes(
     )
     weights = check_nnz_split(nnz_split, len(shapes))
     block_size = check_block_size(block_size, shapes)
-    if nonzeros is not None:
-        if weights is not None:
-            raise ValueError(
-                "pass either nonzeros (the count of each factor) or nnz_split (relative "
-                "shares of the budget), not both"
-            )
-        counts = check_nonzeros(nonzeros, shapes, block_size)
-        require_nonzeros_within_budget(
-            input_dim, output_dim, nb_params_share, counts, "the given nonzeros"
-        )
-        return FactorSizes(shapes, counts, block_size)
-    require_covering_budget(input_dim, output_dim, nb_params_share, shapes, block_size)
-    area = block_size * block_size
-    budget = weight_budget(input_dim, output_dim, nb_params_share)
-    blocks = split_nonzeros(budget // area, block_shapes(shapes, block_size), weights)
-    return FactorSizes(shapes, tuple(count * area for count in blocks), block_size)
-
-
-def sizes_of_factors(
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
-    factors: object,
-    inner_dim: int | None,
-) -> tuple[FactorSizes, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """The sizes of user-given factors ``S_1, ..., S_J`` and their ``(rows, cols, values)``
-    coordinates (checked to chain and to fit the budget)."""
-    if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence) or not factors:
-        raise TypeError(
-            "factors must be a non-empty list of sparse factors S_1, ..., S_J (W = S_1 ... S_J; "
-            f"scipy sparse matrices, torch sparse tensors or (indices, values) pairs), got {factors!r}"
-        )
-    expected = factor_shapes(input_dim, output_dim, len(factors), inner_dim)
-    shapes, coordinates = [], []
-    previous_cols = output_dim
-    for j, factor in enumerate(factors):
-        is_pair = isinstance(factor, (tuple, list))
-        shape, rows, cols, values = as_coordinates(
-            f"factors[{j}]", factor, expected[j] if is_pair else None
-        )
-        if shape[0] != previous_cols:
-            raise ValueError(
-                f"factors[{j}] must have {previous_cols} rows to chain "
-                f"(W = S_1 ... S_J is output_dim x input_dim), got shape {shape}"
-            )
-        previous_cols = shape[1]
-        shapes.append(shape)
-        coordinates.append((rows, cols, values))
-    if previous_cols != input_dim:
+    if nonzeros is None:
+        require_covering_budget(input_dim, output_dim, nb_params_share, shapes, block_size)
+        return SizeOptions(shapes, block_size, weights, None)
+    if weights is not None:
         raise ValueError(
-            f"factors[-1] must have input_dim={input_dim} columns, got shape {shapes[-1]}"
+            "pass either nonzeros (the count of each factor) or nnz_split (relative "
+            "shares of the budget), not both"
         )
-    nonzeros = tuple(rows.numel() for rows, _, _ in coordinates)
+    counts = check_nonzeros(nonzeros, shapes, block_size)
     require_nonzeros_within_budget(
-        input_dim, output_dim, nb_params_share, nonzeros, "the given factors"
+        input_dim, output_dim, nb_params_share, counts, "the given nonzeros"
     )
-    return FactorSizes(tuple(shapes), nonzeros), coordinates
+    return SizeOptions(shapes, block_size, None, counts)
 
 
-def psm_nb_weight_parameters(
+def layer_sizes(
     input_dim: int,
     output_dim: int,
     nb_params_share: float,
-    *,
-    nb_matrices: int | None = None,
-    nnz_split: Sequence[float] | None = None,
-    inner_dim: int | None = None,
-    factor_shapes: object = None,
-    nonzeros: object = None,
-    factors: Sequence[object] | None = None,
-    seed: int = 0,
-    palm_settings: object = None,
-    block_size: int = 1,
-) -> int:
-    """Stored values of a :class:`~structurednets_psm.PSMLayer` built with these arguments
-    and no ``initial_weight_matrix``: the given ``nonzeros``, the nonzeros of the given
-    ``factors``, or the whole budget shared between the factors (in whole blocks)."""
-    if factors is not None:
-        check_factors_alone(
-            factors,
-            nb_matrices=nb_matrices,
-            nnz_split=nnz_split,
-            factor_shapes=factor_shapes,
-            nonzeros=nonzeros,
-            block_size=block_size,
-        )
-        return sizes_of_factors(input_dim, output_dim, nb_params_share, factors, inner_dim)[
-            0
-        ].total_nonzeros
-    return layer_sizes(
-        input_dim,
-        output_dim,
-        nb_params_share,
-        nb_matrices=nb_matrices,
-        inner_dim=inner_dim,
-        factor_shapes=factor_shapes,
-        nonzeros=nonzeros,
-        nnz_split=nnz_split,
-        block_size=block_size,
-    ).total_nonzeros
+    **options: object,
+) -> FactorSizes:
+    """The factors of a PSM layer built with these size options (those of
+    :func:`check_size_options`) and no matrix to fit.
 
-
-def check_factors_alone(factors: object, **options: object) -> None:
-    """Refuse the size options that given ``factors`` already decide (``block_size`` must be 1:
-    given factors are element-sparse; ``nb_matrices``, if given, their number)."""
-    nb_matrices = options.pop("nb_matrices", None)
-    count = len(factors) if isinstance(factors, Sequence) else None
-    if nb_matrices is not None and nb_matrices != count:
-        raise ValueError(
-            f"nb_matrices={nb_matrices!r} does not match the {count} given factors; "
-            "drop nb_matrices"
-        )
-    if options.get("block_size", 1) != 1:
-        raise ValueError(
-            f"block_size={options['block_size']!r} cannot be combined with factors (given "
-            "factors are element-sparse); leave block_size=1"
-        )
-    for name, value in options.items():
-        if name != "block_size" and value is not None:
-            raise ValueError(
-                f"{name}={value!r} cannot be combined with factors (the given factors fix "
-                f"the number of factors, their shapes and their nonzeros); drop {name}"
-            )
+    ``nonzeros`` fixes each factor's count (at most the budget in all); otherwise the whole
+    budget ``floor(share * input_dim * output_dim)`` is shared by ``nnz_split`` (default
+    equal) in whole ``block_size x block_size`` blocks.
+    """
+    checked = check_size_options(input_dim, output_dim, nb_params_share, **options)
+    if checked.nonzeros is not None:
+        return FactorSizes(checked.shapes, checked.nonzeros, checked.block_size)
+    area = checked.block_size * checked.block_size
+    budget = weight_budget(input_dim, output_dim, nb_params_share)
+    grid = block_shapes(checked.shapes, checked.block_size)
+    blocks = split_nonzeros(budget // area, grid, checked.nnz_split)
+    return FactorSizes(checked.shapes, tuple(count * area for count in blocks), checked.block_size)

@@ -1,8 +1,7 @@
 """Entry point of the PSM plugin (group ``structurednets``)."""
 
-from structurednets import hookimpl
-from structurednets_psm.layer import PSMLayer
-from structurednets_psm.layout import psm_nb_weight_parameters
+from structurednets.plugin import hookimpl
+from structurednets_psm.layer import PSMLayer, psm_nb_weight_parameters
 
 
 @hookimpl
