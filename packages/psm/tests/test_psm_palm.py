@@ -138,10 +138,14 @@ def test_fit_stays_within_budget_when_row_column_projections_win(share):
 
 def test_fit_psm_returns_the_factors_the_layer_holds():
     target = np.random.default_rng(5).standard_normal((12, 18))
-    settings = PALMSettings(max_sweeps=100, threads=2)
-    threads = torch.get_num_threads()
-    result = fit_psm(torch.from_numpy(target), 60, settings=settings)
-    assert torch.get_num_threads() == threads  # the fit's thread count is restored
+    settings = PALMSettings(max_sweeps=100, threads=1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = fit_psm(torch.from_numpy(target), 60, settings=settings)
+        assert torch.get_num_threads() == 2  # the fit ran on one thread, then restored two
+    finally:
+        torch.set_num_threads(previous)
     assert [tuple(f.shape) for f in result.factors] == [(12, 12), (12, 18)]
     assert sum(int(support.sum()) for support in result.supports) == 60
     for factor, support in zip(result.factors, result.supports, strict=True):

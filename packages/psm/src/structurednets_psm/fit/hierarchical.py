@@ -71,6 +71,7 @@ class Factorization:
         strategy: the strategy that won the search.
         nb_updates: PALM factor updates spent in total (all candidates); a sweep over
             ``J`` factors is ``J`` updates.
+        tried: ``(strategy, relative error)`` of each candidate the search started.
     """
 
     factors: list[torch.Tensor]
