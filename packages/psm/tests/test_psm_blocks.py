@@ -6,7 +6,7 @@ import torch
 
 import structurednets
 from structurednets.testing import ConformanceCase, conformance_checks, default_dtype
-from structurednets_psm import BlockSparseFactor, PSMLayer, layer_sizes
+from structurednets_psm import BlockSparseFactor, PALMSettings, PSMLayer, layer_sizes
 
 # The kit's budget grid has prime sizes, which no block size > 1 divides; the other checks
 # run on a block layer with dimensions that 4 divides.
@@ -121,3 +121,20 @@ def test_block_fit_is_block_aligned_and_close():
     assert fitted.nb_weight_parameters == fitted.weight_budget
     assert all(f.nnz % 16 == 0 for f in fitted.factors)
     assert math.isclose(error, fitted.fit.relative_error, rel_tol=1e-9)
+
+
+def test_block_layout_rebuilds_a_fitted_block_layer():
+    i = np.arange(32)
+    target = 1.0 / (1.0 + np.abs(i[:16, None] - i[None, :]))
+    fitted = PSMLayer(
+        32, 16, 0.5, initial_weight_matrix=target, block_size=4,
+        palm_settings=PALMSettings(max_sweeps=100),
+    )  # fmt: skip
+    sizes = fitted.layout.sizes
+    assert sizes["block_size"] == 4 and all(count % 16 == 0 for count in sizes["nonzeros"])
+    assert list(sizes["nonzeros"]) == [f.nnz for f in fitted.factors]
+    twin = structurednets.create("psm", layout=fitted.layout)
+    assert all(isinstance(f, BlockSparseFactor) for f in twin.factors)
+    twin.load_state_dict(fitted.state_dict())
+    assert torch.equal(twin.to_dense(), fitted.to_dense())
+    assert {"factors.0.block_rows", "factors.1.block_cols"} <= set(fitted.state_dict())
