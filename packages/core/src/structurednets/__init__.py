@@ -28,6 +28,7 @@ from structurednets.registry import (
     register,
     unregister,
 )
+from structurednets.training_helpers import param_groups
 from structurednets.validation import BudgetTooSmallError
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "hookspec",
     "load_plugins",
     "nb_parameters",
+    "param_groups",
     "register",
     "unregister",
 ]
