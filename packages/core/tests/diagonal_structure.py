@@ -48,6 +48,11 @@ class DiagonalLayer(StructuredLayer):
             diagonal = torch.randn(size, dtype=torch.float64) * std
         self.diagonal = nn.Parameter(diagonal.to(torch.get_default_dtype()))
 
+    def lr_multipliers(self):
+        """The entries are sqrt(in * out / size) times a dense layer's; so is their rate."""
+        size = self.diagonal.numel()
+        return {"diagonal": math.sqrt(self.input_dim * self.output_dim / size)}
+
     def multiply(self, U):
         size = self.diagonal.numel()
         product = U[:, :size] * self.diagonal

@@ -60,6 +60,26 @@ class DeadParameter(DiagonalLayer):
         self.unused = torch.nn.Parameter(torch.ones(1))
 
 
+class TooQuiet(DiagonalLayer):
+    """Spreads no variance: the diagonal has a dense layer's scale, so W's outputs fade."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        with torch.no_grad():
+            size = self.diagonal.numel()
+            self.diagonal.mul_((size / (self.input_dim * self.output_dim)) ** 0.5)
+
+    def lr_multipliers(self):
+        return {}
+
+
+class NoMultipliers(DiagonalLayer):
+    """Right output scale, but its large entries move at a dense layer's rate."""
+
+    def lr_multipliers(self):
+        return {}
+
+
 def count_with_extra(input_dim, output_dim, share):
     return diagonal_nb_weight_parameters(input_dim, output_dim, share) + 1
 
@@ -72,6 +92,8 @@ def count_with_extra(input_dim, output_dim, share):
         (NoInputCheck, diagonal_nb_weight_parameters, "bad_inputs"),
         (IgnoresWeightMatrix, diagonal_nb_weight_parameters, "initial_weight_matrix"),
         (DeadParameter, count_with_extra, "gradients"),
+        (TooQuiet, diagonal_nb_weight_parameters, "output_variance"),
+        (NoMultipliers, diagonal_nb_weight_parameters, "update_scale"),
     ],
 )
 def test_kit_catches_broken_structures(layer_class, count, failing_check):

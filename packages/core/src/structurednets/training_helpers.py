@@ -78,7 +78,7 @@ def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
         hook = getattr(module, "lr_multipliers", None)
         if not callable(hook):
             continue
-        own = dict(module.named_parameters(recurse=False))
+        own = dict(module.named_parameters())
         for name, factor in hook().items():
             if name not in own:
                 raise ValueError(

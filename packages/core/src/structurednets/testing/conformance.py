@@ -29,6 +29,7 @@ from structurednets.testing.contract_checks import (
     check_repr,
     check_state_dict_round_trip,
 )
+from structurednets.testing.scaling_checks import check_output_variance, check_update_scale
 from structurednets.testing.setup_checks import (
     check_approximation_robustness,
     check_cuda,
@@ -59,6 +60,8 @@ _CHECKS = [
     check_initial_bias,
     check_initial_weight_matrix,
     check_random_init_scale,
+    check_output_variance,
+    check_update_scale,
     check_bad_constructor_arguments,
     check_bad_inputs,
     check_repr,
