@@ -287,3 +287,20 @@ def test_param_groups_apply_multipliers():
 
     with pytest.raises(ValueError, match="names 'middle', which is not a parameter"):
         param_groups(Wrong(), 0.1)
+
+
+def test_a_collapse_seen_only_after_the_epoch_is_rolled_back():
+    """One batch per epoch: the batch loss is measured before the step, so only the
+    evaluation after the epoch sees the loss that a far too large step caused."""
+    X, y = separable_problem(nb_samples=200, seed=4)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(10, 3)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.warns(RuntimeWarning, match=r"collapse: training loss .* up from"):
+        result = train_with_decreasing_lr(
+            model, X, y, batch_size=200, initial_lr=1e3, nb_lr_rounds=1, seed=0
+        )
+    assert result.diverged and result.nb_epochs == 1
+    assert result.train_loss_history[1] > 10 * result.train_loss_history[0]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
