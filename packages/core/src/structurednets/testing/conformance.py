@@ -29,7 +29,11 @@ from structurednets.testing.contract_checks import (
     check_repr,
     check_state_dict_round_trip,
 )
-from structurednets.testing.scaling_checks import check_output_variance, check_update_scale
+from structurednets.testing.scaling_checks import (
+    check_output_variance,
+    check_trains_from_scratch,
+    check_update_scale,
+)
 from structurednets.testing.setup_checks import (
     check_approximation_robustness,
     check_cuda,
@@ -62,6 +66,7 @@ _CHECKS = [
     check_random_init_scale,
     check_output_variance,
     check_update_scale,
+    check_trains_from_scratch,
     check_bad_constructor_arguments,
     check_bad_inputs,
     check_repr,
