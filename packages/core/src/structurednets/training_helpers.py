@@ -60,7 +60,7 @@ def param_groups(model: nn.Module, lr: float) -> list[dict[str, Any]]:
 
     A module (typically a :class:`~structurednets.StructuredLayer`) asks for multipliers by
     defining ``lr_multipliers(self) -> dict[str, float]``, mapping the names of its own
-    parameters (as in ``module.named_parameters(recurse=False)``) to factors; parameters it
+    parameters (as in ``module.named_parameters()``) to factors; parameters it
     does not name, and those of modules without the method, get ``lr`` itself. A plugin
     overrides the method where its factors need other step sizes than a dense weight (e.g.
     the factors of a product, or an operator against its generators)::
@@ -231,8 +231,8 @@ def train_with_decreasing_lr(
     times the untrained model's training loss above the one the round started from: too large
     a rate (e.g. Adam at 1.0) sends the loss from 2.3 to 50 in one epoch and leaves dead ReLUs
     that a later recovery to chance level would hide; so does a single batch whose loss
-    rises five times as far (a blow-up within an epoch of few steps). (The validation loss may rise in a round
-    that overfits; the training loss of a round that works does not.)
+    rises five times as far (a blow-up within an epoch of few steps). (The validation loss
+    may rise in a round that overfits; the training loss of a round that works does not.)
 
     Args:
         model: the module to train, in place, on the device of its parameters.
@@ -254,8 +254,8 @@ def train_with_decreasing_lr(
         max_epochs_per_round: stop a round after this many epochs even if it still improves.
         seed: seed for the validation split and the shuffling, for reproducible runs.
         collapse_tolerance: how far (in units of the untrained model's training loss) the
-            training loss may rise above the round's start before the round counts as collapsed; ``math.inf``
-            turns the rule off.
+            training loss may rise above the round's start before the round counts as
+            collapsed; ``math.inf`` turns the rule off.
 
     Returns:
         A :class:`TrainingResult` with the model (best weights restored) and the histories.
