@@ -34,9 +34,9 @@ def _csr(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shape: tup
 
 
 _CUDA_FALLBACK = (
-    "on CUDA its factors multiply with cuSPARSE CSR kernels (in float32 for float16 and "
-    "bfloat16), far slower than a cuBLAS nn.Linear of the same shape unless the factors are "
-    "very sparse; block-sparse factors (block_size > 1) use batched dense products instead"
+    "on CUDA its element-sparse factors multiply with cuSPARSE CSR kernels (in float32 for "
+    "float16 and bfloat16), usually much slower than a cuBLAS nn.Linear of the same shape; "
+    "block-sparse factors (block_size > 1) use batched dense products instead"
 )
 
 # On the CPU, a CSR matrix times a dense operand larger than the per-core cache runs faster
