@@ -35,10 +35,10 @@ from structurednets.testing.layout_checks import (
     check_save_and_load,
 )
 from structurednets.testing.precision_checks import (
+    check_autocast_compiles,
     check_cuda_precision,
     check_dtypes_and_autocast,
     check_reduced_precision_layers,
-    check_torch_compile_under_autocast,
 )
 from structurednets.testing.setup_checks import (
     check_approximation_robustness,
@@ -82,7 +82,7 @@ _CHECKS = [
     check_cuda,
     check_cuda_precision,
     check_torch_compile,
-    check_torch_compile_under_autocast,
+    check_autocast_compiles,
     check_distributed_training,
     check_approximation_robustness,
     check_divergence_is_reported,
