@@ -68,6 +68,11 @@ class SSSLayer(StructuredLayer):
 
     structure_name = "sss"
 
+    #: Under autocast the state transitions ``A`` and ``E`` keep their dtype and the state
+    #: recursions accumulate in float32 (see ``kernels._recursions``); the other products
+    #: run in the autocast dtype.
+    autocast_full_precision = ("A", "E")
+
     def __init__(
         self,
         input_dim: int,
