@@ -14,6 +14,7 @@ from structurednets.approximation import (
     SkippedStructure,
     approximate,
 )
+from structurednets.calibration import InputStatistics
 from structurednets.compression import CompressionReport, CompressionResult, compress
 from structurednets.hookspecs import hookimpl, hookspec
 from structurednets.layers import StructuredLayer, get_nb_model_parameters
@@ -37,6 +38,7 @@ __all__ = [
     "BudgetTooSmallError",
     "CompressionReport",
     "CompressionResult",
+    "InputStatistics",
     "NoStructureFitsError",
     "SkippedStructure",
     "Structure",
