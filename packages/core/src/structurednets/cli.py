@@ -279,7 +279,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         raise CommandError("no structures installed; e.g. pip install structurednets-lowrank")
     _check_plot(args.plot)
     progress = _progress(args.quiet)
-    rows = run_demo(structures, args.shares, args.epochs, args.seed, progress)
+    rows = run_demo(
+        structures, args.shares, args.epochs, args.seed, progress, calibrate=args.calibrate
+    )
     print(format_demo_table(rows))
     if args.plot:
         from structurednets.plotting import plot_demo
@@ -362,6 +364,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     demo.add_argument(
         "--plot", metavar="FILE", help="also draw accuracy against share (needs matplotlib)"
+    )
+    demo.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit to the hidden layer's output error on the training digits, not its weight",
     )
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(run=_cmd_demo)
