@@ -6,8 +6,10 @@ import torch
 
 from structurednets import approximate
 from structurednets.calibration import InputStatistics
-from structurednets_psm import PSMLayer
+from structurednets_psm import PALMSettings, PSMLayer
 from structurednets_psm.weighted import weighted_factorization
+
+SHORT = PALMSettings(max_sweeps=200)
 
 
 def problem(seed=0, shape=(16, 24), n=200):
@@ -24,7 +26,7 @@ def output_error(dense, W, X):
 @pytest.mark.parametrize("block_size", [1, 2])
 def test_weighted_palm_lowers_the_output_error(block_size):
     W, X, stats = problem()
-    layer = PSMLayer(24, 16, 0.4, use_bias=False, initial_weight_matrix=W, block_size=block_size)
+    layer = PSMLayer(24, 16, 0.4, False, W, block_size=block_size, palm_settings=SHORT)
     start = layer.fit
     refit = weighted_factorization(start, torch.from_numpy(W), stats, block=block_size)
     before = output_error(np.linalg.multi_dot([f.numpy() for f in start.factors]), W, X)
@@ -39,8 +41,8 @@ def test_weighted_palm_lowers_the_output_error(block_size):
 
 def test_calibrated_layer_matches_its_factors_and_budget():
     W, X, stats = problem(seed=1)
-    plain = approximate(W, "psm", 0.4)
-    fit = approximate(W, "psm", 0.4, inputs=stats, dtype=torch.float64)
+    plain = approximate(W, "psm", 0.4, palm_settings=SHORT)
+    fit = approximate(W, "psm", 0.4, inputs=stats, dtype=torch.float64, palm_settings=SHORT)
     assert fit.layer.nb_weight_parameters <= fit.layer.weight_budget
     assert fit.output_relative_error <= output_error(
         plain.layer.to_dense().detach().double().numpy(), W, X
