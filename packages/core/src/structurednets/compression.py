@@ -83,7 +83,7 @@ class CompressionReport:
     """What :func:`compress` did. ``str(report)`` is a table.
 
     Attributes:
-        layers: the replaced layers, in module order.
+        layers: the replaced layers, in module order (in call order with ``sequential=True``).
         skipped: selected layers kept dense, with the reason.
         model_nb_parameters_before, model_nb_parameters_after: parameters of the whole model.
         seconds: wall-clock time of the whole compression.
