@@ -99,6 +99,8 @@ def test_covariance_checks_name_the_argument():
     C -= 1e-8 * np.eye(4, dtype=np.float32)
     stats = as_input_statistics(4, input_covariance=C)
     assert torch.linalg.eigvalsh(stats.covariance).min() >= -1e-12
+    with pytest.raises(ValueError, match="cannot take samples"):
+        stats.update(X)
 
 
 def test_input_checks_name_the_argument():

@@ -89,6 +89,7 @@ class InputStatistics:
         self.nb_samples = 0
         self._sum: torch.Tensor | None = None
         self._cache: dict[str, torch.Tensor] = {}
+        self._given = False  # built from a covariance: no samples to add to
 
     @classmethod
     def from_covariance(
@@ -133,6 +134,7 @@ class InputStatistics:
         stats = cls(matrix.shape[0], damping=damping, name=name)
         stats._sum = matrix
         stats.nb_samples = 1
+        stats._given = True
         return stats
 
     def update(self, inputs: object) -> InputStatistics:
@@ -140,8 +142,13 @@ class InputStatistics:
 
         Accumulated in float64 ``_CHUNK`` rows at a time on the device of the first batch;
         returns ``self``. Raises naming :attr:`name` for a bad batch; the statistics are
-        unchanged then.
+        unchanged then. Statistics made by :meth:`from_covariance` take no samples.
         """
+        if self._given:
+            raise ValueError(
+                f"{self.name}: statistics built from a covariance cannot take samples; "
+                "accumulate samples in a new InputStatistics"
+            )
         batch = _as_tensor(self.name, inputs)
         if batch.ndim == 0 or batch.shape[-1] != self.input_dim:
             raise ValueError(
