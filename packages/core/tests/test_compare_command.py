@@ -224,3 +224,24 @@ def test_compare_errors_from_the_command_line(tmp_path):
     for run, message in zip(runs, expected, strict=True):
         out, err = run.communicate(timeout=120)
         check_one_line_error(run.returncode, out, err, message)
+
+
+def test_compare_with_inputs_adds_the_output_error(diagonal_structure, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    W, X = rng.standard_normal((10, 8)), rng.standard_normal((50, 8)) * np.arange(1, 9)
+    np.save(tmp_path / "matrix.npy", W)
+    np.save(tmp_path / "inputs.npy", X)
+    argv = ["compare", str(tmp_path / "matrix.npy"), "--structures", "diag", "--no-timing"]
+    assert main([*argv, "--shares", "0.5", "--inputs", str(tmp_path / "inputs.npy")]) == 0
+    table = capsys.readouterr().out
+    assert "out error" in table.splitlines()[0]
+    expected = structurednets.approximate(W, "diag", 0.5, inputs=X).output_relative_error
+    assert format_error(expected).strip() in table
+    (row,) = compare_structures(W, [0.5], ["diag"], time_forward=False, inputs=X)
+    assert row.output_relative_error == pytest.approx(expected)
+    assert "out error" in format_comparison_table([row])
+    np.save(tmp_path / "narrow.npy", X[:, :5])
+    assert main([*argv, "--inputs", str(tmp_path / "narrow.npy")]) == 2
+    assert "inputs must have shape (n_samples, input_dim=8)" in capsys.readouterr().err
+    assert main([*argv, "--inputs", str(tmp_path / "missing.npy")]) == 2
+    assert "--inputs:" in capsys.readouterr().err

@@ -72,3 +72,17 @@ def test_demo_command_errors(capsys):
     if not structurednets.available():
         assert main(["demo"]) == 2
         assert "no structures installed" in capsys.readouterr().err
+
+
+def test_calibrated_demo_reports_the_output_error(diagonal_structure, capsys):
+    plain = run_demo(["diagonal"], shares=[0.5], epochs=1, seed=0)
+    calibrated = run_demo(["diagonal"], shares=[0.5], epochs=1, seed=0, calibrate=True)
+    assert plain[1].output_relative_error is None
+    row = calibrated[1]
+    assert 0 < row.output_relative_error < 1
+    # the calibrated diagonal differs from the weight fit's (the trained weight's diagonal)
+    assert row.relative_error > plain[1].relative_error
+    assert "out error" in format_demo_table(calibrated).splitlines()[0]
+    argv = ["demo", "--structures", "diagonal", "--shares", "0.5", "--epochs", "1", "--quiet"]
+    assert main([*argv, "--calibrate"]) == 0
+    assert "out error" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from structurednets.approximation import (
     SkippedStructure,
     approximate,
 )
+from structurednets.calibration import InputStatistics
 from structurednets.checkpoint import CheckpointError, load, save
 from structurednets.compression import CompressionReport, CompressionResult, compress
 from structurednets.cost import Cost
@@ -43,6 +44,7 @@ __all__ = [
     "CompressionReport",
     "CompressionResult",
     "Cost",
+    "InputStatistics",
     "Layout",
     "NoStructureFitsError",
     "SkippedStructure",

@@ -20,9 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from structurednets.calibration import DEFAULT_DAMPING, InputStatistics, as_input_statistics
 from structurednets.layers.layer_helpers import default_dtype
 from structurednets.layers.structured_layer import StructuredLayer
 from structurednets.numerics import relative_error
+from structurednets.refinement import (
+    DEFAULT_REFINEMENT_ITERATIONS,
+    OPTIMAL,
+    input_weighting,
+    refine_to_inputs,
+)
 from structurednets.registry import available, create, get_structure
 from structurednets.validation import BudgetTooSmallError, as_matrix, as_vector, check_share
 
@@ -74,9 +81,13 @@ class Approximation:
         relative_error: ``||layer.to_dense() - W||_F / ||W||_F``, in float64 (for an all-zero
             ``W``, the absolute error ``||layer.to_dense()||_F``).
         nb_parameters: trainable scalars of the layer (bias included when it has one).
-        seconds: wall-clock time of the fit (building the layer from ``W``).
+        seconds: wall-clock time of the fit (building the layer from ``W``, and the
+            calibrated refinement if any).
         tried: every structure tried, in the order tried: :class:`Approximation` results and
             :class:`SkippedStructure` entries. For a single structure it holds that one.
+        output_relative_error: with calibration, ``||(W - W~) X^T||_F / ||W X^T||_F`` for the
+            calibration inputs ``X`` (or the same under the given ``input_covariance``, undamped);
+            ``None`` without calibration.
     """
 
     structure: str
@@ -86,6 +97,7 @@ class Approximation:
     nb_parameters: int
     seconds: float
     tried: tuple[Approximation | SkippedStructure, ...] = ()
+    output_relative_error: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -98,10 +110,22 @@ class Approximation:
         return tuple(each for each in self.tried if isinstance(each, SkippedStructure))
 
     def __str__(self) -> str:
+        output = ""
+        if self.output_relative_error is not None:
+            output = f", output error {self.output_relative_error:.4g}"
         return (
             f"{self.structure} at share {self.nb_params_share:g}: relative error "
-            f"{self.relative_error:.4g}, {self.nb_parameters} parameters, {self.seconds:.3g} s"
+            f"{self.relative_error:.4g}{output}, {self.nb_parameters} parameters, "
+            f"{self.seconds:.3g} s"
         )
+
+    @property
+    def score(self) -> float:
+        """The error a choice among structures minimises: the output error with calibration,
+        else the weight error."""
+        if self.output_relative_error is not None:
+            return self.output_relative_error
+        return self.relative_error
 
 
 class NoStructureFitsError(ValueError):
@@ -150,11 +174,15 @@ def _fit(
     dtype: torch.dtype,
     device: torch.device | str | None,
     options: Mapping[str, Any],
+    statistics: InputStatistics | None = None,
+    refinement_iterations: int = DEFAULT_REFINEMENT_ITERATIONS,
 ) -> Approximation:
     output_dim, input_dim = target.shape
     # Parameters are created in the default dtype; float32 and float64 are built directly
     # so that a float64 layer keeps the float64 fit, other dtypes are converted afterwards.
     build_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    weighting = None if statistics is None else input_weighting(get_structure(name).layer_class)
+    extra = {} if weighting is None else {"input_statistics": statistics}
     start = time.perf_counter()
     with default_dtype(build_dtype):
         layer = create(
@@ -165,12 +193,17 @@ def _fit(
             use_bias=bias is not None,
             initial_weight_matrix=target,
             initial_bias=bias,
+            **extra,
             **options,
         )
+        if statistics is not None and weighting != OPTIMAL and refinement_iterations > 0:
+            refine_to_inputs(layer, target, statistics, max_iterations=refinement_iterations)
     seconds = time.perf_counter() - start
     layer = layer.to(device=device, dtype=dtype)
     with torch.no_grad():
-        error = relative_error(layer.to_dense(), target)
+        dense = layer.to_dense()
+        error = relative_error(dense, target)
+        output_error = None if statistics is None else statistics.output_error(dense, target)
     return Approximation(
         structure=name,
         nb_params_share=nb_params_share,
@@ -178,6 +211,7 @@ def _fit(
         relative_error=error,
         nb_parameters=layer.get_nb_parameters(),
         seconds=seconds,
+        output_relative_error=output_error,
     )
 
 
@@ -220,9 +254,20 @@ def approximate(
     device: torch.device | str | None = None,
     structure_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: Callable[[str], None] | None = None,
+    inputs: object = None,
+    input_covariance: object = None,
+    damping: float = DEFAULT_DAMPING,
+    refinement_iterations: int = DEFAULT_REFINEMENT_ITERATIONS,
     **options: Any,
 ) -> Approximation:
     """Fit a layer of ``structure`` to ``matrix`` within ``nb_params_share`` of its size.
+
+    Without calibration the fit minimises the weight error ``||W - W~||_F``. With ``inputs``
+    (or ``input_covariance``) it minimises the output error ``||(W - W~) X^T||_F`` on those
+    inputs (see :mod:`structurednets.calibration`): a structure whose layer class advertises
+    ``input_weighting`` fits in the weighted norm itself; every other one is fitted to ``W``
+    and then refined (:func:`structurednets.refinement.refine_to_inputs`), never ending worse
+    than its weight fit.
 
     Args:
         matrix: the ``(output_dim, input_dim)`` weight to approximate (numpy array or tensor,
@@ -231,7 +276,7 @@ def approximate(
             or a list of names. With several, each is fitted and the one with the smallest
             relative error is returned (ties: fewer parameters, then the order tried); those
             whose budget is too small or whose fit fails are skipped with the reason recorded
-            in :attr:`Approximation.tried`.
+            in :attr:`Approximation.tried`. With calibration, the smallest output error wins.
         nb_params_share: share in (0, 1] of ``output_dim * input_dim`` the weight may hold.
         bias: an ``(output_dim,)`` bias for the layer; without it the layer has no bias, so
             ``layer(U) == U @ layer.to_dense().T``.
@@ -241,6 +286,13 @@ def approximate(
         structure_options: options per structure name, e.g. ``{"lowrank": {"rank": 8}}``, for
             a choice among several structures.
         progress: called with a line of text after each structure is tried.
+        inputs: ``(n_samples, input_dim)`` floating numpy array or tensor of the inputs the
+            layer sees, or an :class:`~structurednets.calibration.InputStatistics`.
+        input_covariance: instead of ``inputs``, their ``(input_dim, input_dim)`` symmetric
+            positive semi-definite second moment ``X^T X / n_samples``.
+        damping: relative damping of the second moment for the fit (``0.01`` adds 1% of its
+            mean eigenvalue); ignored when ``inputs`` is an ``InputStatistics`` (it has its own).
+        refinement_iterations: L-BFGS iterations of the calibrated refinement (0: none).
         **options: the structure's own options (only for a single structure).
 
     Returns:
@@ -254,6 +306,15 @@ def approximate(
     """
     target = as_weight_matrix(matrix)
     nb_params_share = check_share(nb_params_share)
+    statistics = as_input_statistics(target.shape[1], inputs, input_covariance, damping)
+    if isinstance(refinement_iterations, bool) or not isinstance(refinement_iterations, int):
+        raise TypeError(
+            f"refinement_iterations must be an integer >= 0, got {refinement_iterations!r}"
+        )
+    if refinement_iterations < 0:
+        raise ValueError(
+            f"refinement_iterations must be an integer >= 0, got {refinement_iterations}"
+        )
     names, choose = structure_names(structure)
     if choose and options:
         raise TypeError(
@@ -290,6 +351,8 @@ def approximate(
                 layer_dtype,
                 device,
                 per_structure.get(name, {}),
+                statistics,
+                refinement_iterations,
             )
         except BudgetTooSmallError as error:
             if not choose:
@@ -306,12 +369,15 @@ def approximate(
             say(f"{name}: {reason}")
             continue
         tried.append(result)
-        say(f"{name}: relative error {result.relative_error:.4g}, {result.seconds:.3g} s")
+        output = ""
+        if result.output_relative_error is not None:
+            output = f", output error {result.output_relative_error:.4g}"
+        say(f"{name}: relative error {result.relative_error:.4g}{output}, {result.seconds:.3g} s")
 
     fitted = [each for each in tried if isinstance(each, Approximation)]
     if not fitted:
         raise NoStructureFitsError(_nothing_fits_message(target, nb_params_share, tried), tried)
-    best = min(fitted, key=lambda each: (each.relative_error, each.nb_parameters))
+    best = min(fitted, key=lambda each: (each.score, each.nb_parameters))
     return dataclasses.replace(best, tried=tuple(tried))
 
 

@@ -229,6 +229,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     structures = _check_structures(args.structures)
     options = _options(args.option)
     matrix = load_matrix(args.matrix, args.key)
+    inputs = None
+    if args.inputs is not None:
+        try:
+            inputs = load_matrix(args.inputs)
+        except CommandError as error:
+            raise CommandError(f"--inputs: {error}") from None
     _check_plot(args.plot)
     if not (structures or available()):
         raise CommandError("no structures installed; e.g. pip install structurednets-lowrank")
@@ -250,6 +256,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         time_forward=not args.no_timing,
         options=options,
         progress=progress,
+        inputs=inputs,
     )
     if args.json:
         print(json.dumps([asdict(row) for row in rows], indent=2))
@@ -272,7 +279,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         raise CommandError("no structures installed; e.g. pip install structurednets-lowrank")
     _check_plot(args.plot)
     progress = _progress(args.quiet)
-    rows = run_demo(structures, args.shares, args.epochs, args.seed, progress)
+    rows = run_demo(
+        structures, args.shares, args.epochs, args.seed, progress, calibrate=args.calibrate
+    )
     print(format_demo_table(rows))
     if args.plot:
         from structurednets.plotting import plot_demo
@@ -383,6 +392,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--plot", metavar="FILE", help="also draw accuracy against share (needs matplotlib)"
     )
+    demo.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit to the hidden layer's output error on the training digits, not its weight",
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(run=_cmd_demo)
 
@@ -421,10 +435,17 @@ def _parser() -> argparse.ArgumentParser:
         help="fit every structure to a matrix: error, parameters, fitting time, forward speed",
         description="Fit each installed structure to the matrix in MATRIX (.npy, .npz, .pt or "
         ".pth; the weight of a layer: output_dim x input_dim) at each share, and print the "
-        "relative Frobenius error, the parameter count, the fitting time and the forward "
+        "relative Frobenius error (and with --inputs the output error), the parameter count, "
+        "the fitting time and the forward "
         "speed against nn.Linear of the same shape.",
     )
     compare.add_argument("matrix", metavar="MATRIX", help="a .npy, .npz, .pt or .pth file")
+    compare.add_argument(
+        "--inputs",
+        metavar="X",
+        help="inputs of the layer (n_samples x input_dim, a .npy, .npz or .pt file): fit each "
+        "structure to the output error on them and add its column",
+    )
     compare.add_argument(
         "--key", help="the array to use from a .npz file or a dict (e.g. a state_dict) in a .pt"
     )

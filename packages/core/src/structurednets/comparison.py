@@ -18,6 +18,7 @@ from structurednets.approximation import (
     format_error,
 )
 from structurednets.benchmark import time_against_dense
+from structurednets.calibration import as_input_statistics
 from structurednets.registry import available, get_structure
 
 __all__ = ["ComparisonRow", "compare_structures", "format_comparison_table"]
@@ -41,6 +42,8 @@ class ComparisonRow:
             (below 1: faster than ``nn.Linear``).
         batch_size: rows of the timed input.
         skipped: why no layer was built (budget too small, or the fit failed); else ``None``.
+        output_relative_error: with ``inputs``, ``||(W - W~) X^T||_F / ||W X^T||_F`` of the
+            calibrated fit; else ``None``.
     """
 
     structure: str
@@ -56,6 +59,7 @@ class ComparisonRow:
     forward_ratio: float | None
     batch_size: int
     skipped: str | None = None
+    output_relative_error: float | None = None
 
 
 def _time_forward(
@@ -87,6 +91,7 @@ def compare_structures(
     time_forward: bool = True,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: Callable[[str], None] | None = None,
+    inputs: object = None,
 ) -> list[ComparisonRow]:
     """Fit every structure at every share to ``matrix``; one row each, by structure then share.
 
@@ -99,12 +104,15 @@ def compare_structures(
         time_forward: time the forward pass against ``nn.Linear`` (slow part; off for tests).
         options: structure options per structure name, e.g. ``{"lowrank": {"rank": 8}}``.
         progress: called with a line of text per structure and share.
+        inputs: ``(n_samples, input_dim)`` inputs of the layer: each fit is then calibrated
+            (see :func:`structurednets.approximate`) and the rows report the output error.
 
     A structure whose budget is too small at a share, or whose fit fails, gets a row with
     ``skipped`` set. The fit is the same as :func:`structurednets.approximate`'s. Timings use
     ``torch.get_num_threads()`` threads; set it before calling.
     """
     target = as_weight_matrix(matrix)
+    statistics = as_input_statistics(target.shape[1], inputs=inputs)
     names = list(structures) if structures is not None else available()
     if not names:
         raise ValueError("no structures installed; e.g. pip install structurednets-lowrank")
@@ -116,7 +124,9 @@ def compare_structures(
     rows: list[ComparisonRow] = []
     for share in shares:
         try:
-            tried = approximate(target, names, share, structure_options=options).tried
+            tried = approximate(
+                target, names, share, structure_options=options, inputs=statistics
+            ).tried
         except NoStructureFitsError as error:
             tried = error.skipped
         for each in tried:
@@ -167,6 +177,7 @@ def _row(
         forward_ms=forward,
         dense_forward_ms=dense_forward,
         forward_ratio=ratio,
+        output_relative_error=result.output_relative_error,
     )
 
 
@@ -174,7 +185,10 @@ def _progress_line(row: ComparisonRow) -> str:
     head = f"{row.structure} at share {row.nb_params_share:g}:"
     if row.skipped is not None:
         return f"{head} skipped, {row.skipped}"
-    text = f"{head} relative error {row.relative_error:.4g}, fit {row.fit_seconds:.2f} s"
+    text = f"{head} relative error {row.relative_error:.4g}"
+    if row.output_relative_error is not None:
+        text += f", output error {row.output_relative_error:.4g}"
+    text += f", fit {row.fit_seconds:.2f} s"
     if row.forward_ratio is not None:
         text += f", forward {row.forward_ratio:.3f} x nn.Linear"
     return text
@@ -191,10 +205,15 @@ def _error(value: float | None) -> str:
 def format_comparison_table(rows: Iterable[ComparisonRow]) -> str:
     """The rows as a plain-text table; skipped rows show ``-`` and their reasons follow.
 
-    The timing columns are left out when no row was timed."""
+    The timing columns are left out when no row was timed, the output error column when no
+    row was calibrated."""
     rows = list(rows)
     timed = any(row.forward_ratio is not None for row in rows)
-    header = f"{'structure':<10} {'share':>6} {'params':>9} {'rel. error':>10} {'fit s':>7}"
+    calibrated = any(row.output_relative_error is not None for row in rows)
+    header = f"{'structure':<10} {'share':>6} {'params':>9} {'rel. error':>10}"
+    if calibrated:
+        header += f" {'out error':>10}"
+    header += f" {'fit s':>7}"
     if timed:
         header += f" {'fwd ms':>8} {'dense ms':>8} {'fwd ratio':>9}"
     lines = [header, "-" * len(header)]
@@ -202,8 +221,11 @@ def format_comparison_table(rows: Iterable[ComparisonRow]) -> str:
     for row in rows:
         line = (
             f"{row.structure:<10} {row.nb_params_share:>6g} {_number(row.nb_parameters, 'd', 9)} "
-            f"{_error(row.relative_error)} {_number(row.fit_seconds, '.3f', 7)}"
+            f"{_error(row.relative_error)}"
         )
+        if calibrated:
+            line += f" {_error(row.output_relative_error)}"
+        line += f" {_number(row.fit_seconds, '.3f', 7)}"
         if timed:
             line += (
                 f" {_number(row.forward_ms, '.3f', 8)} {_number(row.dense_forward_ms, '.3f', 8)} "

@@ -3,6 +3,9 @@
 >>> import structurednets
 >>> compressed, report = structurednets.compress(model, "lowrank", 0.1)  # doctest: +SKIP
 >>> print(report)  # doctest: +SKIP
+
+With ``calibration=batches`` each layer is fitted to the inputs it sees on those batches
+(the output error, see :mod:`structurednets.calibration`) instead of its weight alone.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from structurednets.approximation import (
     format_error,
     structure_names,
 )
+from structurednets.calibration import DEFAULT_DAMPING
+from structurednets.calibration_hooks import calibration_batches, collect_input_statistics
 from structurednets.layers.layer_helpers import get_nb_model_parameters
 from structurednets.linear_modules import LinearView, linear_view, tied_parameters
+from structurednets.refinement import DEFAULT_REFINEMENT_ITERATIONS
 from structurednets.validation import BudgetTooSmallError, check_positive_int, check_share
 
 __all__ = [
@@ -48,6 +54,8 @@ class CompressedLayer:
         nb_parameters_after: the structured layer's parameters (weight and bias).
         relative_error: ``||W_structured - W||_F / ||W||_F`` of the weight right after fitting.
         seconds: wall-clock time of the fit.
+        output_relative_error: with calibration, ``||(W - W_structured) X^T||_F / ||W X^T||_F``
+            on the inputs ``X`` the layer saw; ``None`` without calibration.
     """
 
     name: str
@@ -58,6 +66,7 @@ class CompressedLayer:
     nb_parameters_after: int
     relative_error: float
     seconds: float
+    output_relative_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ class CompressionReport:
     """What :func:`compress` did. ``str(report)`` is a table.
 
     Attributes:
-        layers: the replaced layers, in module order.
+        layers: the replaced layers, in module order (in call order with ``sequential=True``).
         skipped: selected layers kept dense, with the reason.
         model_nb_parameters_before, model_nb_parameters_after: parameters of the whole model.
         seconds: wall-clock time of the whole compression.
@@ -100,18 +109,25 @@ class CompressionReport:
     def __str__(self) -> str:
         names = [layer.name or "(model)" for layer in self.layers]
         width = max([len("layer"), len("total"), *(len(name) for name in names)])
+        calibrated = any(layer.output_relative_error is not None for layer in self.layers)
         header = (
             f"{'layer':<{width}} {'out x in':>11} {'structure':<10} {'params before':>13} "
             f"{'params after':>12} {'rel. error':>10}"
         )
+        if calibrated:
+            header += f" {'out error':>10}"
         lines = [header, "-" * len(header)]
         for name, layer in zip(names, self.layers, strict=True):
             shape = f"{layer.output_dim}x{layer.input_dim}"
-            lines.append(
+            line = (
                 f"{name:<{width}} {shape:>11} {layer.structure:<10} "
                 f"{layer.nb_parameters_before:>13} {layer.nb_parameters_after:>12} "
                 f"{format_error(layer.relative_error)}"
             )
+            if calibrated:
+                output = layer.output_relative_error
+                line += f" {'-':>10}" if output is None else f" {format_error(output)}"
+            lines.append(line)
         lines.append("-" * len(header))
         lines.append(
             f"{'total':<{width}} {'':>11} {'':<10} {self.nb_parameters_before:>13} "
@@ -229,6 +245,10 @@ def compress(
     inplace: bool = False,
     structure_options: Mapping[str, Mapping[str, Any]] | None = None,
     progress: Callable[[str], None] | None = None,
+    calibration: Iterable[Any] | None = None,
+    sequential: bool = False,
+    damping: float = DEFAULT_DAMPING,
+    refinement_iterations: int = DEFAULT_REFINEMENT_ITERATIONS,
     **options: Any,
 ) -> CompressionResult:
     """Replace ``nn.Linear`` modules of ``model`` by structured layers fitted to their weights.
@@ -256,6 +276,17 @@ def compress(
             ``nn.Linear``, the returned model is the new layer either way.
         structure_options: options per structure name, e.g. ``{"lowrank": {"rank": 8}}``.
         progress: called with a line of text per layer.
+        calibration: batches to run the model on (no gradients, in eval mode, training mode
+            restored afterwards): a tensor batch is called as ``model(batch)``, a tuple or
+            list as ``model(*batch)``, a dict (e.g. tokenizer outputs) as ``model(**batch)``.
+            Forward hooks collect each selected layer's input second moment in one pass, and
+            each layer is fitted to its own inputs (``approximate(..., inputs=...)``).
+        sequential: with ``calibration``, fit the layers in the order the model calls them,
+            each to the inputs it receives once the layers before it are compressed (one
+            pass over the batches per layer; an iterator of batches is kept in a list).
+        damping: relative damping of each layer's input second moment (see
+            :mod:`structurednets.calibration`).
+        refinement_iterations: L-BFGS iterations of the calibrated refinement.
         **options: the structure's own options (single structure only).
 
     Returns:
@@ -264,7 +295,9 @@ def compress(
         ``report.skipped``.
 
     Raises:
-        ValueError: no ``nn.Linear`` matches the selection, or a bad share or ``min_size``.
+        ValueError: no ``nn.Linear`` matches the selection, or a bad share or ``min_size``;
+            calibration batches that never reach a selected layer (named; the model is left
+            untouched).
         UnknownStructureError: a structure name is not installed.
     """
     start = time.perf_counter()
@@ -280,6 +313,11 @@ def compress(
     )
     model_before = get_nb_model_parameters(model)
     structure_names(structure)  # unknown names, or 'best' with nothing installed, fail first
+    if not isinstance(sequential, bool):
+        raise TypeError(f"sequential must be True or False, got {sequential!r}")
+    if sequential and calibration is None:
+        raise ValueError("sequential=True needs calibration batches (calibration=...)")
+    batches = None if calibration is None else calibration_batches(calibration, sequential)
     if not inplace:
         # Copy the whole model once (shared modules stay shared) and find the layers by name.
         model = copy.deepcopy(model)
@@ -288,6 +326,13 @@ def compress(
     say = progress or (lambda line: None)
     several = not (isinstance(structure, str) and structure != BEST)
     say_tried = (lambda line: say(f"    {line}")) if several else None
+
+    statistics = {}
+    if batches is not None:
+        # Every selected layer must be reached before anything is replaced.
+        statistics, order = collect_input_statistics(model, selected, batches, damping)
+        if sequential:
+            selected = sorted(selected, key=lambda item: order.index(item[0]))
 
     replacements: dict[int, nn.Module] = {}
     layers: list[CompressedLayer] = []
@@ -298,6 +343,17 @@ def compress(
         label = name or "(model)"
         shape = f"{view.output_dim}x{view.input_dim}"
         weight = view.weight
+        calibrated = {}
+        if batches is not None:
+            if sequential and index > 1 and replacements:
+                _replace(model, replacements)  # so far: the layers before this one
+                statistics, _ = collect_input_statistics(
+                    model, [(name, linear, view)], batches, damping
+                )
+            calibrated = {
+                "inputs": statistics[name],
+                "refinement_iterations": refinement_iterations,
+            }
         try:
             result = approximate(
                 weight,
@@ -308,6 +364,7 @@ def compress(
                 device=weight.device,
                 structure_options=structure_options,
                 progress=say_tried,
+                **calibrated,
                 **options,
             )
         except (BudgetTooSmallError, NoStructureFitsError) as error:
@@ -329,12 +386,16 @@ def compress(
                 nb_parameters_after=result.nb_parameters,
                 relative_error=result.relative_error,
                 seconds=result.seconds,
+                output_relative_error=result.output_relative_error,
             )
         )
+        output = ""
+        if result.output_relative_error is not None:
+            output = f", output error {result.output_relative_error:.4g}"
         say(
             f"[{index}/{len(selected)}] {label} ({shape}): {result.structure}, relative error "
-            f"{result.relative_error:.4g}, {before} -> {result.nb_parameters} parameters, "
-            f"{result.seconds:.2f} s"
+            f"{result.relative_error:.4g}{output}, {before} -> {result.nb_parameters} "
+            f"parameters, {result.seconds:.2f} s"
         )
     if id(model) in replacements:  # the model is itself an nn.Linear
         model = replacements[id(model)]

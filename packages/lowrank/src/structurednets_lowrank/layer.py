@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from structurednets.calibration import InputStatistics
 from structurednets.plugin import (
     BudgetTooSmallError,
     Cost,
@@ -16,7 +17,7 @@ from structurednets.plugin import (
     weight_budget,
 )
 
-__all__ = ["LRLayer", "lowrank_nb_weight_parameters", "plan_rank"]
+__all__ = ["LRLayer", "lowrank_nb_weight_parameters", "plan_rank", "weighted_svd_factors"]
 
 
 def plan_rank(
@@ -76,6 +77,10 @@ class LRLayer(StructuredLayer):
             as for every :class:`~structurednets.StructuredLayer`. ``initial_weight_matrix`` is
             approximated by its truncated SVD, the best approximation of that rank in the
             Frobenius and spectral norms.
+        input_statistics: an :class:`~structurednets.calibration.InputStatistics` of the
+            inputs the layer will see; ``initial_weight_matrix`` is then fitted in the output
+            error instead: the truncated SVD of the whitened ``W S`` mapped back by ``S^{-1}``,
+            the exact optimum over rank ``rank`` of ``||(W - L R) S||_F`` (``S S = C + lambda I``).
         rank: the rank; by default the largest the budget allows,
             ``floor(nb_params_share * input_dim * output_dim / (input_dim + output_dim))``.
         factors: ``(L, R)`` to start from (arrays or tensors); their rank is the layer's rank.
@@ -97,6 +102,8 @@ class LRLayer(StructuredLayer):
     """
 
     structure_name = "lowrank"
+    #: The constructor's ``input_statistics=`` fit is the weighted optimum (no refinement).
+    input_weighting = "optimal"
 
     def __init__(
         self,
@@ -109,9 +116,23 @@ class LRLayer(StructuredLayer):
         *,
         rank: int | None = None,
         factors: tuple[object, object] | None = None,
+        input_statistics: InputStatistics | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
+        if input_statistics is not None:
+            if not isinstance(input_statistics, InputStatistics):
+                raise TypeError(
+                    "input_statistics must be a structurednets.calibration.InputStatistics, "
+                    f"got {type(input_statistics).__name__}"
+                )
+            if input_statistics.input_dim != self.input_dim:
+                raise ValueError(
+                    f"input_statistics has input_dim={input_statistics.input_dim}, "
+                    f"the layer {self.input_dim}"
+                )
+            if target is None:
+                raise ValueError("input_statistics needs an initial_weight_matrix to fit")
         if factors is not None:
             if target is not None:
                 raise ValueError("pass either initial_weight_matrix or factors, not both")
@@ -130,6 +151,8 @@ class LRLayer(StructuredLayer):
             right = as_matrix(
                 "factors[1] (R)", factors[1], self.rank, self.input_dim, "rank x input_dim"
             )
+        elif target is not None and input_statistics is not None:
+            left, right = weighted_svd_factors(target, self.rank, input_statistics)
         elif target is not None:
             left, right = truncated_svd_factors(target, self.rank)
         else:
@@ -175,3 +198,20 @@ def truncated_svd_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor
     left[:, :keep] = U[:, :keep] * root
     right[:keep] = root[:, None] * Vh[:keep]
     return left, right
+
+
+def weighted_svd_factors(
+    matrix: torch.Tensor, rank: int, statistics: InputStatistics
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, R)`` minimising ``||(matrix - L @ R) S||_F`` over rank ``rank``, where
+    ``S = statistics.whitening_factor()`` (symmetric, invertible).
+
+    ``L R = [matrix S]_rank S^{-1}``: the truncated SVD of the whitened matrix, mapped back
+    (Eckart-Young in the whitened space, as ``A -> A S`` is a bijection on rank-``rank``
+    matrices). ``L = U sqrt(Sigma)``, ``R = sqrt(Sigma) V^T S^{-1}``; shapes as for
+    :func:`truncated_svd_factors`.
+    """
+    factor = statistics.whitening_factor().to(matrix.dtype)
+    inverse = statistics.inverse_whitening_factor().to(matrix.dtype)
+    left, right = truncated_svd_factors(matrix @ factor, rank)
+    return left, right @ inverse

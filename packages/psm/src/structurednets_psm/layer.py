@@ -8,9 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from structurednets.calibration import InputStatistics
 from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
 from structurednets_psm.fit import Factorization, PALMSettings, fit_psm
+from structurednets_psm.fit.weighted import weighted_factorization
 from structurednets_psm.given_factors import check_factors_alone, sizes_of_factors
 from structurednets_psm.layout import FactorSizes, check_size_options, layer_sizes
 
@@ -98,6 +100,10 @@ class PSMLayer(StructuredLayer):
             batched dense block products (``torch.bmm``), about twice as fast as the
             element-sparse kernels at the same number of values, at some cost in accuracy
             when fitting a matrix.
+        input_statistics: an :class:`~structurednets.calibration.InputStatistics` of the
+            layer's inputs: the weight fit is then refitted in the output error by PALM with
+            the whitening factor as a fixed last factor
+            (:func:`structurednets_psm.fit.weighted.weighted_factorization`).
 
     Shape:
         input: ``(..., input_dim)``; output: ``(..., output_dim)``.
@@ -126,6 +132,9 @@ class PSMLayer(StructuredLayer):
     """
 
     structure_name = "psm"
+    #: The constructor's ``input_statistics=`` fit works in the output error (PALM with the
+    #: whitening factor as a fixed extra factor); core's refinement follows it.
+    input_weighting = "weighted"
 
     def __init__(
         self,
@@ -145,9 +154,21 @@ class PSMLayer(StructuredLayer):
         seed: int = 0,
         palm_settings: PALMSettings | None = None,
         block_size: int = 1,
+        input_statistics: InputStatistics | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
+        if input_statistics is not None:
+            if not isinstance(input_statistics, InputStatistics):
+                raise TypeError(
+                    "input_statistics must be a structurednets.calibration.InputStatistics, "
+                    f"got {type(input_statistics).__name__}"
+                )
+            if input_statistics.input_dim != self.input_dim or target is None:
+                raise ValueError(
+                    "input_statistics needs an initial_weight_matrix and statistics of "
+                    f"input_dim={self.input_dim}, got {input_statistics!r}"
+                )
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise TypeError(f"seed must be a non-negative integer, got {seed!r}")
         if palm_settings is not None and not isinstance(palm_settings, PALMSettings):
@@ -188,6 +209,10 @@ class PSMLayer(StructuredLayer):
                 settings=palm_settings,
                 block_size=checked.block_size,
             )
+            if input_statistics is not None:
+                self.fit = weighted_factorization(
+                    self.fit, target, input_statistics, block=checked.block_size
+                )
             modules = [
                 _factor_from_fit(rows, cols, checked.block_size, matrix, support)
                 for (rows, cols), matrix, support in zip(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from structurednets.testing.calibration_checks import check_calibrated_fit
 from structurednets.testing.case import Check, CheckSkipped, ConformanceCase
 from structurednets.testing.contract_checks import (
     check_bad_constructor_arguments,
@@ -97,6 +98,7 @@ _CHECKS = [
     check_autocast_compiles,
     check_distributed_training,
     check_approximation_robustness,
+    check_calibrated_fit,
     check_divergence_is_reported,
     check_random_valid_arguments,
     check_random_invalid_arguments,

@@ -11,7 +11,7 @@ from structurednets_psm.fit.projections import largest_entries_mask
 __all__ = ["fill_supports", "polish"]
 
 
-def _rows_least_squares(
+def rows_least_squares(
     target: torch.Tensor, right: torch.Tensor, support: torch.Tensor, max_row_nonzeros: int = 256
 ) -> torch.Tensor | None:
     """``S`` with the given support minimising ``||target - S @ right||_F`` (rows are
@@ -52,13 +52,13 @@ def polish(state: PALMState, nb_sweeps: int) -> None:
     for _ in range(nb_sweeps):
         right = chain_product(factors[1:])
         right = right if right is not None else identity(factors[0].shape[1], factors[0].shape[1])
-        first = _rows_least_squares(target, right, state.supports[0])
+        first = rows_least_squares(target, right, state.supports[0])
         if first is None:
             return
         factors[0] = first
         if count > 1:
             left = chain_product(factors[:-1])
-            last = _rows_least_squares(target.T, left.T, state.supports[-1].T)
+            last = rows_least_squares(target.T, left.T, state.supports[-1].T)
             if last is None:
                 return
             factors[-1] = last.T
