@@ -120,9 +120,7 @@ def _tail_energy(matrix: torch.Tensor, shapes: list[MonarchShape]) -> list[float
             singular_values[key] = [
                 torch.linalg.svdvals(blocks) for blocks in _grids(matrix, shape).values()
             ]
-        errors.append(
-            sum(float(S[..., shape.rank :].square().sum()) for S in singular_values[key])
-        )
+        errors.append(sum(float(S[..., shape.rank :].square().sum()) for S in singular_values[key]))
     return errors
 
 
@@ -163,7 +161,9 @@ def fit_monarch(
         preferred = plan_monarch(input_dim, output_dim, share, nb_blocks, rank)
         best = preferred if preferred in tied else tied[0]
     factors = monarch_project(matrix, best)
-    dense = monarch_dense(best, factors.right, factors.right_short, factors.left, factors.left_short)
+    dense = monarch_dense(
+        best, factors.right, factors.right_short, factors.left, factors.left_short
+    )
     norm = float(torch.linalg.matrix_norm(matrix))
     error = float(torch.linalg.matrix_norm(matrix - dense)) / norm if norm else 0.0
     return MonarchFit(best, factors, error)

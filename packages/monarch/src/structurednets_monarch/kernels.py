@@ -58,12 +58,12 @@ def monarch_multiply(
     Z = _first_stage(U, shape, right, right_short)
     # (k, q, r, batch) -> (q, k, r, batch): the permutation P between the factors.
     Z = Z.reshape(k, q, r, batch).transpose(0, 1).reshape(q, k * r, batch).transpose(1, 2)
-    q1, l = shape.nb_long_output_blocks, shape.output_block_size
-    Y = torch.bmm(Z[:q1], left.transpose(1, 2)).transpose(0, 1).reshape(batch, q1 * l)
+    q1, height = shape.nb_long_output_blocks, shape.output_block_size
+    Y = torch.bmm(Z[:q1], left.transpose(1, 2)).transpose(0, 1).reshape(batch, q1 * height)
     if left_short is None:
         return Y
     rest = torch.bmm(Z[q1:], left_short.transpose(1, 2)).transpose(0, 1)
-    return torch.cat((Y, rest.reshape(batch, (q - q1) * (l - 1))), dim=1)
+    return torch.cat((Y, rest.reshape(batch, (q - q1) * (height - 1))), dim=1)
 
 
 def monarch_dense(

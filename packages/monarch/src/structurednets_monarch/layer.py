@@ -44,11 +44,11 @@ class MonarchLayer(StructuredLayer):
             ``(q - q1, l - 1, k r)`` when ``output_dim`` does not divide evenly).
 
     Example:
-        >>> layer = MonarchLayer(1024, 1024, nb_params_share=0.1)
-        >>> layer.nb_blocks, layer.rank
-        ((32, 32), 1)
-        >>> layer(torch.randn(8, 1024)).shape
-        torch.Size([8, 1024])
+        >>> layer = MonarchLayer(2048, 2048, nb_params_share=0.1)
+        >>> layer.nb_blocks, layer.rank, layer.nb_weight_parameters
+        ((32, 32), 3, 393216)
+        >>> layer(torch.randn(8, 2048)).shape
+        torch.Size([8, 2048])
     """
 
     structure_name = "monarch"
@@ -75,11 +75,14 @@ class MonarchLayer(StructuredLayer):
             factors = _random_factors(shape, dense_init_std(self.input_dim))
         else:
             fit = fit_monarch(target, self.weight_budget, nb_blocks=nb_blocks, rank=rank)
-            shape, factors = fit.shape, (
-                fit.factors.right,
-                fit.factors.right_short,
-                fit.factors.left,
-                fit.factors.left_short,
+            shape, factors = (
+                fit.shape,
+                (
+                    fit.factors.right,
+                    fit.factors.right_short,
+                    fit.factors.left,
+                    fit.factors.left_short,
+                ),
             )
         self.monarch_shape = shape
         self.require_budget(shape.nb_weight_parameters, f"rank {shape.rank}")
@@ -123,15 +126,15 @@ def _random_factors(shape: MonarchShape, std: float) -> tuple[torch.Tensor | Non
     scale = (std**2 / shape.rank) ** 0.25
     k1, k2 = shape.nb_long_input_blocks, shape.nb_short_input_blocks
     q1, q2 = shape.nb_long_output_blocks, shape.nb_short_output_blocks
-    p, l = shape.input_block_size, shape.output_block_size
+    width, height = shape.input_block_size, shape.output_block_size
     qr, kr = shape.nb_output_blocks * shape.rank, shape.nb_input_blocks * shape.rank
 
     def draw(*size: int) -> torch.Tensor:
         return torch.randn(*size, dtype=torch.float64) * scale
 
     return (
-        draw(k1, qr, p),
-        draw(k2, qr, p - 1) if k2 else None,
-        draw(q1, l, kr),
-        draw(q2, l - 1, kr) if q2 else None,
+        draw(k1, qr, width),
+        draw(k2, qr, width - 1) if k2 else None,
+        draw(q1, height, kr),
+        draw(q2, height - 1, kr) if q2 else None,
     )

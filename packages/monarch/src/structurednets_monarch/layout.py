@@ -233,4 +233,6 @@ def monarch_nb_weight_parameters(
 ) -> int:
     """Weight scalars of a :class:`~structurednets_monarch.MonarchLayer` built with these
     options (no ``initial_weight_matrix``): ``rank * (q * input_dim + k * output_dim)``."""
-    return plan_monarch(input_dim, output_dim, nb_params_share, nb_blocks, rank).nb_weight_parameters
+    return plan_monarch(
+        input_dim, output_dim, nb_params_share, nb_blocks, rank
+    ).nb_weight_parameters
