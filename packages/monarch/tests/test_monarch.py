@@ -4,6 +4,11 @@ block (Eckart-Young), gradcheck against the dense reference, the planner's budge
 import numpy as np
 import pytest
 import torch
+
+import structurednets
+from structurednets import BudgetTooSmallError
+from structurednets.testing import default_dtype
+from structurednets.validation import weight_budget
 from structurednets_monarch import (
     MonarchLayer,
     MonarchShape,
@@ -14,11 +19,6 @@ from structurednets_monarch import (
     monarch_project,
     plan_monarch,
 )
-
-import structurednets
-from structurednets import BudgetTooSmallError
-from structurednets.testing import default_dtype
-from structurednets.validation import weight_budget
 
 # (input_dim, output_dim, k, q, rank): square, rectangular, uneven on one or both sides.
 SHAPES = [
