@@ -80,7 +80,9 @@ def monarch_errors(target: np.ndarray, share: float) -> tuple[float, float, str,
     fit = fit_monarch(matrix, budget)
     seconds = time.perf_counter() - start
     shape = plan_monarch(cols, rows, share)
-    sqrt_fit = fit_monarch(matrix, budget, nb_blocks=(shape.nb_input_blocks, shape.nb_output_blocks))
+    sqrt_fit = fit_monarch(
+        matrix, budget, nb_blocks=(shape.nb_input_blocks, shape.nb_output_blocks)
+    )
     picked = f"k={fit.shape.nb_input_blocks} q={fit.shape.nb_output_blocks} r={fit.shape.rank}"
     return fit.relative_error, sqrt_fit.relative_error, picked, seconds
 
