@@ -80,6 +80,11 @@ class MonarchShape:
         return min(self.input_block_size, self.output_block_size)
 
     @property
+    def intermediate_width(self) -> int:
+        """Numbers per sample between the two products: ``k * q * r``."""
+        return self.nb_input_blocks * self.nb_output_blocks * self.rank
+
+    @property
     def nb_weight_parameters(self) -> int:
         return self.rank * (
             self.nb_output_blocks * self.input_dim + self.nb_input_blocks * self.output_dim
@@ -203,15 +208,19 @@ def plan_monarch(
 
     Given block counts, the rank is the largest the budget allows (capped at the smaller side
     of a block pair). Otherwise, among power-of-two block counts, the layouts that use at least
-    ``BUDGET_USE_TOLERANCE`` of the best budget use qualify, and the one nearest the classic
-    Monarch choice (about ``sqrt(dim)`` blocks per side) wins; then the one holding more
-    weights, then the one with fewer blocks.
+    ``BUDGET_USE_TOLERANCE`` of the best budget use qualify; of those, the ones whose
+    intermediate (``k q r`` numbers per sample, permuted between the two products) is at most
+    ``input_dim + output_dim`` wide are preferred, as their permutation costs less than
+    reading the input and writing the output. The one nearest the classic Monarch choice
+    (about ``sqrt(dim)`` blocks per side) wins; then the one holding more weights, then the
+    one with fewer blocks.
     """
     shapes = rank_candidates(input_dim, output_dim, nb_params_share, nb_blocks, rank)
     best_use = max(shape.nb_weight_parameters for shape in shapes)
     qualified = [s for s in shapes if s.nb_weight_parameters >= BUDGET_USE_TOLERANCE * best_use]
+    narrow = [s for s in qualified if s.intermediate_width <= input_dim + output_dim]
     return min(
-        qualified,
+        narrow or qualified,
         key=lambda s: (
             round(
                 _distance_to_classic(input_dim, output_dim, s.nb_input_blocks, s.nb_output_blocks),
