@@ -28,9 +28,12 @@ nox.options.sessions = [
     "lint",
     "tests-core",
     *(f"tests-{name}" for name in PLUGINS),
+    "tests-transformers",
     "tests-compile",
     "wheels",
 ]
+#: transformers for the tests of compress/save/load on tiny models built from configs.
+TRANSFORMERS = "transformers==5.25.0"
 
 
 def install_torch(session: nox.Session) -> None:
@@ -44,6 +47,19 @@ def tests_core(session: nox.Session) -> None:
     install_torch(session)
     session.install(f"{PACKAGES / 'core'}[test]")
     session.run("pytest", str(PACKAGES / "core" / "tests"), *session.posargs)
+
+
+@nox.session(name="tests-transformers")
+def tests_transformers(session: nox.Session) -> None:
+    """Core with transformers: compress, save and load tiny BERT and GPT-2 models built from
+    configs (nothing downloaded)."""
+    install_torch(session)
+    session.install(f"{PACKAGES / 'core'}[test]", TRANSFORMERS)
+    session.run(
+        "pytest",
+        str(PACKAGES / "core" / "tests" / "test_compress_transformers.py"),
+        *session.posargs,
+    )
 
 
 def _plugin_session(name: str) -> None:

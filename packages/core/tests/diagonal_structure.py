@@ -22,7 +22,23 @@ def diagonal_nb_weight_parameters(input_dim, output_dim, nb_params_share):
 
 
 class DiagonalLayer(StructuredLayer):
-    """W[i, i] = d[i] for i < min(input_dim, output_dim), zero elsewhere."""
+    """W[i, i] = d[i] for i < min(input_dim, output_dim), zero elsewhere.
+
+    Args:
+        input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
+            as for every StructuredLayer; the fit keeps the diagonal of the matrix.
+
+    Shape:
+        input ``(..., input_dim)``, output ``(..., output_dim)``.
+
+    Attributes:
+        diagonal: ``d``, shape ``(min(input_dim, output_dim),)``.
+
+    Example:
+        >>> layer = DiagonalLayer(4, 3, 1.0, use_bias=False)
+        >>> layer.diagonal.shape
+        torch.Size([3])
+    """
 
     structure_name = "diagonal"
 
@@ -47,6 +63,9 @@ class DiagonalLayer(StructuredLayer):
             )
             diagonal = torch.randn(size, dtype=torch.float64) * std
         self.diagonal = nn.Parameter(diagonal.to(torch.get_default_dtype()))
+
+    def layout_sizes(self):
+        return {}
 
     def multiply(self, U):
         size = self.diagonal.numel()

@@ -20,7 +20,22 @@ def full_nb_weight_parameters(input_dim, output_dim, nb_params_share):
 
 
 class FullLayer(StructuredLayer):
-    """W is stored as it is (the dense layer, seen as a structure)."""
+    """W is stored as it is (the dense layer, seen as a structure).
+
+    Args:
+        input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
+            as for every StructuredLayer; it needs ``nb_params_share=1``.
+
+    Shape:
+        input ``(..., input_dim)``, output ``(..., output_dim)``.
+
+    Attributes:
+        weight: ``W``, shape ``(output_dim, input_dim)``.
+
+    Example:
+        >>> FullLayer(4, 3, 1.0).weight.shape
+        torch.Size([3, 4])
+    """
 
     structure_name = "full"
 
@@ -40,6 +55,9 @@ class FullLayer(StructuredLayer):
             shape = (self.output_dim, self.input_dim)
             target = torch.randn(shape, dtype=torch.float64) * dense_init_std(self.input_dim)
         self.weight = nn.Parameter(target.to(torch.get_default_dtype()))
+
+    def layout_sizes(self):
+        return {}
 
     def multiply(self, U):
         return U @ self.weight.T

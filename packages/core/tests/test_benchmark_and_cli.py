@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from structurednets.benchmark import format_table, run_benchmark, time_against_dense
 from structurednets.cli import main
 
@@ -58,6 +60,7 @@ def test_list_command(diagonal_structure, capsys):
     assert "diagonal (alias: diag)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a new Python process
 def test_module_entry_point_and_usage_errors():
     run = subprocess.run(
         [sys.executable, "-m", "structurednets", "--version"], capture_output=True, text=True

@@ -190,6 +190,7 @@ def test_compare_errors_are_one_line(tmp_path, capsys, case):
     check_one_line_error(code, captured.out, captured.err, expected)
 
 
+@pytest.mark.slow  # a new Python process
 def test_compare_errors_from_the_command_line(tmp_path):
     """A few of the errors above, as a user meets them: a fresh interpreter each, run at once."""
     cases = error_cases(tmp_path)

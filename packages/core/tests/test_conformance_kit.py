@@ -60,6 +60,38 @@ class DeadParameter(DiagonalLayer):
         self.unused = torch.nn.Parameter(torch.ones(1))
 
 
+class ForgetsItsLayout(DiagonalLayer):
+    """A shape decided at construction (a diagonal offset) that ``layout_sizes`` leaves out."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("offset", torch.tensor(0))
+        if kwargs.get("initial_weight_matrix") is not None:
+            self.keep = torch.nn.Parameter(torch.zeros(1))
+
+    def multiply(self, U):
+        extra = 0 * self.keep if hasattr(self, "keep") else 0
+        return super().multiply(U) + extra
+
+
+class WrongExample(DiagonalLayer):
+    """W[i, i] = d[i].
+
+    Args:
+        input_dim: as for every layer.
+
+    Shape:
+        as for every layer.
+
+    Attributes:
+        diagonal: the diagonal.
+
+    Example:
+        >>> WrongExample(4, 3, 1.0).diagonal.shape
+        torch.Size([4])
+    """
+
+
 def count_with_extra(input_dim, output_dim, share):
     return diagonal_nb_weight_parameters(input_dim, output_dim, share) + 1
 
@@ -72,6 +104,8 @@ def count_with_extra(input_dim, output_dim, share):
         (NoInputCheck, diagonal_nb_weight_parameters, "bad_inputs"),
         (IgnoresWeightMatrix, diagonal_nb_weight_parameters, "initial_weight_matrix"),
         (DeadParameter, count_with_extra, "gradients"),
+        (ForgetsItsLayout, diagonal_nb_weight_parameters, "layout_round_trip"),
+        (WrongExample, diagonal_nb_weight_parameters, "docstring_example"),
     ],
 )
 def test_kit_catches_broken_structures(layer_class, count, failing_check):

@@ -60,6 +60,7 @@ def test_nb_parameters_checks_its_arguments(diagonal_structure):
         structurednets.nb_parameters("diagonal", 16, 16, 0.01)
 
 
+@pytest.mark.slow  # a new Python process
 def test_importing_core_loads_no_plugin():
     code = (
         "import sys, structurednets; "

@@ -85,3 +85,18 @@ def test_as_matrix_takes_reversed_and_empty_views():
     assert as_matrix("W", reversed_view, 2, 3)[0, 0] == 5
     empty_view = np.ones((3, 3))[::-1, ::-1][:, :0]
     assert as_matrix("W", empty_view, 3, 0).shape == (3, 0)
+
+
+@pytest.mark.slow  # parses the whole standard library
+def test_stdlib_sentences_are_prose_and_the_parts_disjoint():
+    from structurednets.datasets import split_sentences, stdlib_sentences
+
+    text = "Return the sum of a and b, rounded.\n\n    >>> add(1, 2)\n    3\n\nSee also mul.  It x."
+    assert split_sentences(text, min_words=3) == ["Return the sum of a and b, rounded."]
+    parts = {
+        name: set(stdlib_sentences(name)) for name in ("calibration", "training", "evaluation")
+    }
+    assert all(len(sentences) > 200 for sentences in parts.values())
+    assert not parts["calibration"] & parts["evaluation"]
+    assert not parts["training"] & parts["evaluation"]
+    assert set().union(*parts.values()) == set(stdlib_sentences())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from identification import lowrank_error
+from fit_accuracy import lowrank_error
 from torch import nn
 
 from structurednets.datasets import load_digits
@@ -55,12 +55,12 @@ def report(name: str, weight: np.ndarray, shares: list[float]) -> None:
             layer = SSSLayer(n, m, share, initial_weight_matrix=weight)
             dense = layer.to_dense().detach().numpy()
         error = np.linalg.norm(dense - weight) / np.linalg.norm(weight)
-        plan = layer.plan
+        sizes = layer.sizes
         print(
             f"{name:<28} {m:>4}x{n:<4} share {share:<5g} sss {error:.4f}  "
-            f"lowrank {lowrank_error(weight, share):.4f}  K={plan.nb_stages:<3} "
-            f"dims {min(plan.causal_dims, default=0)}..{max(plan.causal_dims, default=0)} / "
-            f"{min(plan.anticausal_dims, default=0)}..{max(plan.anticausal_dims, default=0)}",
+            f"lowrank {lowrank_error(weight, share):.4f}  K={sizes.nb_stages:<3} "
+            f"dims {min(sizes.causal_dims, default=0)}..{max(sizes.causal_dims, default=0)} / "
+            f"{min(sizes.anticausal_dims, default=0)}..{max(sizes.anticausal_dims, default=0)}",
             flush=True,
         )
 

@@ -19,23 +19,6 @@ from structurednets_sss import (
 from structurednets_sss.kernels import SSSMultiply
 
 
-def random_matrices(input_sizes, output_sizes, causal, anticausal, seed=0):
-    """Stage matrices (numpy) of the given sizes; zero-size ones at the ends."""
-    rng = np.random.default_rng(seed)
-    K = len(input_sizes)
-    dx = [0, *causal, 0]
-    dz = [0, *anticausal, 0]  # dz[k + 1] = dim z_k
-    return {
-        "D": [rng.standard_normal((output_sizes[k], input_sizes[k])) for k in range(K)],
-        "A": [rng.standard_normal((dx[k + 1], dx[k])) / 2 for k in range(K)],
-        "B": [rng.standard_normal((dx[k + 1], input_sizes[k])) for k in range(K)],
-        "C": [rng.standard_normal((output_sizes[k], dx[k])) for k in range(K)],
-        "E": [rng.standard_normal((dz[k], dz[k + 1])) / 2 for k in range(K)],
-        "F": [rng.standard_normal((dz[k], input_sizes[k])) for k in range(K)],
-        "G": [rng.standard_normal((output_sizes[k], dz[k + 1])) for k in range(K)],
-    }
-
-
 def recursion_reference(matrices, U):
     """``U @ W.T`` by running the two recursions literally, sample by sample (float64)."""
     K = len(matrices["D"])
@@ -69,8 +52,8 @@ SYSTEMS = {
 
 @pytest.mark.parametrize("name", sorted(SYSTEMS))
 @pytest.mark.parametrize("batch", [3, 70])  # joint and separate state recursions
-def test_forward_matches_the_literal_recursions(name, batch):
-    matrices = random_matrices(*SYSTEMS[name])
+def test_forward_matches_the_literal_recursions(name, batch, random_stage_matrices):
+    matrices = random_stage_matrices(*SYSTEMS[name])
     system = SSSSystem(**matrices)
     input_dim = sum(SYSTEMS[name][0])
     output_dim = sum(SYSTEMS[name][1])
@@ -88,12 +71,12 @@ def test_forward_matches_the_literal_recursions(name, batch):
 
 @pytest.mark.parametrize("name", ["uniform", "ragged", "two_stages", "causal_only"])
 @pytest.mark.parametrize("joint", [True, False])
-def test_kernel_gradcheck(name, joint, monkeypatch):
+def test_kernel_gradcheck(name, joint, monkeypatch, random_stage_matrices):
     """Hand-written backward against finite differences, on every kernel path (joint or
     separate state recursions, which the batch size selects)."""
     batch = 2
     monkeypatch.setattr(kernels, "_JOINT_MAX_BATCH", batch if joint else batch - 1)
-    matrices = random_matrices(*SYSTEMS[name])
+    matrices = random_stage_matrices(*SYSTEMS[name])
     with default_dtype(torch.float64):
         layer = SSSLayer(
             sum(SYSTEMS[name][0]), sum(SYSTEMS[name][1]), 1.0, system=SSSSystem(**matrices)
@@ -121,7 +104,7 @@ def test_system_round_trip_and_rectangular_uneven_blocks():
     with default_dtype(torch.float64):
         layer = SSSLayer(1000, 300, 0.2, nb_states=12)
         rebuilt = SSSLayer(1000, 300, 0.2, system=layer.system())
-    assert layer.plan.input_sizes[0] != layer.plan.input_sizes[-1]  # 1000 / 12 is uneven
+    assert layer.sizes.input_sizes[0] != layer.sizes.input_sizes[-1]  # 1000 / 12 is uneven
     U = torch.randn(4, 1000, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(U) - rebuilt.bias, layer(U) - layer.bias)
@@ -151,10 +134,18 @@ def test_explicit_options():
         {"nb_states": 6, "state_dim": 2},
         {"state_dim": (1, 2, 1)},
         {"nb_states": 3, "state_dim": 2, "anticausal_state_dim": 0},
-        {"system": SSSSystem(**random_matrices((20, 20), (15, 15), (1,), (1,)))},
+        {"system": ((20, 20), (15, 15), (1,), (1,))},
+        {
+            "input_sizes": (10, 30),
+            "output_sizes": (20, 10),
+            "causal_dims": (3,),
+            "anticausal_dims": (0,),
+        },
     ],
 )
-def test_parameter_count_function_matches_the_layer(options):
+def test_parameter_count_function_matches_the_layer(options, random_stage_matrices):
+    if "system" in options:
+        options = {"system": SSSSystem(**random_stage_matrices(*options["system"]))}
     predicted = sss_nb_weight_parameters(40, 30, 0.6, **options)
     layer = SSSLayer(40, 30, 0.6, **options)
     assert layer.nb_weight_parameters == predicted
@@ -162,7 +153,9 @@ def test_parameter_count_function_matches_the_layer(options):
 
 
 def test_default_number_of_stages():
-    # Fewest stages (power of two) whose diagonal blocks take at most half of the budget.
+    # Fewest stages (power of two) whose diagonal blocks take at most half of the budget:
+    # at 2048^2 and budget 419430, K = 32 has 2 * 2048^2 / 32 = 262144 diagonal scalars
+    # (half fits), K = 16 has 524288 (it does not).
     assert default_nb_stages(2048, 2048, 419430) == 32
     assert default_nb_stages(512, 512, 65536) == 8
     assert SSSLayer(2048, 2048, 0.1).nb_states == 32
@@ -191,8 +184,8 @@ def test_bad_options_name_the_option(kwargs, error, fragments):
         assert fragment in str(info.value), str(info.value)
 
 
-def test_bad_systems_are_explained():
-    good = random_matrices((3, 3), (2, 2), (1,), (1,))
+def test_bad_systems_are_explained(random_stage_matrices):
+    good = random_stage_matrices((3, 3), (2, 2), (1,), (1,))
     with pytest.raises(ValueError, match=r"represents a 4 x 6 .* but the layer is 5 x 6"):
         SSSLayer(6, 5, 1.0, system=SSSSystem(**good))
     wrong = dict(good, C=[good["C"][0], np.zeros((2, 2))])

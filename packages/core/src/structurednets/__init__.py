@@ -14,9 +14,11 @@ from structurednets.approximation import (
     SkippedStructure,
     approximate,
 )
+from structurednets.checkpoint import CheckpointError, load, save
 from structurednets.compression import CompressionReport, CompressionResult, compress
 from structurednets.hookspecs import hookimpl, hookspec
 from structurednets.layers import StructuredLayer, get_nb_model_parameters
+from structurednets.layout import Layout
 from structurednets.registry import (
     Structure,
     UnknownStructureError,
@@ -35,8 +37,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Approximation",
     "BudgetTooSmallError",
+    "CheckpointError",
     "CompressionReport",
     "CompressionResult",
+    "Layout",
     "NoStructureFitsError",
     "SkippedStructure",
     "Structure",
@@ -51,8 +55,10 @@ __all__ = [
     "get_structure",
     "hookimpl",
     "hookspec",
+    "load",
     "load_plugins",
     "nb_parameters",
     "register",
+    "save",
     "unregister",
 ]

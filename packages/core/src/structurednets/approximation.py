@@ -22,6 +22,7 @@ import torch
 
 from structurednets.layers.layer_helpers import default_dtype
 from structurednets.layers.structured_layer import StructuredLayer
+from structurednets.numerics import relative_error
 from structurednets.registry import available, create, get_structure
 from structurednets.validation import BudgetTooSmallError, as_matrix, as_vector, check_share
 
@@ -132,16 +133,6 @@ def as_weight_matrix(matrix: object, name: str = "matrix") -> torch.Tensor:
             f"got shape {tuple(matrix.shape)}"
         )
     return as_matrix(name, matrix, matrix.shape[0], matrix.shape[1])
-
-
-def relative_error(approximation: torch.Tensor, target: torch.Tensor) -> float:
-    """``||approximation - target||_F / ||target||_F`` in float64 (the absolute error if
-    ``target`` is all zeros)."""
-    approximation = approximation.detach().to(device="cpu", dtype=torch.float64)
-    target = target.detach().to(device="cpu", dtype=torch.float64)
-    error = float(torch.linalg.norm(approximation - target))
-    norm = float(torch.linalg.norm(target))
-    return error / norm if norm > 0 else error
 
 
 def format_error(value: float) -> str:

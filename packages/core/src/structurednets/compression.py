@@ -24,6 +24,7 @@ from structurednets.approximation import (
     structure_names,
 )
 from structurednets.layers.layer_helpers import get_nb_model_parameters
+from structurednets.linear_modules import LinearView, linear_view, tied_parameters
 from structurednets.validation import BudgetTooSmallError, check_positive_int, check_share
 
 __all__ = [
@@ -154,27 +155,58 @@ def _select(
     include: tuple[str, ...] | None,
     exclude: tuple[str, ...] | None,
     min_size: int | None,
-) -> list[tuple[str, nn.Linear]]:
-    # Only modules that are exactly nn.Linear: subclasses may use their weight elsewhere
-    # (nn.MultiheadAttention reads out_proj.weight directly), so replacing them is unsafe.
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+) -> tuple[list[tuple[str, nn.Module, LinearView]], list[SkippedLayer]]:
+    """The modules to replace, and those selected but left alone (with the reason)."""
+    linears = [(name, m, view) for name, m in model.named_modules() if (view := linear_view(m))]
     if not linears:
-        raise ValueError(f"the model has no nn.Linear module to compress ({type(model).__name__})")
+        raise ValueError(
+            f"the model has no nn.Linear module (nor a GPT-2-style Conv1D) to compress "
+            f"({type(model).__name__})"
+        )
     selected = [
-        (name, module)
-        for name, module in linears
+        (name, module, view)
+        for name, module, view in linears
         if (include is None or _matches(name, include))
         and not (exclude is not None and _matches(name, exclude))
-        and (min_size is None or module.in_features * module.out_features >= min_size)
+        and (min_size is None or view.input_dim * view.output_dim >= min_size)
     ]
     if not selected:
-        names = ", ".join(repr(name) for name, _ in linears[:20])
+        names = ", ".join(repr(name) for name, _, _ in linears[:20])
         more = f" and {len(linears) - 20} more" if len(linears) > 20 else ""
         raise ValueError(
             f"no nn.Linear module matches include={include!r}, exclude={exclude!r}, "
             f"min_size={min_size!r}; the model's nn.Linear modules are {names}{more}"
         )
-    return selected
+    reasons = _reasons_to_keep(model, include)
+    kept = [
+        SkippedLayer(name, view.input_dim, view.output_dim, reasons[id(module)])
+        for name, module, view in selected
+        if id(module) in reasons
+    ]
+    return [each for each in selected if id(each[1]) not in reasons], kept
+
+
+def _reasons_to_keep(model: nn.Module, include: tuple[str, ...] | None) -> dict[int, str]:
+    """Modules that stay dense by default: weights tied to another module's (a replaced
+    layer would untie them), and the output embeddings (LM head) unless ``include`` names it."""
+    reasons: dict[int, str] = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for names in tied_parameters(model).values():
+        owners = {id(modules[name.rpartition(".")[0]]) for name in names}
+        if len(owners) > 1:  # one module used at two places is replaced at both
+            for name in names:
+                others = ", ".join(repr(other) for other in names if other != name)
+                reasons[id(modules[name.rpartition(".")[0]])] = f"its weight is tied to {others}"
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if callable(output_embeddings) else None
+    if isinstance(head, nn.Module) and id(head) not in reasons:
+        head_name = next((n for n, m in modules.items() if m is head), "")
+        if include is None or head_name not in include:
+            reasons[id(head)] = (
+                "it is the model's output embeddings (LM head); include it by its exact name "
+                "to compress it"
+            )
+    return reasons
 
 
 def _replace(model: nn.Module, replacements: Mapping[int, nn.Module]) -> None:
@@ -207,7 +239,11 @@ def compress(
     :func:`structurednets.training_helpers.train_with_decreasing_lr`.
 
     Args:
-        model: any module; only modules whose type is exactly ``nn.Linear`` are considered.
+        model: any module; modules whose type is exactly ``nn.Linear``, and the transposed
+            ``Conv1D`` of GPT-2-style ``transformers`` models, are considered. By default a
+            layer whose weight is tied to another module's, and the model's output
+            embeddings (``model.get_output_embeddings()``, an LM head), stay dense and are
+            listed in ``report.skipped``.
         structure: a structure name, ``"best"`` (per layer, the installed structure with the
             smallest relative error) or a list of names to choose from per layer.
         nb_params_share: share in (0, 1] of each layer's ``in_features * out_features``
@@ -239,7 +275,7 @@ def compress(
         min_size = check_positive_int("min_size", min_size)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
-    selected = _select(
+    selected, kept = _select(
         model, _patterns("include", include), _patterns("exclude", exclude), min_size
     )
     model_before = get_nb_model_parameters(model)
@@ -248,24 +284,26 @@ def compress(
         # Copy the whole model once (shared modules stay shared) and find the layers by name.
         model = copy.deepcopy(model)
         copied = dict(model.named_modules())
-        selected = [(name, copied[name]) for name, _ in selected]
+        selected = [(name, copied[name], linear_view(copied[name])) for name, _, _ in selected]
     say = progress or (lambda line: None)
     several = not (isinstance(structure, str) and structure != BEST)
     say_tried = (lambda line: say(f"    {line}")) if several else None
 
     replacements: dict[int, nn.Module] = {}
     layers: list[CompressedLayer] = []
-    skipped: list[SkippedLayer] = []
-    for index, (name, linear) in enumerate(selected, start=1):
+    skipped: list[SkippedLayer] = list(kept)
+    for each in kept:
+        say(f"{each.name} ({each.output_dim}x{each.input_dim}): kept dense, {each.reason}")
+    for index, (name, linear, view) in enumerate(selected, start=1):
         label = name or "(model)"
-        shape = f"{linear.out_features}x{linear.in_features}"
-        weight = linear.weight
+        shape = f"{view.output_dim}x{view.input_dim}"
+        weight = view.weight
         try:
             result = approximate(
                 weight,
                 structure,
                 nb_params_share,
-                bias=linear.bias,
+                bias=view.bias,
                 dtype=weight.dtype,
                 device=weight.device,
                 structure_options=structure_options,
@@ -273,7 +311,7 @@ def compress(
                 **options,
             )
         except (BudgetTooSmallError, NoStructureFitsError) as error:
-            skipped.append(SkippedLayer(name, linear.in_features, linear.out_features, str(error)))
+            skipped.append(SkippedLayer(name, view.input_dim, view.output_dim, str(error)))
             say(f"[{index}/{len(selected)}] {label} ({shape}): kept dense, {error}")
             continue
         layer = result.layer
@@ -284,8 +322,8 @@ def compress(
         layers.append(
             CompressedLayer(
                 name=name,
-                input_dim=linear.in_features,
-                output_dim=linear.out_features,
+                input_dim=view.input_dim,
+                output_dim=view.output_dim,
                 structure=result.structure,
                 nb_parameters_before=before,
                 nb_parameters_after=result.nb_parameters,

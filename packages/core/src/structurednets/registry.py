@@ -11,7 +11,7 @@ import importlib.metadata
 import re
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ import pluggy
 
 from structurednets import hookspecs
 from structurednets.layers.structured_layer import StructuredLayer
+from structurednets.layout import Layout, thaw
 from structurednets.validation import check_dim, check_share
 
 __all__ = [
@@ -236,36 +237,95 @@ def available() -> list[str]:
 
 
 def create(
-    name: str, input_dim: int, output_dim: int, nb_params_share: float, **kwargs: Any
+    name: str,
+    input_dim: int | None = None,
+    output_dim: int | None = None,
+    nb_params_share: float | None = None,
+    *,
+    layout: Layout | None = None,
+    **kwargs: Any,
 ) -> StructuredLayer:
     """Build a layer of the structure ``name``.
 
     ``kwargs`` are passed to the layer class: ``use_bias``, ``initial_weight_matrix``,
-    ``initial_bias`` and the structure's own options.
+    ``initial_bias`` and the structure's own options. With ``layout=`` (a
+    :class:`~structurednets.Layout`, e.g. ``fitted.layout``) the layer is an unfitted one of
+    exactly that layout, ready for ``load_state_dict``; the sizes may then be left out.
 
     >>> import structurednets
     >>> layer = structurednets.create("lowrank", 512, 256, 0.1)
     >>> layer(torch.randn(8, 512)).shape  # doctest: +SKIP
     torch.Size([8, 256])
+    >>> twin = structurednets.create("lowrank", layout=layer.layout)  # doctest: +SKIP
     """
-    return get_structure(name).layer_class(input_dim, output_dim, nb_params_share, **kwargs)
+    structure = get_structure(name)
+    if layout is None:  # the layer class checks the sizes and says what is wrong
+        return structure.layer_class(input_dim, output_dim, nb_params_share, **kwargs)
+    layout = _checked_layout(structure, layout, input_dim, output_dim, nb_params_share)
+    if kwargs:
+        raise TypeError(
+            f"create(..., layout=...) takes no other options, got {sorted(kwargs)}; "
+            "the layout fixes the whole shape"
+        )
+    return structure.layer_class.from_layout(layout)
+
+
+def _checked_layout(
+    structure: Structure,
+    layout: object,
+    input_dim: int | None,
+    output_dim: int | None,
+    nb_params_share: float | None,
+) -> Layout:
+    if isinstance(layout, Mapping):
+        layout = Layout.from_json(layout)
+    if not isinstance(layout, Layout):
+        raise TypeError(
+            f"layout must be a structurednets.Layout (e.g. layer.layout), got "
+            f"{type(layout).__name__}"
+        )
+    if layout.structure not in (structure.name, *structure.aliases):
+        raise ValueError(
+            f"layout is of structure {layout.structure!r}, but structure {structure.name!r} "
+            f"was asked for; use structurednets.create({layout.structure!r}, layout=...)"
+        )
+    for arg, given, fixed in (
+        ("input_dim", input_dim, layout.input_dim),
+        ("output_dim", output_dim, layout.output_dim),
+        ("nb_params_share", nb_params_share, layout.nb_params_share),
+    ):
+        if given is not None and given != fixed:
+            raise ValueError(f"{arg}={given!r} disagrees with the layout's {arg} {fixed!r}")
+    return layout
 
 
 def nb_parameters(
     name: str,
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
+    input_dim: int | None = None,
+    output_dim: int | None = None,
+    nb_params_share: float | None = None,
     use_bias: bool = True,
+    *,
+    layout: Layout | None = None,
     **options: Any,
 ) -> int:
     """The number of trainable scalars ``create`` would give (bias included), without building.
 
-    The count is that of a layer built without ``initial_weight_matrix`` (random start);
-    a layer fitted to a matrix never holds more than ``floor(share * input_dim * output_dim)``
-    weight scalars either.
+    With sizes and options, the count is that of a layer built without
+    ``initial_weight_matrix`` (random start); with ``layout=`` (e.g. ``fitted.layout``) it is
+    exact for that layout, fitted or not.
     """
     structure = get_structure(name)
+    if layout is not None:
+        layout = _checked_layout(structure, layout, input_dim, output_dim, nb_params_share)
+        if options:
+            raise TypeError(
+                f"nb_parameters(..., layout=...) takes no options, got {sorted(options)}"
+            )
+        weights = structure.nb_weight_parameters(
+            layout.input_dim, layout.output_dim, layout.nb_params_share, **thaw(layout.sizes)
+        )
+        return int(weights) + (layout.output_dim if layout.bias else 0)
     input_dim = check_dim("input_dim", input_dim)
     output_dim = check_dim("output_dim", output_dim)
     nb_params_share = check_share(nb_params_share)

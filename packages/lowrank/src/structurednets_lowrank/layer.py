@@ -78,9 +78,13 @@ class LRLayer(StructuredLayer):
             ``floor(nb_params_share * input_dim * output_dim / (input_dim + output_dim))``.
         factors: ``(L, R)`` to start from (arrays or tensors); their rank is the layer's rank.
 
+    Shape:
+        input ``(..., input_dim)``, output ``(..., output_dim)``.
+
     Attributes:
         left: ``L``, shape ``(output_dim, rank)``.
         right: ``R``, shape ``(rank, input_dim)``.
+        rank: the rank; ``layout.sizes == {"rank": rank}``.
 
     Example:
         >>> layer = LRLayer(512, 256, nb_params_share=0.1)
@@ -133,6 +137,9 @@ class LRLayer(StructuredLayer):
             right = torch.randn(self.rank, self.input_dim, dtype=torch.float64) * scale
         self.left = nn.Parameter(left.to(dtype))
         self.right = nn.Parameter(right.to(dtype))
+
+    def layout_sizes(self) -> dict[str, object]:
+        return {"rank": self.rank}
 
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         return (U @ self.right.T) @ self.left.T

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from structurednets import StructuredLayer
-from structurednets.layers.structured_layer import dense_init_std
-from structurednets_sss.identification import identify_checked
+from structurednets.plugin import StructuredLayer, dense_init_std
+from structurednets_sss.fit import fit_checked
 from structurednets_sss.kernels import PADDED_KINDS, SSSMultiply, padded_dense
-from structurednets_sss.plan import KINDS, SSSPlan, check_options, plan_from_options
+from structurednets_sss.layout import KINDS, SSSSizes, sizes_from_options
+from structurednets_sss.options import check_options
 from structurednets_sss.system import SSSSystem, check_system_fits, random_system
 
 __all__ = ["SSSLayer"]
@@ -36,35 +36,49 @@ class SSSLayer(StructuredLayer):
     Args:
         input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
             as for every :class:`~structurednets.StructuredLayer`. ``initial_weight_matrix``
-            is approximated by system identification: truncated SVDs of its Hankel blocks,
-            with the number of stages and every state dimension chosen to minimise the
-            Frobenius error within the budget (see :mod:`structurednets_sss.identification`).
-        nb_states: the number of stages ``K`` (1 .. min(input_dim, output_dim)); block sizes
+            is approximated by :func:`~structurednets_sss.fit_sss` (system identification:
+            truncated SVDs of its Hankel blocks, with the number of stages and every state
+            dimension chosen to minimise the Frobenius error within the budget).
+        nb_stages: the number of stages ``K`` (1 .. min(input_dim, output_dim)); block sizes
             are as even as possible. Default: chosen from the matrix when one is given,
             otherwise the fewest stages (a power of two) whose diagonal blocks take at most
-            half of the budget (:func:`~structurednets_sss.plan.default_nb_stages`).
+            half of the budget (:func:`~structurednets_sss.default_nb_stages`).
+        nb_states: another name for ``nb_stages`` (MatthiasKi/structurednets 1.0 calls the
+            stages "states"); giving both with different values is a ``ValueError``.
         state_dim: the state dimension, one integer for every boundary between stages or a
             sequence of ``K - 1`` (boundary ``p`` lies between stages ``p`` and ``p + 1``).
             Dimensions larger than the rank a state can carry there are capped. Default: from
             the singular values when fitting a matrix, otherwise the largest uniform dimension
             that fits the budget.
         anticausal_state_dim: the same for the anticausal part; defaults to ``state_dim``.
+        input_sizes, output_sizes, causal_dims, anticausal_dims: the exact sizes of a layout
+            (``layer.layout.sizes``), all four together: the block sizes of the ``K`` stages
+            and the ``K - 1`` state dimensions of each part, used as given (not capped).
         system: an :class:`~structurednets_sss.SSSSystem` to start from; it fixes the stages,
             block sizes (any, not only even) and state dimensions.
 
+    Shape:
+        input: ``(..., input_dim)``; output: ``(..., output_dim)``.
+
     Attributes:
-        plan: the sizes (:class:`~structurednets_sss.SSSPlan`): block sizes and state
-            dimensions.
+        sizes: the block sizes and state dimensions (:class:`~structurednets_sss.SSSSizes`);
+            ``layout.sizes`` holds them as JSON values.
         D, A, B, C, E, F, G: the stage matrices of each kind, flattened and concatenated
             stage by stage (row-major) into one parameter each; a kind without any entries is
             ``None``. :meth:`system` returns them as matrices.
+        bias: the learnable ``(output_dim,)`` bias, or ``None``.
 
     Example:
         >>> layer = SSSLayer(512, 256, nb_params_share=0.1)
-        >>> layer.nb_states
-        32
+        >>> layer.nb_stages, layer.state_dims[:3]
+        (32, (5, 5, 5))
         >>> layer(torch.randn(8, 512)).shape
         torch.Size([8, 256])
+        >>> twin = structurednets.create("sss", layout=layer.layout)  # same shape, unfitted
+        >>> _ = twin.load_state_dict(layer.state_dict())
+        >>> U = torch.randn(8, 512)
+        >>> torch.equal(twin(U), layer(U))
+        True
     """
 
     structure_name = "sss"
@@ -78,58 +92,65 @@ class SSSLayer(StructuredLayer):
         initial_weight_matrix: object = None,
         initial_bias: object = None,
         *,
+        nb_stages: int | None = None,
         nb_states: int | None = None,
         state_dim: int | Sequence[int] | None = None,
         anticausal_state_dim: int | Sequence[int] | None = None,
+        input_sizes: Sequence[int] | None = None,
+        output_sizes: Sequence[int] | None = None,
+        causal_dims: Sequence[int] | None = None,
+        anticausal_dims: Sequence[int] | None = None,
         system: SSSSystem | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
+        options = {
+            "nb_stages": nb_stages,
+            "nb_states": nb_states,
+            "state_dim": state_dim,
+            "anticausal_state_dim": anticausal_state_dim,
+            "input_sizes": input_sizes,
+            "output_sizes": output_sizes,
+            "causal_dims": causal_dims,
+            "anticausal_dims": anticausal_dims,
+        }
         if system is not None:
             if not isinstance(system, SSSSystem):
                 raise TypeError(f"system must be an SSSSystem, got {type(system).__name__}")
-            given = [
-                name
-                for name, value in (
-                    ("initial_weight_matrix", target),
-                    ("nb_states", nb_states),
-                    ("state_dim", state_dim),
-                    ("anticausal_state_dim", anticausal_state_dim),
-                )
-                if value is not None
-            ]
+            given = [name for name, value in options.items() if value is not None]
+            if target is not None:
+                given.insert(0, "initial_weight_matrix")
             if given:
                 raise ValueError(
                     f"system fixes the whole layer; do not pass {', '.join(given)} with it"
                 )
-            plan = check_system_fits(system, self.input_dim, self.output_dim, self.nb_params_share)
+            sizes = check_system_fits(system, self.input_dim, self.output_dim, self.nb_params_share)
             matrices = system.checked()[1]
         else:
-            options = check_options(
-                self.input_dim, self.output_dim, nb_states, state_dim, anticausal_state_dim
-            )
+            checked = check_options(self.input_dim, self.output_dim, **options)
             if target is not None:
-                fitted = identify_checked(target, self.weight_budget, options, self.nb_params_share)
-                plan, matrices = fitted.plan, fitted.matrices
+                fitted = fit_checked(target, self.weight_budget, checked, self.nb_params_share)
+                sizes, matrices = fitted.system.checked()
             else:
-                plan = plan_from_options(
-                    self.input_dim, self.output_dim, self.nb_params_share, options
+                sizes = sizes_from_options(
+                    self.input_dim, self.output_dim, self.nb_params_share, checked
                 )
-                matrices = random_system(plan, dense_init_std(self.input_dim))
-        self.require_budget(plan.nb_weight_parameters, plan.describe())
-        self.plan = plan
-        self._build(plan, matrices)
+                matrices = random_system(sizes, dense_init_std(self.input_dim))
+        self.require_budget(sizes.nb_weight_parameters, sizes.describe())
+        self.sizes = sizes
+        self._build(sizes, matrices)
 
-    # -- layout ---------------------------------------------------------------------------
+    # -- padded stacks ----------------------------------------------------------------------
 
-    def _build(self, plan: SSSPlan, matrices: dict[str, list[torch.Tensor]]) -> None:
-        """Create one flat parameter per kind and the layout that pads it into stacks."""
+    def _build(self, sizes: SSSSizes, matrices: dict[str, list[torch.Tensor]]) -> None:
+        """Create one flat parameter per kind, and the masks and positions (derived from the
+        sizes, not saved) that pad it into stacks."""
         dtype = torch.get_default_dtype()
-        K = plan.nb_stages
-        shapes = plan.stage_shapes()
-        dx = max(plan.causal_dims, default=0)
-        dz = max(plan.anticausal_dims, default=0)
-        mb, nb = max(plan.output_sizes), max(plan.input_sizes)
+        K = sizes.nb_stages
+        shapes = sizes.stage_shapes()
+        dx = max(sizes.causal_dims, default=0)
+        dz = max(sizes.anticausal_dims, default=0)
+        mb, nb = max(sizes.output_sizes), max(sizes.input_sizes)
         # Per kind: the stages it is stacked over and the padded matrix shape.
         stacks = {
             "D": (range(0, K), (mb, nb)),
@@ -157,15 +178,15 @@ class SSSLayer(StructuredLayer):
             if not bool(mask.all()):
                 self._ragged.add(kind)
                 self.register_buffer(f"_{kind}_mask", mask, persistent=False)
-        # Where the input/output entries sit in the padded layout (None: nothing padded).
+        # Where the input/output entries sit in the padded stacks (None: nothing padded).
         self.register_buffer(
             "_input_positions",
-            _positions(plan.input_sizes, nb) if min(plan.input_sizes) != nb else None,
+            _positions(sizes.input_sizes, nb) if min(sizes.input_sizes) != nb else None,
             persistent=False,
         )
         self.register_buffer(
             "_output_positions",
-            _positions(plan.output_sizes, mb) if min(plan.output_sizes) != mb else None,
+            _positions(sizes.output_sizes, mb) if min(sizes.output_sizes) != mb else None,
             persistent=False,
         )
 
@@ -188,6 +209,10 @@ class SSSLayer(StructuredLayer):
         return stacks
 
     # -- the contract ---------------------------------------------------------------------
+
+    def layout_sizes(self) -> dict[str, object]:
+        """``input_sizes``, ``output_sizes``, ``causal_dims`` and ``anticausal_dims``."""
+        return self.sizes.layout_sizes()
 
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         device_type = U.device.type
@@ -218,29 +243,34 @@ class SSSLayer(StructuredLayer):
         return dense
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self.plan.describe()}"
+        return f"{super().extra_repr()}, {self.sizes.describe()}"
 
     # -- inspection -----------------------------------------------------------------------
 
     @property
+    def nb_stages(self) -> int:
+        """The number of stages ``K``."""
+        return self.sizes.nb_stages
+
+    @property
     def nb_states(self) -> int:
-        """The number of stages ``K`` (the seed library's name)."""
-        return self.plan.nb_stages
+        """The number of stages ``K`` (MatthiasKi/structurednets 1.0's name)."""
+        return self.sizes.nb_stages
 
     @property
     def state_dims(self) -> tuple[int, ...]:
         """Causal state dimension at each boundary (``K - 1`` values)."""
-        return self.plan.causal_dims
+        return self.sizes.causal_dims
 
     @property
     def anticausal_state_dims(self) -> tuple[int, ...]:
         """Anticausal state dimension at each boundary (``K - 1`` values)."""
-        return self.plan.anticausal_dims
+        return self.sizes.anticausal_dims
 
     def system(self) -> SSSSystem:
         """The stage matrices as an :class:`SSSSystem` (detached copies in the layer's dtype);
         ``SSSLayer(..., system=layer.system())`` rebuilds the layer."""
-        shapes = self.plan.stage_shapes()
+        shapes = self.sizes.stage_shapes()
         reference = self._reference_parameter()
         matrices = {}
         for kind in KINDS:
@@ -257,5 +287,5 @@ class SSSLayer(StructuredLayer):
 
 
 def _positions(sizes: Sequence[int], padded: int) -> torch.Tensor:
-    """Where the entries of blocks of the given sizes go in a layout of ``padded``-wide blocks."""
+    """Where the entries of blocks of the given sizes go among ``padded``-wide blocks."""
     return torch.cat([torch.arange(size) + k * padded for k, size in enumerate(sizes)])

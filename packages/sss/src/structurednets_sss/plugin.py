@@ -1,8 +1,8 @@
 """Entry point of the SSS plugin (group ``structurednets``)."""
 
-from structurednets import hookimpl
+from structurednets.plugin import hookimpl
 from structurednets_sss.layer import SSSLayer
-from structurednets_sss.plan import sss_nb_weight_parameters
+from structurednets_sss.options import sss_nb_weight_parameters
 
 
 @hookimpl

@@ -6,8 +6,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from structurednets.validation import BudgetTooSmallError, as_matrix, weight_budget
-from structurednets_sss.plan import KINDS, SSSPlan
+from structurednets.plugin import BudgetTooSmallError, as_matrix, weight_budget
+from structurednets_sss.layout import KINDS, SSSSizes
 
 __all__ = ["SSSSystem", "check_system_fits", "random_system"]
 
@@ -57,12 +57,12 @@ class SSSSystem:
     def nb_stages(self) -> int:
         return len(self.D)
 
-    def plan(self) -> SSSPlan:
+    def sizes(self) -> SSSSizes:
         """The sizes of the system; raises ``ValueError`` if the shapes do not fit together."""
         return self.checked()[0]
 
-    def checked(self) -> tuple[SSSPlan, dict[str, list[torch.Tensor]]]:
-        """The plan and the matrices as float64 CPU tensors (``None`` entries filled in).
+    def checked(self) -> tuple[SSSSizes, dict[str, list[torch.Tensor]]]:
+        """The sizes and the matrices as float64 CPU tensors (``None`` entries filled in).
 
         Raises ``TypeError``/``ValueError`` naming the first matrix whose type or shape is wrong.
         """
@@ -80,8 +80,8 @@ class SSSSystem:
         output_sizes = tuple(int(d.shape[0]) for d in diagonal)
         causal = tuple(_leading_dim("B", k, self.B[k]) for k in range(K - 1))
         anticausal = tuple(_leading_dim("F", k, self.F[k]) for k in range(1, K))
-        plan = SSSPlan(input_sizes, output_sizes, causal, anticausal)
-        shapes = plan.stage_shapes()
+        sizes = SSSSizes(input_sizes, output_sizes, causal, anticausal)
+        shapes = sizes.stage_shapes()
         matrices: dict[str, list[torch.Tensor]] = {}
         for kind in KINDS:
             checked = []
@@ -94,14 +94,14 @@ class SSSSystem:
                 else:
                     checked.append(as_matrix(name, value, *shape, f"{kind}_{k}"))
             matrices[kind] = checked
-        return plan, matrices
+        return sizes, matrices
 
     def to_dense(self) -> torch.Tensor:
         """The represented ``W`` (float64), shape ``(sum m_k, sum n_k)``, stage by stage."""
-        plan, mat = self.checked()
-        K = plan.nb_stages
-        row = [0, *torch.tensor(plan.output_sizes).cumsum(0).tolist()]
-        col = [0, *torch.tensor(plan.input_sizes).cumsum(0).tolist()]
+        sizes, mat = self.checked()
+        K = sizes.nb_stages
+        row = [0, *torch.tensor(sizes.output_sizes).cumsum(0).tolist()]
+        col = [0, *torch.tensor(sizes.input_sizes).cumsum(0).tolist()]
         dense = torch.zeros(row[-1], col[-1], dtype=torch.float64)
         for j in range(K):
             dense[row[j] : row[j + 1], col[j] : col[j + 1]] = mat["D"][j]
@@ -117,7 +117,7 @@ class SSSSystem:
 
     @property
     def nb_weight_parameters(self) -> int:
-        return self.plan().nb_weight_parameters
+        return self.sizes().nb_weight_parameters
 
 
 def _given_matrix(kind: str, k: int, value: object) -> torch.Tensor:
@@ -134,26 +134,26 @@ def _leading_dim(kind: str, k: int, value: object) -> int:
 
 def check_system_fits(
     system: SSSSystem, input_dim: int, output_dim: int, nb_params_share: float
-) -> SSSPlan:
-    """The system's plan, after checking its block sizes against the layer's dimensions and its
+) -> SSSSizes:
+    """The system's sizes, after checking its block sizes against the layer's dimensions and its
     parameter count against the budget (:class:`BudgetTooSmallError`)."""
-    plan = system.plan()
-    if sum(plan.input_sizes) != input_dim or sum(plan.output_sizes) != output_dim:
+    sizes = system.sizes()
+    if sum(sizes.input_sizes) != input_dim or sum(sizes.output_sizes) != output_dim:
         raise ValueError(
-            f"system represents a {sum(plan.output_sizes)} x {sum(plan.input_sizes)} matrix "
+            f"system represents a {sum(sizes.output_sizes)} x {sum(sizes.input_sizes)} matrix "
             f"(rows of D summed x columns of D summed), but the layer is {output_dim} x "
             f"{input_dim} (output_dim x input_dim)"
         )
-    if plan.nb_weight_parameters > weight_budget(input_dim, output_dim, nb_params_share):
+    if sizes.nb_weight_parameters > weight_budget(input_dim, output_dim, nb_params_share):
         raise BudgetTooSmallError(
             "sss",
             input_dim,
             output_dim,
             nb_params_share,
-            plan.nb_weight_parameters,
-            f"the given system ({plan.describe()})",
+            sizes.nb_weight_parameters,
+            f"the given system ({sizes.describe()})",
         )
-    return plan
+    return sizes
 
 
 def _semi_orthogonal(rows: int, cols: int) -> torch.Tensor:
@@ -166,7 +166,7 @@ def _semi_orthogonal(rows: int, cols: int) -> torch.Tensor:
     return q if rows >= cols else q.T
 
 
-def random_system(plan: SSSPlan, std: float) -> dict[str, list[torch.Tensor]]:
+def random_system(sizes: SSSSizes, std: float) -> dict[str, list[torch.Tensor]]:
     """Random stage matrices (float64, from torch's generator) whose ``W`` has entries of
     standard deviation about ``std``.
 
@@ -175,9 +175,9 @@ def random_system(plan: SSSPlan, std: float) -> dict[str, list[torch.Tensor]]:
     (and ``F_k``, ``G_k``) are Gaussian with variance ``std / sqrt(d)`` each, ``d`` the state
     dimension, so that ``C_k A .. A B_j`` has entries of variance ``std**2``.
     """
-    shapes = plan.stage_shapes()
+    shapes = sizes.stage_shapes()
     matrices: dict[str, list[torch.Tensor]] = {kind: [] for kind in KINDS}
-    for k in range(plan.nb_stages):
+    for k in range(sizes.nb_stages):
         matrices["D"].append(torch.randn(shapes["D"][k], dtype=torch.float64) * std)
         for transition, inp, out in (("A", "B", "C"), ("E", "F", "G")):
             matrices[transition].append(_semi_orthogonal(*shapes[transition][k]))

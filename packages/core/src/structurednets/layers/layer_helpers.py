@@ -1,4 +1,4 @@
-"""Helpers that work on any ``nn.Module``; kept at the path users of the seed library know."""
+"""Helpers that work on any ``nn.Module``; kept at the path users of MatthiasKi/structurednets 1.0 know."""
 
 from __future__ import annotations
 

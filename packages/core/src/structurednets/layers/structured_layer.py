@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from structurednets.layers.layer_helpers import get_nb_model_parameters
+from structurednets.layout import Layout, thaw
 from structurednets.validation import (
     BudgetTooSmallError,
     as_matrix,
@@ -36,8 +37,9 @@ class StructuredLayer(nn.Module, abc.ABC):
 
     Subclasses call ``super().__init__`` first, turn ``initial_weight_matrix`` into a checked
     tensor with :meth:`checked_weight_matrix`, create their parameters (never more than
-    :attr:`weight_budget` scalars), and implement :meth:`multiply`. They may override
-    :meth:`to_dense` where they know a cheaper way than multiplying the identity.
+    :attr:`weight_budget` scalars), and implement :meth:`multiply` and :meth:`layout_sizes`.
+    They may override :meth:`to_dense` where they know a cheaper way than multiplying the
+    identity, and :meth:`from_layout` where the layout's sizes are not constructor options.
 
     Args:
         input_dim: size of each input sample.
@@ -111,6 +113,16 @@ class StructuredLayer(nn.Module, abc.ABC):
             )
 
     @abc.abstractmethod
+    def layout_sizes(self) -> dict[str, object]:
+        """The structure's shape decisions as JSON values (ints, lists, dicts).
+
+        They are keyword options of the constructor (and of the registered
+        ``nb_weight_parameters``) that rebuild exactly this shape: the same parameters and
+        persistent buffers, with the same names and shapes, so that this layer's state dict
+        loads into ``type(self).from_layout(self.layout)``.
+        """
+
+    @abc.abstractmethod
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         """``U @ W.T`` for ``U`` of shape ``(batch, input_dim)``; returns ``(batch, output_dim)``.
 
@@ -137,6 +149,34 @@ class StructuredLayer(nn.Module, abc.ABC):
         eye = torch.eye(self.input_dim, dtype=reference.dtype, device=reference.device)
         return self.multiply(eye).T
 
+    @property
+    def layout(self) -> Layout:
+        """Everything that fixes this layer's shape; see :class:`structurednets.Layout`."""
+        return Layout(
+            self.structure_name,
+            self.input_dim,
+            self.output_dim,
+            bias=self.bias is not None,
+            nb_params_share=self.nb_params_share,
+            sizes=self.layout_sizes(),
+        )
+
+    @classmethod
+    def from_layout(cls, layout: Layout) -> StructuredLayer:
+        """An unfitted (randomly initialised) layer of exactly ``layout``.
+
+        Load a state dict into it to restore a fitted layer without refitting.
+        """
+        if not isinstance(layout, Layout):
+            raise TypeError(f"layout must be a structurednets.Layout, got {type(layout).__name__}")
+        return cls(
+            layout.input_dim,
+            layout.output_dim,
+            layout.nb_params_share,
+            use_bias=layout.bias,
+            **_thawed(layout.sizes),
+        )
+
     def get_nb_parameters(self) -> int:
         """Number of trainable scalars, bias included."""
         return get_nb_model_parameters(self)
@@ -157,11 +197,12 @@ class StructuredLayer(nn.Module, abc.ABC):
     # -- saving and loading -----------------------------------------------------------------
 
     def get_extra_state(self) -> dict[str, object]:
-        """Saved with the state dict, so that loading it into another layer can be refused."""
+        """The layout (as JSON values), saved with the state dict and checked on load."""
         return {
             "structure": self.structure_name,
             "input_dim": self.input_dim,
             "output_dim": self.output_dim,
+            "layout": self.layout.to_json(),
         }
 
     def set_extra_state(self, state: object) -> None:
@@ -179,18 +220,38 @@ class StructuredLayer(nn.Module, abc.ABC):
     ) -> None:
         saved = state_dict.get(prefix + "_extra_state")
         if isinstance(saved, dict):
-            mine = self.get_extra_state()
-            if any(saved.get(key) != value for key, value in mine.items()):
-                error_msgs.append(
-                    f"the state dict holds a '{saved.get('structure')}' layer of "
-                    f"{saved.get('output_dim')} x {saved.get('input_dim')} (output x input), "
-                    f"but it is loaded into a '{mine['structure']}' layer of "
-                    f"{mine['output_dim']} x {mine['input_dim']}; create the layer with the "
-                    "arguments the state dict was saved from"
-                )
+            problem = self._layout_mismatch(saved)
+            if problem:
+                error_msgs.append(problem)
                 return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _layout_mismatch(self, saved: dict[str, object]) -> str | None:
+        mine = self.layout
+        given = (saved.get("structure"), saved.get("input_dim"), saved.get("output_dim"))
+        if given != (mine.structure, mine.input_dim, mine.output_dim):
+            return (
+                f"the state dict holds a '{given[0]}' layer of {given[2]} x {given[1]} "
+                f"(output x input), but it is loaded into a '{mine.structure}' layer of "
+                f"{mine.output_dim} x {mine.input_dim}; create the layer with the arguments the "
+                "state dict was saved from"
+            )
+        if "layout" not in saved:  # saved before layouts existed: the sizes are all we know
+            return None
+        try:
+            theirs = Layout.from_json(saved["layout"])
+        except (TypeError, ValueError) as error:
+            return f"the state dict's layout cannot be read: {error}"
+        differences = theirs.differences(mine)
+        if not differences:
+            return None
+        return (
+            f"the state dict holds a layer of layout [{theirs}], but it is loaded into one "
+            f"of layout [{mine}]; they differ in: {'; '.join(differences)}. Build the layer "
+            "with structurednets.create(name, layout=...) from the saved layout "
+            "(Layout.from_json(state_dict['_extra_state']['layout'])), or use structurednets.load"
         )
 
     # -- internals --------------------------------------------------------------------------
@@ -221,3 +282,7 @@ class StructuredLayer(nn.Module, abc.ABC):
                 f"the input (U.to({dtype})) or the layer (layer.to({U.dtype})), "
                 "or run under torch.autocast"
             )
+
+
+def _thawed(sizes: object) -> dict[str, object]:
+    return thaw(sizes)

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 import structurednets
-from structurednets.approximation import relative_error
 from structurednets.layers.layer_helpers import default_dtype
 from structurednets.layers.structured_layer import StructuredLayer
+from structurednets.numerics import relative_error, torch_threads
 
 __all__ = [
     "Check",
@@ -113,12 +113,8 @@ class Check:
         """Run the check with one torch thread; raises AssertionError or CheckSkipped."""
         if self.name in case.skip:
             skip(f"{case.structure}: {case.skip[self.name]}")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small problems; a second thread only adds contention
-        try:
+        with torch_threads(1):  # small problems; a second thread only adds contention
             self.function(case)
-        finally:
-            torch.set_num_threads(threads)
 
     def __call__(self, case: ConformanceCase) -> None:
         try:

@@ -16,6 +16,7 @@ from structurednets.testing.contract_checks import (
     check_budget_and_parameter_counts,
     check_constructor_signature,
     check_copy_and_serialisation,
+    check_docstring_example,
     check_dtype_conversion,
     check_forward_matches_dense,
     check_gradients,
@@ -28,6 +29,11 @@ from structurednets.testing.contract_checks import (
     check_registered,
     check_repr,
     check_state_dict_round_trip,
+)
+from structurednets.testing.layout_checks import (
+    check_layout_mismatch_is_refused,
+    check_layout_round_trip,
+    check_save_and_load,
 )
 from structurednets.testing.setup_checks import (
     check_approximation_robustness,
@@ -62,7 +68,11 @@ _CHECKS = [
     check_bad_constructor_arguments,
     check_bad_inputs,
     check_repr,
+    check_docstring_example,
     check_state_dict_mismatch_is_refused,
+    check_layout_round_trip,
+    check_layout_mismatch_is_refused,
+    check_save_and_load,
     check_dtypes_and_autocast,
     check_follows_module_device,
     check_cuda,

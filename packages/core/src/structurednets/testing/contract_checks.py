@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import doctest
 import inspect
 import io
 import math
@@ -37,7 +38,8 @@ def check_registered(case: ConformanceCase) -> None:
 
 
 def check_constructor_signature(case: ConformanceCase) -> None:
-    """The constructor is the seed's, with structure options keyword-only."""
+    """The constructor is the one every structure shares (that of MatthiasKi/structurednets 1.0),
+    with structure options keyword-only."""
     layer_class = structurednets.get_structure(case.structure).layer_class
     parameters = list(inspect.signature(layer_class.__init__).parameters.values())[1:]
     expected = [
@@ -360,3 +362,28 @@ def check_repr(case: ConformanceCase) -> None:
         f"nb_parameters={layer.get_nb_parameters()}",
     ):
         assert fragment in text, f"{fragment!r} missing from repr: {text}"
+
+
+def check_docstring_example(case: ConformanceCase) -> None:
+    """The layer class's docstring has ``Args:``, ``Shape:``, ``Attributes:`` and ``Example:``
+    sections, like ``nn.Linear``'s, and its example runs as a doctest."""
+    layer_class = structurednets.get_structure(case.structure).layer_class
+    docstring = inspect.getdoc(layer_class) or ""
+    missing = [
+        section
+        for section in ("Args:", "Shape:", "Attributes:", "Example")
+        if section not in docstring
+    ]
+    assert not missing, f"{layer_class.__name__}'s docstring lacks the sections {missing}"
+    finder = doctest.DocTestFinder(recurse=False)
+    globs = {"torch": torch, "structurednets": structurednets, layer_class.__name__: layer_class}
+    tests = finder.find(layer_class, layer_class.__name__, globs=globs)
+    assert tests and tests[0].examples, f"{layer_class.__name__}'s Example has no >>> lines"
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    output = io.StringIO()
+    torch.manual_seed(0)
+    with default_dtype(torch.float32):
+        for test in tests:
+            runner.run(test, out=output.write)
+    results = runner.summarize(verbose=False)
+    assert results.failed == 0, f"{layer_class.__name__}'s Example fails:\n{output.getvalue()}"

@@ -1,8 +1,8 @@
-"""Accuracy and time of SSS identification next to low rank's truncated SVD at the same budget.
+"""Accuracy and time of the SSS fit next to low rank's truncated SVD at the same budget.
 
 Run from the repository root (one thread, float64 layers)::
 
-    .venv/bin/python packages/sss/benchmarks/identification.py
+    .venv/bin/python packages/sss/benchmarks/fit_accuracy.py
 
 Prints, per matrix and share: the relative Frobenius error of the SSS layer fitted to the
 matrix, the chosen number of stages and state dimensions, the fitting time, and the error of
@@ -54,13 +54,13 @@ def fit(target: np.ndarray, share: float) -> tuple[SSSLayer, float, float]:
 def report(name: str, target: np.ndarray, shares: list[float]) -> None:
     for share in shares:
         layer, error, seconds = fit(target, share)
-        plan = layer.plan
+        sizes = layer.sizes
         print(
             f"{name:<24} {target.shape[0]:>5}x{target.shape[1]:<5} share {share:<5g} "
             f"sss {error:10.3e}  lowrank {lowrank_error(target, share):10.3e}  "
-            f"K={plan.nb_stages:<4} dims {min(plan.causal_dims, default=0)}.."
-            f"{max(plan.causal_dims, default=0)} / {min(plan.anticausal_dims, default=0)}.."
-            f"{max(plan.anticausal_dims, default=0)}  params {layer.nb_weight_parameters:>7}/"
+            f"K={sizes.nb_stages:<4} dims {min(sizes.causal_dims, default=0)}.."
+            f"{max(sizes.causal_dims, default=0)} / {min(sizes.anticausal_dims, default=0)}.."
+            f"{max(sizes.anticausal_dims, default=0)}  params {layer.nb_weight_parameters:>7}/"
             f"{layer.weight_budget:<7}  fit {seconds:6.2f} s",
             flush=True,
         )

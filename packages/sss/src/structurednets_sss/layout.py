@@ -1,7 +1,11 @@
-"""Sizes of an SSS layer: stages, block sizes and state dimensions, and the parameter count.
+"""The layout of an SSS layer: stages, block sizes and state dimensions, and the parameter count.
 
-Shared by :class:`~structurednets_sss.SSSLayer` and :func:`sss_nb_weight_parameters`, so that
-the count predicted without building a layer is the count the layer holds.
+Shared by :class:`~structurednets_sss.SSSLayer` and
+:func:`~structurednets_sss.options.sss_nb_weight_parameters`, so that
+the count predicted without building a layer is the count the layer holds. The sizes
+(:class:`SSSSizes`) are what ``layer.layout.sizes`` records: ``input_sizes``, ``output_sizes``,
+``causal_dims`` and ``anticausal_dims``, which are also constructor options that rebuild
+exactly that shape.
 
 Indexing (0-based stages ``k = 0 .. K-1``): the causal state ``x_k`` enters stage ``k`` and
 ``x_{k+1} = A_k x_k + B_k u_k``; the anticausal state ``z_k`` enters stage ``k`` from the right
@@ -14,23 +18,22 @@ is ``x_{p+1}`` and the anticausal one ``z_p``.
 from __future__ import annotations
 
 import itertools
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from structurednets.validation import (
-    BudgetTooSmallError,
-    check_positive_int,
-    weight_budget,
-)
+from structurednets.plugin import BudgetTooSmallError, weight_budget
+
+if TYPE_CHECKING:
+    from structurednets_sss.options import StageOptions
 
 __all__ = [
     "KINDS",
-    "SSSPlan",
+    "SSSSizes",
     "block_sizes",
     "default_nb_stages",
-    "plan_layer",
-    "sss_nb_weight_parameters",
+    "even_sizes",
+    "sizes_from_options",
 ]
 
 #: The seven kinds of stage matrices, in the order the layer stores them.
@@ -48,8 +51,8 @@ def block_sizes(total: int, nb_stages: int) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class SSSPlan:
-    """The sizes of an SSS layer.
+class SSSSizes:
+    """The sizes of an SSS layer (what ``layer.layout.sizes`` records).
 
     Attributes:
         input_sizes: ``n_k``, the width of the input block ``u_k`` of each stage (sum: input_dim).
@@ -100,6 +103,15 @@ class SSSPlan:
         """Scalars of all stage matrices together."""
         return sum(r * c for shapes in self.stage_shapes().values() for r, c in shapes)
 
+    def layout_sizes(self) -> dict[str, list[int]]:
+        """The sizes as JSON values, keyed by the constructor options that rebuild them."""
+        return {
+            "input_sizes": list(self.input_sizes),
+            "output_sizes": list(self.output_sizes),
+            "causal_dims": list(self.causal_dims),
+            "anticausal_dims": list(self.anticausal_dims),
+        }
+
     def describe(self) -> str:
         """A short description for messages and ``repr``: stages and state dimensions."""
         stages = "1 stage" if self.nb_stages == 1 else f"{self.nb_stages} stages"
@@ -145,14 +157,14 @@ def clip_anticausal_dims(
     return clip_causal_dims(dims[::-1], input_sizes[::-1], output_sizes[::-1])[::-1]
 
 
-def make_plan(
+def capped_sizes(
     input_sizes: Sequence[int],
     output_sizes: Sequence[int],
     causal_dims: Sequence[int],
     anticausal_dims: Sequence[int],
-) -> SSSPlan:
-    """An :class:`SSSPlan` with the state dimensions clipped to the minimal-realisation caps."""
-    return SSSPlan(
+) -> SSSSizes:
+    """:class:`SSSSizes` with the state dimensions clipped to the minimal-realisation caps."""
+    return SSSSizes(
         tuple(int(s) for s in input_sizes),
         tuple(int(s) for s in output_sizes),
         clip_causal_dims(causal_dims, input_sizes, output_sizes),
@@ -160,21 +172,21 @@ def make_plan(
     )
 
 
-def even_plan(
+def even_sizes(
     input_dim: int,
     output_dim: int,
     nb_stages: int,
     causal_dims: Sequence[int] | int = 0,
     anticausal_dims: Sequence[int] | int | None = None,
-) -> SSSPlan:
-    """A plan with evenly split blocks and the given (clipped) state dimensions."""
+) -> SSSSizes:
+    """Sizes with evenly split blocks and the given (clipped) state dimensions."""
     if anticausal_dims is None:
         anticausal_dims = causal_dims
     if isinstance(causal_dims, int):
         causal_dims = [causal_dims] * (nb_stages - 1)
     if isinstance(anticausal_dims, int):
         anticausal_dims = [anticausal_dims] * (nb_stages - 1)
-    return make_plan(
+    return capped_sizes(
         block_sizes(input_dim, nb_stages),
         block_sizes(output_dim, nb_stages),
         causal_dims,
@@ -184,13 +196,13 @@ def even_plan(
 
 def largest_uniform_state_dim(input_dim: int, output_dim: int, nb_stages: int, budget: int) -> int:
     """The largest state dimension ``d`` (same for every boundary, causal and anticausal, then
-    clipped) whose plan fits ``budget``; ``-1`` if even ``d = 0`` does not fit."""
-    if even_plan(input_dim, output_dim, nb_stages, 0).nb_weight_parameters > budget:
+    clipped) whose sizes fit ``budget``; ``-1`` if even ``d = 0`` does not fit."""
+    if even_sizes(input_dim, output_dim, nb_stages, 0).nb_weight_parameters > budget:
         return -1
     low, high = 0, min(input_dim, output_dim)  # clipping makes larger d change nothing
     while low < high:
         middle = (low + high + 1) // 2
-        if even_plan(input_dim, output_dim, nb_stages, middle).nb_weight_parameters <= budget:
+        if even_sizes(input_dim, output_dim, nb_stages, middle).nb_weight_parameters <= budget:
             low = middle
         else:
             high = middle - 1
@@ -235,167 +247,65 @@ def default_nb_stages(input_dim: int, output_dim: int, budget: int) -> int:
     """
     candidates = _powers_of_two(min(input_dim, output_dim))
     for nb_stages in candidates:
-        if 2 * even_plan(input_dim, output_dim, nb_stages).nb_weight_parameters <= budget:
+        if 2 * even_sizes(input_dim, output_dim, nb_stages).nb_weight_parameters <= budget:
             return nb_stages
     return candidates[-1]
 
 
-def check_nb_stages(nb_states: object, input_dim: int, output_dim: int) -> int:
-    """Check the ``nb_states`` option: 1 <= K <= min(input_dim, output_dim)."""
-    nb_stages = check_positive_int("nb_states", nb_states)
-    most = min(input_dim, output_dim)
-    if nb_stages > most:
-        raise ValueError(
-            f"nb_states must be at most min(input_dim, output_dim) = {most} (every stage has "
-            f"at least one input and one output), got {nb_stages}"
-        )
-    return nb_stages
-
-
-def check_state_dims(name: str, value: object, nb_stages: int | None) -> int | tuple[int, ...]:
-    """Check a state-dimension option: an integer >= 0, or one such integer per boundary
-    (``nb_states - 1`` values)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-        return int(value)
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(
-            f"{name} must be an integer >= 0 or a sequence of nb_states - 1 such integers "
-            f"(one per boundary between stages), got {value!r}"
-        )
-    dims = []
-    for entry in value:
-        if isinstance(entry, bool) or not isinstance(entry, numbers.Integral) or entry < 0:
-            raise TypeError(f"{name} must hold integers >= 0, got {list(value)!r}")
-        dims.append(int(entry))
-    if nb_stages is not None and len(dims) != nb_stages - 1:
-        raise ValueError(
-            f"{name} must have nb_states - 1 = {nb_stages - 1} entries (one per boundary "
-            f"between stages), got {len(dims)}"
-        )
-    return tuple(dims)
-
-
-@dataclass(frozen=True)
-class StageOptions:
-    """The structure options of a layer, checked; ``None`` where the layer chooses."""
-
-    nb_stages: int | None
-    causal_dims: int | tuple[int, ...] | None
-    anticausal_dims: int | tuple[int, ...] | None
-
-
-def check_options(
-    input_dim: int,
-    output_dim: int,
-    nb_states: object,
-    state_dim: object,
-    anticausal_state_dim: object,
-) -> StageOptions:
-    """Check ``nb_states``, ``state_dim`` and ``anticausal_state_dim`` against each other."""
-    nb_stages = None if nb_states is None else check_nb_stages(nb_states, input_dim, output_dim)
-    causal = None if state_dim is None else check_state_dims("state_dim", state_dim, nb_stages)
-    if nb_stages is None and isinstance(causal, tuple):
-        nb_stages = _stages_from_dims("state_dim", causal, input_dim, output_dim)
-    anticausal = (
-        None
-        if anticausal_state_dim is None
-        else check_state_dims("anticausal_state_dim", anticausal_state_dim, nb_stages)
-    )
-    if nb_stages is None and isinstance(anticausal, tuple):
-        nb_stages = _stages_from_dims("anticausal_state_dim", anticausal, input_dim, output_dim)
-    return StageOptions(nb_stages, causal, anticausal)
-
-
-def _stages_from_dims(name: str, dims: tuple[int, ...], input_dim: int, output_dim: int) -> int:
-    """The number of stages a per-boundary sequence of state dimensions implies."""
-    most = min(input_dim, output_dim)
-    if len(dims) + 1 > most:
-        raise ValueError(
-            f"{name} has {len(dims)} entries (one per boundary between stages), which makes "
-            f"{len(dims) + 1} stages, but there can be at most min(input_dim, output_dim) = {most}"
-        )
-    return len(dims) + 1
-
-
-def plan_layer(
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
-    nb_states: object = None,
-    state_dim: object = None,
-    anticausal_state_dim: object = None,
-) -> SSSPlan:
-    """The plan of a layer built without a matrix to fit (or with fixed sizes).
-
-    ``nb_states`` defaults to :func:`default_nb_stages`. Without state dimensions, both parts
-    get the largest uniform dimension that fits the budget; a part whose dimension is not
-    given takes the other part's. Raises
-    :class:`BudgetTooSmallError` when the plan does not fit.
-    """
-    options = check_options(input_dim, output_dim, nb_states, state_dim, anticausal_state_dim)
-    return plan_from_options(input_dim, output_dim, nb_params_share, options)
-
-
-def plan_from_options(
-    input_dim: int, output_dim: int, nb_params_share: float, options: StageOptions
-) -> SSSPlan:
-    """:func:`plan_layer` for checked options."""
-    budget = weight_budget(input_dim, output_dim, nb_params_share)
-    nb_stages = options.nb_stages
-    if nb_stages is None:
-        nb_stages = default_nb_stages(input_dim, output_dim, budget)
-    smallest = even_plan(input_dim, output_dim, nb_stages, 0)
+def requested_sizes(
+    input_dim: int, output_dim: int, nb_stages: int, options: StageOptions
+) -> SSSSizes:
+    """Even blocks over ``nb_stages`` with the (capped) state dimensions the options give; a
+    part whose dimension is not given takes the other part's. Needs a dimension given."""
     causal, anticausal = options.causal_dims, options.anticausal_dims
-    if causal is None and anticausal is None:
-        if smallest.nb_weight_parameters > budget:
-            stages = "1 stage" if nb_stages == 1 else f"{nb_stages} stages"
-            what = f"{stages} without states (block diagonal)"
-            if options.nb_stages is None:
-                what = f"its smallest form, {what}"
-            raise BudgetTooSmallError(
-                "sss", input_dim, output_dim, nb_params_share, smallest.nb_weight_parameters, what
-            )
-        dim = largest_uniform_state_dim(input_dim, output_dim, nb_stages, budget)
-        return even_plan(input_dim, output_dim, nb_stages, dim)
     if causal is None:
         causal = anticausal
     if anticausal is None:
         anticausal = causal
-    plan = even_plan(input_dim, output_dim, nb_stages, causal, anticausal)
-    if plan.nb_weight_parameters > budget:
+    return even_sizes(input_dim, output_dim, nb_stages, causal, anticausal)
+
+
+def sizes_from_options(
+    input_dim: int, output_dim: int, nb_params_share: float, options: StageOptions
+) -> SSSSizes:
+    """The sizes of a layer built without a matrix to fit.
+
+    The number of stages defaults to :func:`default_nb_stages`. Without state dimensions,
+    both parts get the largest uniform dimension that fits the budget. Raises
+    :class:`BudgetTooSmallError` when the sizes do not fit.
+    """
+    budget = weight_budget(input_dim, output_dim, nb_params_share)
+    if options.exact is not None:
+        sizes = options.exact
+    else:
+        nb_stages = options.nb_stages
+        if nb_stages is None:
+            nb_stages = default_nb_stages(input_dim, output_dim, budget)
+        if options.causal_dims is None and options.anticausal_dims is None:
+            smallest = even_sizes(input_dim, output_dim, nb_stages, 0)
+            if smallest.nb_weight_parameters > budget:
+                stages = "1 stage" if nb_stages == 1 else f"{nb_stages} stages"
+                what = f"{stages} without states (block diagonal)"
+                if options.nb_stages is None:
+                    what = f"its smallest form, {what}"
+                raise BudgetTooSmallError(
+                    "sss",
+                    input_dim,
+                    output_dim,
+                    nb_params_share,
+                    smallest.nb_weight_parameters,
+                    what,
+                )
+            dim = largest_uniform_state_dim(input_dim, output_dim, nb_stages, budget)
+            return even_sizes(input_dim, output_dim, nb_stages, dim)
+        sizes = requested_sizes(input_dim, output_dim, nb_stages, options)
+    if sizes.nb_weight_parameters > budget:
         raise BudgetTooSmallError(
             "sss",
             input_dim,
             output_dim,
             nb_params_share,
-            plan.nb_weight_parameters,
-            plan.describe(),
+            sizes.nb_weight_parameters,
+            sizes.describe(),
         )
-    return plan
-
-
-def sss_nb_weight_parameters(
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
-    *,
-    nb_states: int | None = None,
-    state_dim: int | Sequence[int] | None = None,
-    anticausal_state_dim: int | Sequence[int] | None = None,
-    system: object = None,
-) -> int:
-    """Weight scalars of an :class:`~structurednets_sss.SSSLayer` built with these arguments
-    (random start, no ``initial_weight_matrix``), computed without building it."""
-    if system is not None:
-        from structurednets_sss.system import SSSSystem, check_system_fits
-
-        if not isinstance(system, SSSSystem):
-            raise TypeError(f"system must be an SSSSystem, got {type(system).__name__}")
-        return check_system_fits(
-            system, input_dim, output_dim, nb_params_share
-        ).nb_weight_parameters
-    return plan_layer(
-        input_dim, output_dim, nb_params_share, nb_states, state_dim, anticausal_state_dim
-    ).nb_weight_parameters
+    return sizes

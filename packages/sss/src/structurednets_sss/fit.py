@@ -1,4 +1,5 @@
-"""System identification: an SSS approximation of a dense matrix from SVDs of its Hankel blocks.
+"""The SSS fit (system identification): an SSS approximation of a dense matrix from SVDs of
+its Hankel blocks; :func:`fit_sss` is the entry point.
 
 The causal (strictly lower block) part is realised in one sweep over the stages, as in
 Dewilde & van der Veen, *Time-Varying Systems and Computations* (1998), ch. 3, and
@@ -25,34 +26,34 @@ improving.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from structurednets.validation import (
+from structurednets.plugin import (
     BudgetTooSmallError,
     as_matrix,
     check_dim,
-    check_share,
-    weight_budget,
+    check_positive_int,
+    torch_threads,
 )
-from structurednets_sss.plan import (
-    SSSPlan,
-    StageOptions,
+from structurednets_sss.layout import (
+    SSSSizes,
     block_sizes,
-    check_options,
+    capped_sizes,
     clip_anticausal_dims,
     clip_causal_dims,
-    even_plan,
+    even_sizes,
     largest_uniform_state_dim,
-    make_plan,
+    requested_sizes,
     stage_candidates,
 )
+from structurednets_sss.options import StageOptions, check_options
+from structurednets_sss.system import SSSSystem
 
-__all__ = ["Identification", "identify", "identify_checked"]
+__all__ = ["SSSFit", "fit_sss"]
 
 # A candidate number of stages must beat the best so far by this relative margin (of the
 # squared error) to be preferred: fewer stages are faster, so near-ties go to them.
@@ -64,18 +65,21 @@ _EXACT = 1e-12
 
 
 @dataclass(frozen=True)
-class Identification:
-    """The result of :func:`identify`.
+class SSSFit:
+    """The result of :func:`fit_sss`.
 
     Attributes:
-        plan: the sizes (stages, blocks, realised state dimensions).
-        matrices: the stage matrices per kind (``"A"`` .. ``"G"``), float64 tensors, ``K`` each.
+        system: the fitted stage matrices (float64 tensors), an :class:`SSSSystem`.
         squared_error: ``||W - W_sss||_F^2``, from the discarded singular values.
     """
 
-    plan: SSSPlan
-    matrices: dict[str, list[torch.Tensor]]
+    system: SSSSystem
     squared_error: float
+
+    @property
+    def sizes(self) -> SSSSizes:
+        """The sizes of the fitted system: stages, blocks, realised state dimensions."""
+        return self.system.sizes()
 
 
 @dataclass(frozen=True)
@@ -156,76 +160,83 @@ def _flipped_sweep(
     )
 
 
-def _allocate(
-    causal_spectra: list[torch.Tensor],
-    anticausal_spectra: list[torch.Tensor],
-    input_sizes: Sequence[int],
-    output_sizes: Sequence[int],
-    budget: int,
-    causal_start: Sequence[int],
-    anticausal_start: Sequence[int],
-    tolerance: float,
-) -> tuple[list[int], list[int]]:
+class _Allocation:
     """Greedy state dimensions: add, one at a time, the state that removes the most squared
-    singular value per parameter, while the budget lasts.
+    singular value per parameter, while the budget lasts (:meth:`run`).
 
     A causal state at boundary ``p`` is limited by ``d_{p-1} + n_p`` (what the sweep can
     keep) and by the spectrum's length; singular values below ``tolerance`` are not worth a
-    state. Dimensions start from ``causal_start``/``anticausal_start``.
+    state. Dimensions start from ``starts`` (causal, anticausal); side 0 is causal, 1 anticausal.
     """
-    K = len(input_sizes)
-    dims = (list(causal_start), list(anticausal_start))
-    spectra = (causal_spectra, anticausal_spectra)
-    used = make_plan(input_sizes, output_sizes, *dims).nb_weight_parameters
 
-    def neighbours(side: int, p: int) -> int:
-        d = dims[side]
-        return (d[p - 1] if p > 0 else 0) + (d[p + 1] if p < K - 2 else 0)
+    def __init__(
+        self,
+        spectra: tuple[list[torch.Tensor], list[torch.Tensor]],
+        input_sizes: Sequence[int],
+        output_sizes: Sequence[int],
+        starts: tuple[Sequence[int], Sequence[int]],
+        tolerance: float,
+    ) -> None:
+        self.spectra = spectra
+        self.input_sizes, self.output_sizes = input_sizes, output_sizes
+        self.dims = (list(starts[0]), list(starts[1]))
+        self.tolerance = tolerance
+        self.nb_boundaries = len(input_sizes) - 1
+        # Entries: (-gain per parameter, side, boundary, dimension it would grow, its cost).
+        self.heap: list[tuple[float, int, int, int, int]] = []
 
-    def cost(side: int, p: int) -> int:
+    def _neighbours(self, side: int, p: int) -> int:
+        d = self.dims[side]
+        return (d[p - 1] if p > 0 else 0) + (d[p + 1] if p < self.nb_boundaries - 1 else 0)
+
+    def _cost(self, side: int, p: int) -> int:
+        """Parameters one more state at boundary ``p`` costs: its rows of ``B``/``F``, its
+        columns of ``C``/``G`` and its entries in the neighbouring transitions."""
         if side == 0:
-            return input_sizes[p] + output_sizes[p + 1] + neighbours(side, p)
-        return input_sizes[p + 1] + output_sizes[p] + neighbours(side, p)
-
-    def limit(side: int, p: int) -> int:
-        d = dims[side]
-        if side == 0:
-            reachable = (d[p - 1] if p > 0 else 0) + input_sizes[p]
+            own = self.input_sizes[p] + self.output_sizes[p + 1]
         else:
-            reachable = (d[p + 1] if p < K - 2 else 0) + input_sizes[p + 1]
-        return min(reachable, spectra[side][p].numel())
+            own = self.input_sizes[p + 1] + self.output_sizes[p]
+        return own + self._neighbours(side, p)
 
-    # Entries: (-gain per parameter, side, boundary, dimension it would grow, its cost).
-    heap: list[tuple[float, int, int, int, int]] = []
+    def _limit(self, side: int, p: int) -> int:
+        d = self.dims[side]
+        if side == 0:
+            reachable = (d[p - 1] if p > 0 else 0) + self.input_sizes[p]
+        else:
+            reachable = (d[p + 1] if p < self.nb_boundaries - 1 else 0) + self.input_sizes[p + 1]
+        return min(reachable, self.spectra[side][p].numel())
 
-    def push(side: int, p: int) -> None:
-        d = dims[side][p]
-        if d < limit(side, p):
-            sigma = float(spectra[side][p][d])
-            if sigma > tolerance:
-                c = cost(side, p)
-                heapq.heappush(heap, (-(sigma**2) / c, side, p, d, c))
+    def _push(self, side: int, p: int) -> None:
+        d = self.dims[side][p]
+        if d < self._limit(side, p):
+            sigma = float(self.spectra[side][p][d])
+            if sigma > self.tolerance:
+                cost = self._cost(side, p)
+                heapq.heappush(self.heap, (-(sigma**2) / cost, side, p, d, cost))
 
-    for p in range(K - 1):
-        push(0, p)
-        push(1, p)
-    while heap:
-        _, side, p, d, c = heapq.heappop(heap)
-        if d != dims[side][p]:
-            continue  # stale: this state grew since the entry was pushed
-        if c != cost(side, p):
-            push(side, p)  # stale: the neighbours grew, so the state costs more now
-            continue
-        if used + c > budget:
-            continue
-        dims[side][p] += 1
-        used += c
-        push(side, p)
-        # A neighbour's limit may have grown with this state.
-        for q in (p - 1, p + 1):
-            if 0 <= q < K - 1:
-                push(side, q)
-    return dims[0], dims[1]
+    def run(self, budget: int) -> tuple[list[int], list[int]]:
+        """Grow the states within ``budget``; returns the causal and anticausal dimensions."""
+        used = capped_sizes(self.input_sizes, self.output_sizes, *self.dims).nb_weight_parameters
+        for p in range(self.nb_boundaries):
+            self._push(0, p)
+            self._push(1, p)
+        while self.heap:
+            _, side, p, d, cost = heapq.heappop(self.heap)
+            if d != self.dims[side][p]:
+                continue  # stale: this state grew since the entry was pushed
+            if cost != self._cost(side, p):
+                self._push(side, p)  # stale: the neighbours grew, so the state costs more now
+                continue
+            if used + cost > budget:
+                continue
+            self.dims[side][p] += 1
+            used += cost
+            self._push(side, p)
+            # A neighbour's limit may have grown with this state.
+            for q in (p - 1, p + 1):
+                if 0 <= q < self.nb_boundaries:
+                    self._push(side, q)
+        return self.dims[0], self.dims[1]
 
 
 @dataclass
@@ -266,13 +277,11 @@ def _best_for_stages(
     input_sizes = block_sizes(n, nb_stages)
     output_sizes = block_sizes(m, nb_stages)
     if options.causal_dims is not None or options.anticausal_dims is not None:
-        causal = options.causal_dims if options.causal_dims is not None else options.anticausal_dims
-        anticausal = options.anticausal_dims if options.anticausal_dims is not None else causal
-        plan = even_plan(n, m, nb_stages, causal, anticausal)
-        if plan.nb_weight_parameters > budget:
+        sizes = requested_sizes(n, m, nb_stages, options)
+        if sizes.nb_weight_parameters > budget:
             return None
         return _realise(
-            W, W_flipped, input_sizes, output_sizes, plan.causal_dims, plan.anticausal_dims
+            W, W_flipped, input_sizes, output_sizes, sizes.causal_dims, sizes.anticausal_dims
         )
     uniform = largest_uniform_state_dim(n, m, nb_stages, budget)
     if uniform < 0:
@@ -294,87 +303,83 @@ def _best_for_stages(
         ),
     ]
     best = None
-    for causal_start, anticausal_start in starts:
-        causal, anticausal = _allocate(
-            causal_spectra,
-            anticausal_spectra,
-            input_sizes,
-            output_sizes,
-            budget,
-            causal_start,
-            anticausal_start,
-            tolerance,
+    for start in starts:
+        allocation = _Allocation(
+            (causal_spectra, anticausal_spectra), input_sizes, output_sizes, start, tolerance
         )
+        causal, anticausal = allocation.run(budget)
         candidate = _realise(W, W_flipped, input_sizes, output_sizes, causal, anticausal)
         if best is None or candidate.squared_error < best.squared_error:
             best = candidate
     return best
 
 
-def identify(
-    W: object,
-    nb_params_share: float,
+def fit_sss(
+    matrix: object,
+    budget: int,
     *,
+    nb_stages: int | None = None,
     nb_states: int | None = None,
     state_dim: int | Sequence[int] | None = None,
     anticausal_state_dim: int | Sequence[int] | None = None,
-) -> Identification:
-    """An SSS approximation of the matrix ``W`` (array or tensor, output_dim x input_dim) with
-    at most ``floor(nb_params_share * W.size)`` stage-matrix scalars.
+    input_sizes: Sequence[int] | None = None,
+    output_sizes: Sequence[int] | None = None,
+    causal_dims: Sequence[int] | None = None,
+    anticausal_dims: Sequence[int] | None = None,
+) -> SSSFit:
+    """An SSS approximation of ``matrix`` (array or tensor, ``(output_dim, input_dim)``) with
+    at most ``budget`` stage-matrix scalars.
 
     The options are those of :class:`~structurednets_sss.SSSLayer`; what they leave open (the
-    number of stages, the state dimensions) is chosen to minimise the Frobenius error. Raises
-    :class:`BudgetTooSmallError` when nothing fits.
+    number of stages, the state dimensions) is chosen to minimise the Frobenius error. With
+    the exact sizes of a layout (``input_sizes`` .. ``anticausal_dims``) the fit has exactly
+    those sizes. Raises :class:`BudgetTooSmallError` when nothing fits.
 
-    >>> fitted = identify(torch.eye(64), 0.1)
-    >>> fitted.plan.nb_stages, fitted.squared_error
+    >>> fitted = fit_sss(torch.eye(64), 409)
+    >>> fitted.sizes.nb_stages, fitted.squared_error
     (12, 0.0)
     """
-    if not hasattr(W, "shape") or len(W.shape) != 2:
-        raise TypeError(f"W must be a 2-D array or tensor, got {type(W).__name__}")
-    output_dim, input_dim = (
-        check_dim("output_dim", W.shape[0]),
-        check_dim("input_dim", W.shape[1]),
+    if not hasattr(matrix, "shape") or len(matrix.shape) != 2:
+        raise TypeError(f"matrix must be a 2-D array or tensor, got {type(matrix).__name__}")
+    output_dim = check_dim("output_dim", matrix.shape[0])
+    input_dim = check_dim("input_dim", matrix.shape[1])
+    W = as_matrix("matrix", matrix, output_dim, input_dim)
+    budget = check_positive_int("budget", budget)
+    options = check_options(
+        input_dim,
+        output_dim,
+        nb_stages=nb_stages,
+        nb_states=nb_states,
+        state_dim=state_dim,
+        anticausal_state_dim=anticausal_state_dim,
+        input_sizes=input_sizes,
+        output_sizes=output_sizes,
+        causal_dims=causal_dims,
+        anticausal_dims=anticausal_dims,
     )
-    W = as_matrix("W", W, output_dim, input_dim)
-    nb_params_share = check_share(nb_params_share)
-    options = check_options(input_dim, output_dim, nb_states, state_dim, anticausal_state_dim)
-    budget = weight_budget(input_dim, output_dim, nb_params_share)
-    return identify_checked(W, budget, options, nb_params_share)
+    return fit_checked(W, budget, options, budget / (input_dim * output_dim))
 
 
-def identify_checked(
+def fit_checked(
     W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: float
-) -> Identification:
-    """:func:`identify` for a checked float64 CPU matrix, budget and options.
-
-    Runs on one thread (see :func:`_one_thread`).
-    """
-    with _one_thread():
-        return _identify(W, budget, options, nb_params_share)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread, then restore the setting.
+) -> SSSFit:
+    """:func:`fit_sss` for a checked float64 CPU matrix, budget and options
+    (``nb_params_share`` only for the messages).
 
     The sweeps are many small SVDs, which gain nothing from threads; on a machine whose cores
-    are busy, multithreaded LAPACK waits for them and was measured 10 to 50 times slower.
+    are busy, multithreaded LAPACK waits for them and was measured 10 to 50 times slower. So
+    the fit runs on one torch thread, and restores the setting afterwards.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    with torch_threads(1):
+        return _fit(W, budget, options, nb_params_share)
 
 
-def _identify(
-    W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: float
-) -> Identification:
+def _fit(W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: float) -> SSSFit:
     m, n = W.shape
     W = W.detach().to(device="cpu", dtype=torch.float64).contiguous()
     W_flipped = W.flip(0, 1)
+    if options.exact is not None:
+        return _fit_exact(W, W_flipped, options.exact, budget, nb_params_share)
     if options.nb_stages is not None:
         candidates = [options.nb_stages]
     else:
@@ -394,7 +399,36 @@ def _identify(
             break
     if best is None:
         raise _too_small(n, m, budget, options, nb_params_share, candidates)
-    return _identification(best, W)
+    return SSSFit(SSSSystem(**_stage_matrices(best, W)), best.squared_error)
+
+
+def _fit_exact(
+    W: torch.Tensor, W_flipped: torch.Tensor, sizes: SSSSizes, budget: int, share: float
+) -> SSSFit:
+    """The fit with exactly ``sizes``: the sweeps truncate to its state dimensions, and a state
+    larger than the rank its Hankel block has is padded with zeros (it carries nothing)."""
+    m, n = W.shape
+    if sizes.nb_weight_parameters > budget:
+        raise BudgetTooSmallError(
+            "sss", n, m, share, sizes.nb_weight_parameters, f"the given sizes ({sizes.describe()})"
+        )
+    candidate = _realise(
+        W,
+        W_flipped,
+        sizes.input_sizes,
+        sizes.output_sizes,
+        sizes.causal_dims,
+        sizes.anticausal_dims,
+    )
+    shapes = sizes.stage_shapes()
+    matrices = {
+        kind: [
+            torch.nn.functional.pad(matrix, (0, cols - matrix.shape[1], 0, rows - matrix.shape[0]))
+            for matrix, (rows, cols) in zip(stage, shapes[kind], strict=True)
+        ]
+        for kind, stage in _stage_matrices(candidate, W).items()
+    }
+    return SSSFit(SSSSystem(**matrices), candidate.squared_error)
 
 
 def _too_small(
@@ -409,26 +443,23 @@ def _too_small(
     cheapest = None
     for nb_stages in candidates:
         if options.causal_dims is None and options.anticausal_dims is None:
-            plan = even_plan(n, m, nb_stages, 0)
+            sizes = even_sizes(n, m, nb_stages, 0)
         else:
-            causal = (
-                options.causal_dims if options.causal_dims is not None else options.anticausal_dims
-            )
-            anticausal = options.anticausal_dims if options.anticausal_dims is not None else causal
-            plan = even_plan(n, m, nb_stages, causal, anticausal)
-        if cheapest is None or plan.nb_weight_parameters < cheapest.nb_weight_parameters:
-            cheapest = plan
+            sizes = requested_sizes(n, m, nb_stages, options)
+        if cheapest is None or sizes.nb_weight_parameters < cheapest.nb_weight_parameters:
+            cheapest = sizes
     assert cheapest is not None
     return BudgetTooSmallError(
         "sss", n, m, nb_params_share, cheapest.nb_weight_parameters, cheapest.describe()
     )
 
 
-def _identification(candidate: _Candidate, W: torch.Tensor) -> Identification:
+def _stage_matrices(candidate: _Candidate, W: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """The stage matrices of a realised candidate, per kind, ``K`` each."""
     causal, anticausal = candidate.causal, candidate.anticausal
     K = candidate.nb_stages
     row, col = _cuts(candidate.output_sizes), _cuts(candidate.input_sizes)
-    matrices = {
+    return {
         "D": [W[row[k] : row[k + 1], col[k] : col[k + 1]].clone() for k in range(K)],
         "A": causal.transitions,
         "B": causal.inputs,
@@ -437,10 +468,3 @@ def _identification(candidate: _Candidate, W: torch.Tensor) -> Identification:
         "F": anticausal.inputs,
         "G": anticausal.outputs,
     }
-    plan = SSSPlan(
-        candidate.input_sizes,
-        candidate.output_sizes,
-        tuple(b.shape[0] for b in causal.inputs[: K - 1]),
-        tuple(f.shape[0] for f in anticausal.inputs[1:]),
-    )
-    return Identification(plan, matrices, candidate.squared_error)

@@ -1,13 +1,15 @@
-"""System identification: exact recovery, optimal truncation, error bookkeeping, accuracy."""
+"""The fit (system identification): exact recovery, optimal truncation, error bookkeeping,
+accuracy."""
 
 import numpy as np
 import pytest
 import torch
 
 from structurednets import BudgetTooSmallError
+from structurednets.numerics import relative_error
 from structurednets.testing import default_dtype
-from structurednets_sss import SSSLayer, SSSSystem, identify
-from structurednets_sss.plan import block_sizes
+from structurednets_sss import SSSLayer, fit_sss
+from structurednets_sss.layout import block_sizes
 
 
 def random_sss_matrix(input_sizes, output_sizes, dim, rng):
@@ -41,27 +43,15 @@ def random_sss_matrix(input_sizes, output_sizes, dim, rng):
     return W
 
 
-def minimal_count(input_sizes, output_sizes, dim):
-    """Parameters of the minimal realisation: state dims min(dim, Hankel block sizes)."""
-    K = len(input_sizes)
-    total = sum(m * n for m, n in zip(output_sizes, input_sizes, strict=True))
+def minimal_dims(input_sizes, output_sizes, dim):
+    """State dimensions of the minimal realisation: min(dim, Hankel block sizes)."""
     before = np.cumsum(input_sizes)[:-1]
     after = np.sum(output_sizes) - np.cumsum(output_sizes)[:-1]
     causal = [min(dim, b, a) for b, a in zip(before, after, strict=True)]
     before_rows = np.cumsum(output_sizes)[:-1]
     after_cols = np.sum(input_sizes) - np.cumsum(input_sizes)[:-1]
     anticausal = [min(dim, b, a) for b, a in zip(before_rows, after_cols, strict=True)]
-    for p in range(K - 1):
-        total += causal[p] * (input_sizes[p] + output_sizes[p + 1])
-        total += anticausal[p] * (input_sizes[p + 1] + output_sizes[p])
-    for p in range(K - 2):
-        total += causal[p] * causal[p + 1] + anticausal[p] * anticausal[p + 1]
-    return total
-
-
-def relative_error(layer, target):
-    dense = layer.to_dense().detach().double().numpy()
-    return np.linalg.norm(dense - target) / np.linalg.norm(target)
+    return causal, anticausal
 
 
 @pytest.mark.parametrize(
@@ -77,31 +67,31 @@ def relative_error(layer, target):
     ],
 )
 def test_random_sss_matrix_is_recovered_within_its_parameter_count(
-    output_dim, input_dim, nb_stages, dim, give_nb_states
+    output_dim, input_dim, nb_stages, dim, give_nb_states, weight_count
 ):
     rng = np.random.default_rng(output_dim + dim)
     input_sizes = block_sizes(input_dim, nb_stages)
     output_sizes = block_sizes(output_dim, nb_stages)
     target = random_sss_matrix(input_sizes, output_sizes, dim, rng)
-    count = minimal_count(input_sizes, output_sizes, dim)
+    count = weight_count(input_sizes, output_sizes, *minimal_dims(input_sizes, output_sizes, dim))
     share = count / (input_dim * output_dim) + 1e-9
     options = {"nb_states": nb_stages} if give_nb_states else {}
     for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         with default_dtype(dtype):
             layer = SSSLayer(input_dim, output_dim, share, initial_weight_matrix=target, **options)
         assert layer.nb_weight_parameters <= count
-        assert relative_error(layer, target) <= tolerance, (dtype, layer)
+        assert relative_error(layer.to_dense(), target) <= tolerance, (dtype, layer)
 
 
-def test_recovery_needs_the_state_dimension():
+def test_recovery_needs_the_state_dimension(weight_count):
     """One parameter short of the minimal realisation, the error is no longer zero."""
     rng = np.random.default_rng(5)
     sizes = block_sizes(48, 6)
     target = random_sss_matrix(sizes, sizes, 3, rng)
-    count = minimal_count(sizes, sizes, 3)
+    count = weight_count(sizes, sizes, *minimal_dims(sizes, sizes, 3))
     with default_dtype(torch.float64):
         short = SSSLayer(48, 48, (count - 1) / 48**2, initial_weight_matrix=target, nb_states=6)
-    assert relative_error(short, target) > 1e-6
+    assert relative_error(short.to_dense(), target) > 1e-6
 
 
 def test_two_stages_truncate_the_off_diagonal_blocks_optimally():
@@ -113,7 +103,7 @@ def test_two_stages_truncate_the_off_diagonal_blocks_optimally():
     lower = np.linalg.svd(target[15:, :20], compute_uv=False)
     upper = np.linalg.svd(target[:15, 20:], compute_uv=False)
     optimum = np.sqrt(np.sum(lower[4:] ** 2) + np.sum(upper[4:] ** 2)) / np.linalg.norm(target)
-    assert relative_error(layer, target) == pytest.approx(optimum, rel=1e-9)
+    assert relative_error(layer.to_dense(), target) == pytest.approx(optimum, rel=1e-9)
 
 
 @pytest.mark.parametrize("shape, share", [((50, 70), 0.3), ((64, 31), 0.5), ((33, 33), 0.15)])
@@ -121,11 +111,10 @@ def test_reported_error_is_the_actual_error(shape, share):
     rng = np.random.default_rng(2)
     target = rng.standard_normal(shape)
     budget = int(share * shape[0] * shape[1])
-    fitted = identify(target, share)
-    dense = SSSSystem(**fitted.matrices).to_dense().numpy()
+    fitted = fit_sss(target, budget)
+    dense = fitted.system.to_dense().numpy()
     assert np.sum((dense - target) ** 2) == pytest.approx(fitted.squared_error, rel=1e-9)
-    assert fitted.plan.nb_weight_parameters <= budget
-    assert SSSSystem(**fitted.matrices).plan() == fitted.plan
+    assert fitted.sizes.nb_weight_parameters <= budget
 
 
 def test_fixed_state_dimensions_are_respected():
@@ -160,17 +149,20 @@ def toeplitz_like(n):
     return 1.0 / (1.0 + np.abs(index[:, None] - index[None, :]))
 
 
-@pytest.mark.parametrize("share, seed_error", [(0.1, 1.03e-3), (0.25, 2.0e-6)])
-def test_smooth_kernel_at_least_as_accurate_as_the_seed(share, seed_error):
+# MatthiasKi/structurednets 1.0 reached these errors on this kernel (its README's table).
+@pytest.mark.slow
+@pytest.mark.parametrize("share, reference_error", [(0.1, 1.03e-3), (0.25, 2.0e-6)])
+def test_smooth_kernel_ten_times_more_accurate_than_structurednets_1(share, reference_error):
     target = toeplitz_like(512)
     with default_dtype(torch.float64):
         layer = SSSLayer(512, 512, share, initial_weight_matrix=target)
-    assert relative_error(layer, target) <= seed_error / 10
+    assert relative_error(layer.to_dense(), target) <= reference_error / 10
     assert layer.nb_weight_parameters <= layer.weight_budget
 
 
 def test_gaussian_better_than_one_stage_per_two_rows():
-    """The seed's fixed layout (K = n/2, one state dimension) reached 0.987 at share 0.1."""
+    """MatthiasKi/structurednets 1.0's fixed layout (K = n/2, one state dimension) reached
+    0.987 at share 0.1."""
     target = np.random.default_rng(6).standard_normal((256, 256))
     layer = SSSLayer(256, 256, 0.1, initial_weight_matrix=target)
-    assert relative_error(layer, target) < 0.96
+    assert relative_error(layer.to_dense(), target) < 0.96
