@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from structurednets.validation import check_positive_int
+from structurednets.plugin import check_positive_int, relative_error
 from structurednets_monarch.kernels import monarch_dense
 from structurednets_monarch.layout import MonarchShape, plan_monarch, rank_candidates
 
@@ -34,7 +34,8 @@ class MonarchFactors:
 
 @dataclass(frozen=True)
 class MonarchFit:
-    """A projection: the shape, the factors and the relative Frobenius error it reaches."""
+    """A projection: the shape, the factors and the relative Frobenius error it reaches
+    (the absolute error for a zero matrix)."""
 
     shape: MonarchShape
     factors: MonarchFactors
@@ -164,6 +165,4 @@ def fit_monarch(
     dense = monarch_dense(
         best, factors.right, factors.right_short, factors.left, factors.left_short
     )
-    norm = float(torch.linalg.matrix_norm(matrix))
-    error = float(torch.linalg.matrix_norm(matrix - dense)) / norm if norm else 0.0
-    return MonarchFit(best, factors, error)
+    return MonarchFit(best, factors, relative_error(dense, matrix))

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from structurednets import StructuredLayer
-from structurednets.layers.structured_layer import dense_init_std
+from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_monarch.fit import fit_monarch
 from structurednets_monarch.kernels import monarch_dense, monarch_multiply
 from structurednets_monarch.layout import MonarchShape, plan_monarch
@@ -35,6 +34,9 @@ class MonarchLayer(StructuredLayer):
             whose layout uses the budget well (see :func:`~structurednets_monarch.plan_monarch`).
         rank: rank per block pair, at most the smaller side of a block pair; by default the
             largest the budget allows.
+
+    Shape:
+        input ``(..., input_dim)``, output ``(..., output_dim)``.
 
     Attributes:
         monarch_shape: the :class:`~structurednets_monarch.MonarchShape` (block counts, rank).

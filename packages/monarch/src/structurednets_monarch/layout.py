@@ -18,7 +18,7 @@ import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from structurednets.validation import BudgetTooSmallError, check_positive_int, weight_budget
+from structurednets.plugin import BudgetTooSmallError, check_positive_int, weight_budget
 
 __all__ = [
     "MonarchShape",

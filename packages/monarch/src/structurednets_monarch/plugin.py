@@ -1,6 +1,6 @@
 """Entry point of the Monarch plugin (group ``structurednets``)."""
 
-from structurednets import hookimpl
+from structurednets.plugin import hookimpl
 from structurednets_monarch.layer import MonarchLayer
 from structurednets_monarch.layout import monarch_nb_weight_parameters
 
