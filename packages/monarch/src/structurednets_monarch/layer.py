@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from structurednets.plugin import StructuredLayer, dense_init_std
-from structurednets_monarch.fit import fit_monarch
+from structurednets_monarch.fit import MonarchFactors, fit_monarch
 from structurednets_monarch.kernels import monarch_dense, monarch_multiply
 from structurednets_monarch.layout import MonarchShape, plan_monarch
 
@@ -77,22 +77,13 @@ class MonarchLayer(StructuredLayer):
             factors = _random_factors(shape, dense_init_std(self.input_dim))
         else:
             fit = fit_monarch(target, self.weight_budget, nb_blocks=nb_blocks, rank=rank)
-            shape, factors = (
-                fit.shape,
-                (
-                    fit.factors.right,
-                    fit.factors.right_short,
-                    fit.factors.left,
-                    fit.factors.left_short,
-                ),
-            )
+            shape, factors = fit.shape, fit.factors
         self.monarch_shape = shape
         self.require_budget(shape.nb_weight_parameters, f"rank {shape.rank}")
-        right, right_short, left, left_short = factors
-        self.right = nn.Parameter(right.to(dtype))
-        self.right_short = None if right_short is None else nn.Parameter(right_short.to(dtype))
-        self.left = nn.Parameter(left.to(dtype))
-        self.left_short = None if left_short is None else nn.Parameter(left_short.to(dtype))
+        for name in ("right", "right_short", "left", "left_short"):
+            value = getattr(factors, name)
+            parameter = None if value is None else nn.Parameter(value.to(dtype))
+            self.register_parameter(name, parameter)
 
     @property
     def nb_blocks(self) -> tuple[int, int]:
@@ -122,7 +113,7 @@ class MonarchLayer(StructuredLayer):
         return f"{super().extra_repr()}, nb_blocks={self.nb_blocks}, rank={self.rank}"
 
 
-def _random_factors(shape: MonarchShape, std: float) -> tuple[torch.Tensor | None, ...]:
+def _random_factors(shape: MonarchShape, std: float) -> MonarchFactors:
     """Gaussian factor blocks whose product has entries of deviation ``std``: each entry of
     ``W`` sums ``r`` products, so the factors' entries have ``(std^2 / r)^(1/4)``."""
     scale = (std**2 / shape.rank) ** 0.25
@@ -134,7 +125,7 @@ def _random_factors(shape: MonarchShape, std: float) -> tuple[torch.Tensor | Non
     def draw(*size: int) -> torch.Tensor:
         return torch.randn(*size, dtype=torch.float64) * scale
 
-    return (
+    return MonarchFactors(
         draw(k1, qr, width),
         draw(k2, qr, width - 1) if k2 else None,
         draw(q1, height, kr),

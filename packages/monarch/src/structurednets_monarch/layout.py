@@ -26,6 +26,7 @@ __all__ = [
     "default_candidates",
     "monarch_nb_weight_parameters",
     "plan_monarch",
+    "rank_candidates",
 ]
 
 #: The default layout keeps to block counts whose layouts use at least this share of the
