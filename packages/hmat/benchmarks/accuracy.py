@@ -4,8 +4,8 @@ Run from the repository root (one thread, about a minute):
 
     .venv/bin/python packages/hmat/benchmarks/accuracy.py
 
-Prints three tables: the synthetic matrices the old library reported figures for, the time of
-``approximate`` on large matrices, and the weight matrices of an MLP trained on the digits
+Prints three tables: the synthetic matrices MatthiasKi/structurednets 1.0 reported figures for, the
+time of ``fit_hmat`` on large matrices, and the weight matrices of an MLP trained on the digits
 shipped with structurednets.
 """
 
@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from structurednets.datasets import load_digits
-from structurednets_hmat import approximate, relative_error
+from structurednets.numerics import relative_error, torch_threads
+from structurednets_hmat import fit_hmat
 
-# Figures of the library we replace (relative Frobenius error).
-OLD_LIBRARY = {
+# Figures MatthiasKi/structurednets 1.0 reported (relative Frobenius error).
+STRUCTUREDNETS_1 = {
     ("kernel", 512, 0.1): 4.7e-3,
     ("kernel", 256, 0.25): 6.3e-4,
     ("gaussian", 512, 0.1): 0.907,
@@ -55,15 +56,15 @@ def lowrank_error(matrix: np.ndarray, share: float) -> float:
 
 def hmat_error(matrix: np.ndarray, share: float, **options) -> float:
     budget = int(share * matrix.size)
-    return relative_error(approximate(matrix, budget, **options).to_dense(), matrix)
+    return relative_error(fit_hmat(matrix, budget, **options).to_dense(), matrix)
 
 
 def synthetic_table() -> None:
     print("synthetic matrices: relative error (Frobenius)")
-    header = f"{'matrix':<16} {'share':>5} {'old library':>11} "
+    header = f"{'matrix':<16} {'share':>5} {'sn 1.0':>11} "
     header += " ".join(f"{name:>16}" for name in SETTINGS) + f" {'low rank':>9}"
     print(header)
-    for (name, n, share), old in OLD_LIBRARY.items():
+    for (name, n, share), old in STRUCTUREDNETS_1.items():
         matrix = kernel(n) if name == "kernel" else gaussian(n)
         errors = [hmat_error(matrix, share, **options) for options in SETTINGS.values()]
         print(
@@ -74,7 +75,7 @@ def synthetic_table() -> None:
 
 
 def timing_table() -> None:
-    print("\ntime of approximate() on a Gaussian matrix, one thread (median of 3)")
+    print("\ntime of fit_hmat() on a Gaussian matrix, one thread (median of 3)")
     settings = {"default (search)": {}, "min_block_size=16": {"min_block_size": 16}}
     settings["merge_blocks"] = {"merge_blocks": True}
     for n, share in [(512, 0.25), (1024, 0.1), (1024, 0.25), (2048, 0.1), (2048, 0.25)]:
@@ -84,7 +85,7 @@ def timing_table() -> None:
             times = []
             for _ in range(3):
                 start = time.perf_counter()
-                approximate(matrix, int(share * n * n), **options)
+                fit_hmat(matrix, int(share * n * n), **options)
                 times.append(time.perf_counter() - start)
             line += f" {np.median(times):6.2f} s {name},"
         print(line.rstrip(","))
@@ -136,7 +137,7 @@ def trained_table() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    synthetic_table()
-    timing_table()
-    trained_table()
+    with torch_threads(1):
+        synthetic_table()
+        timing_table()
+        trained_table()

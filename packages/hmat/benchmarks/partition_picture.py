@@ -8,7 +8,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from structurednets_hmat import approximate, relative_error
+from structurednets.numerics import relative_error
+from structurednets_hmat import fit_hmat
 
 SHARE = 0.25
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "partition.png"
@@ -25,7 +26,7 @@ figure, axes = plt.subplots(1, 2, figsize=(11, 5.2), gridspec_kw={"width_ratios"
 for ax, (rows, cols) in zip(axes, [(256, 256), (160, 256)], strict=True):
     target = kernel(rows, cols)
     # The plain partition (the default fit's search would merge near-diagonal blocks).
-    hmatrix = approximate(target, int(SHARE * rows * cols), min_block_size=16)
+    hmatrix = fit_hmat(target, int(SHARE * rows * cols), min_block_size=16)
     hmatrix.partition.plot(ax)
     error = relative_error(hmatrix.to_dense(), target)
     ax.set_title(

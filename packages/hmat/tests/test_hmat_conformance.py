@@ -15,6 +15,14 @@ CASE = ConformanceCase(
 )
 
 
-@pytest.mark.parametrize("check", conformance_checks(), ids=str)
+# Checks that take seconds (processes, compilation, many hypothesis examples): out of the fast loop.
+SLOW_CHECKS = {"distributed_training", "torch_compile", "random_valid_arguments"}
+CHECKS = [
+    pytest.param(check, marks=pytest.mark.slow) if check.name in SLOW_CHECKS else check
+    for check in conformance_checks()
+]
+
+
+@pytest.mark.parametrize("check", CHECKS, ids=str)
 def test_conformance(check):
     check(CASE)

@@ -1,11 +1,15 @@
 import doctest
 
 import pytest
+import torch
 
-from structurednets_hmat import approximation, layer, partition
+import structurednets
+from structurednets_hmat import HMatLayer, fit, layer, layout, partition
 
 
-@pytest.mark.parametrize("module", [approximation, layer, partition], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [fit, layer, layout, partition], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    # The globals the kit gives a layer's Example: torch, structurednets and the class.
+    names = {"torch": torch, "structurednets": structurednets, "HMatLayer": HMatLayer}
+    result = doctest.testmod(module, extraglobs=names, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0

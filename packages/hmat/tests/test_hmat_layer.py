@@ -6,13 +6,13 @@ import torch
 
 import structurednets
 from structurednets import BudgetTooSmallError
+from structurednets.numerics import relative_error
 from structurednets.testing import default_dtype
 from structurednets_hmat import (
     HMatLayer,
     HMatrixPartition,
-    approximate,
+    fit_hmat,
     hmat_nb_weight_parameters,
-    relative_error,
 )
 
 
@@ -47,10 +47,16 @@ def test_forward_matches_the_hmatrix_built_leaf_by_leaf(rows, cols, share, min_b
     kinds = {(b.dense, b.rows.strided and b.cols.strided) for b in layer.buckets}
     ranks = [leaf.rank for leaf in layer.partition.leaves if not leaf.dense]
     assert len(set(ranks)) > 1  # ragged ranks: padded buckets
-    assert len(kinds) > 1 or share == 0.9
+    if share == 0.9:
+        assert any(b.dense for b in layer.buckets) and any(not b.dense for b in layer.buckets)
+    else:  # dense and low-rank, or strided and gathered buckets
+        assert len(kinds) > 1
 
 
-@pytest.mark.parametrize("rows, cols, share, min_block_size", LAYERS)
+@pytest.mark.parametrize(
+    "rows, cols, share, min_block_size",
+    [LAYERS[0], *(pytest.param(*layer, marks=pytest.mark.slow) for layer in LAYERS[1:])],
+)
 def test_gradients_through_buckets(rows, cols, share, min_block_size):
     layer = fitted_layer(rows, cols, share, min_block_size=min_block_size)
     names = [name for name, _ in layer.named_parameters()]
@@ -66,7 +72,7 @@ def test_gradients_through_buckets(rows, cols, share, min_block_size):
 def test_fitted_layer_is_the_approximation():
     target = smooth_matrix(70, 50)
     layer = fitted_layer(70, 50, 0.3, min_block_size=4)
-    hmatrix = approximate(target, layer.weight_budget, min_block_size=4)
+    hmatrix = fit_hmat(target, layer.weight_budget, min_block_size=4)
     assert layer.partition == hmatrix.partition
     assert relative_error(layer.to_dense(), target) == pytest.approx(
         relative_error(hmatrix.to_dense(), target), rel=1e-10
@@ -193,11 +199,12 @@ def test_empty_batch_and_strided_input(rows, cols, share, min_block_size):
         torch.testing.assert_close(layer(strided), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_fitted_layer_searches_but_random_layer_does_not_change():
     target = np.random.default_rng(8).standard_normal((128, 128))
     fitted = structurednets.create("hmat", 128, 128, 0.25, initial_weight_matrix=target)
-    assert fitted.partition.min_block_size == 2
-    expected = approximate(target, fitted.weight_budget)
+    assert fitted.partition.min_block_size == 2  # regression figure: the search's pick
+    expected = fit_hmat(target, fitted.weight_budget)
     assert fitted.partition == expected.partition
     plain = structurednets.create(
         "hmat", 128, 128, 0.25, initial_weight_matrix=target, min_block_size=16

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from structurednets.demo import _mlp, _split, _train
-from structurednets_ldr import plan_displacement_rank
-from structurednets_ldr.approximation import fit_ldr
+from structurednets_ldr import displacement_rank_for
+from structurednets_ldr.fit import fit_ldr
 
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)
@@ -22,7 +22,7 @@ def smooth(n: int) -> np.ndarray:
 
 
 def low_rank_plus_noise(n: int, share: float) -> np.ndarray:
-    r = plan_displacement_rank(n, n, share)
+    r = displacement_rank_for(n, n, share)
     matrix = rng.standard_normal((n, 2 * r)) @ rng.standard_normal((2 * r, n))
     return matrix + 0.01 * np.linalg.norm(matrix) / n * rng.standard_normal((n, n))
 
@@ -52,7 +52,7 @@ targets = [
 ]
 for name, matrix, share in targets:
     out_dim, in_dim = matrix.shape
-    rank = plan_displacement_rank(in_dim, out_dim, share)
+    rank = displacement_rank_for(in_dim, out_dim, share)
     started = time.perf_counter()
     fit = fit_ldr(torch.from_numpy(matrix), rank, min(out_dim, in_dim))
     seconds = time.perf_counter() - started

@@ -12,15 +12,14 @@ import time
 import numpy as np
 import torch
 
-from structurednets_ldr import LDRLayer, cyclic_shift_bands, ldr_weight, plan_displacement_rank
-from structurednets_ldr.products import make_plan
+from structurednets_ldr import LDRLayer, cyclic_shift_bands, displacement_rank_for, weight
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--seeds", type=int, default=3, help="seeds per noise level")
 seeds = parser.parse_args().seeds
 torch.set_num_threads(1)
 n, share = 256, 0.1
-rank = plan_displacement_rank(n, n, share)
+rank = displacement_rank_for(n, n, share)
 
 
 def report(name: str, target: np.ndarray | torch.Tensor) -> tuple[float, float]:
@@ -57,7 +56,7 @@ for noise in (0.0, 0.01, 0.05, 0.1):
 
         A = cyclic_shift_bands(n, 1.0, dtype=torch.float64) + noise * normal(3, n)
         B = cyclic_shift_bands(n, -1.0, down=False, dtype=torch.float64) + noise * normal(3, n)
-        target = ldr_weight(A, B, normal(n, rank), normal(n, rank), make_plan(n, n, n, True, 4))
+        target = weight(A, B, normal(n, rank), normal(n, rank), n, 4)
         error, seconds = report(
             f"generated, shifts + {noise:.0%} noise, seed {seed}", target.detach()
         )

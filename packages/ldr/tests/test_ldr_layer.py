@@ -12,48 +12,22 @@ from structurednets_ldr import (
     bands_from_dense,
     bands_to_dense,
     cyclic_shift_bands,
-    ldr_multiply,
     ldr_nb_weight_parameters,
-    ldr_weight,
+    multiply,
+    weight,
 )
+from structurednets_ldr.kernels.forms import chain_geometry
 from structurednets_ldr.operators import transpose_bands
-from structurednets_ldr.products import choose_plan, make_plan
-
-
-def krylov(matrix, vectors, nb_columns):
-    """Independent reference: ``[v, M v, M^2 v, ...]`` column by column, (n, m, r)."""
-    columns = [vectors]
-    for _ in range(nb_columns - 1):
-        columns.append(matrix @ columns[-1])
-    return torch.stack(columns, dim=1)
-
-
-def reference_weight(A, B, G, H, nb_columns):
-    """``sum_i K(A, g_i) K(B^T, h_i)^T`` from dense operators."""
-    K_A = krylov(A, G, nb_columns)
-    K_B = krylov(B.T, H, nb_columns)
-    return torch.einsum("akr,bkr->ab", K_A, K_B)
-
-
-def random_operators(out_dim, in_dim, rank, seed, scale=0.4):
-    generator = torch.Generator().manual_seed(seed)
-
-    def normal(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64)
-
-    return (
-        normal(3, out_dim) * scale,
-        normal(3, in_dim) * scale,
-        normal(out_dim, rank),
-        normal(in_dim, rank),
-    )
+from structurednets_ldr.schedule import choose_schedule
 
 
 @pytest.mark.parametrize(
     "out_dim, in_dim, nb_columns",
     [(20, 20, None), (24, 10, None), (10, 24, None), (26, 14, 26), (18, 32, 8), (17, 17, 30)],
 )
-def test_weight_is_the_sum_of_krylov_products(out_dim, in_dim, nb_columns):
+def test_weight_is_the_sum_of_krylov_products(
+    out_dim, in_dim, nb_columns, random_operators, reference_weight
+):
     """W = sum_i K(A, g_i) K(B^T, h_i)^T with m = min(out, in) columns unless given; A, B
     random tridiagonal plus corners (not shifts)."""
     rank = 2
@@ -86,7 +60,7 @@ def test_weight_is_the_sum_of_krylov_products(out_dim, in_dim, nb_columns):
     [(30, 30, 30, 4), (30, 30, 30, 7), (18, 25, 18, 5), (25, 18, 18, 1), (12, 12, 12, 12)],
 )
 def test_both_forms_and_their_gradients_match_the_reference(
-    explicit, out_dim, in_dim, nb_columns, chain_length
+    explicit, out_dim, in_dim, nb_columns, chain_length, random_operators, reference_weight
 ):
     """Explicit and factored evaluation, every chain length (including a cut last chain):
     values and gradients of all inputs against autograd through the dense reference."""
@@ -102,23 +76,24 @@ def test_both_forms_and_their_gradients_match_the_reference(
         ).T
     )
     (reference * weights).sum().backward()
-    plan = make_plan(out_dim, in_dim, nb_columns, explicit, chain_length)
     ours = [t.clone().requires_grad_(True) for t in (U, A_bands, B_bands, G, H)]
-    output = ldr_multiply(*ours, plan)
+    output = multiply(*ours, nb_columns, chain_length, explicit)
     (output * weights).sum().backward()
     torch.testing.assert_close(output, reference, rtol=1e-11, atol=1e-11)
     for name, mine, theirs in zip("U A B G H".split(), ours, inputs, strict=True):
         torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-10, atol=1e-10, msg=name)
 
 
-def test_gradcheck_with_cut_chains_and_coarse_steps():
+def test_gradcheck_with_cut_chains_and_coarse_steps(random_operators):
     A_bands, B_bands, G, H = random_operators(9, 11, 2, seed=3)
     U = torch.randn(4, 11, dtype=torch.float64)
+    chains = chain_geometry(9, 11, 9, 2)  # 5 chains, the last one cut
+    assert chains.nb_chains == 5 and chains.last_chain_length == 1
     for explicit in (True, False):
-        plan = make_plan(9, 11, 9, explicit, 2)  # 5 chains, the last one cut
-        assert plan.chain.nb_chains == 5 and plan.chain.last_chain_length == 1
         inputs = [t.clone().requires_grad_(True) for t in (U, A_bands, B_bands, G, H)]
-        assert torch.autograd.gradcheck(lambda *args, plan=plan: ldr_multiply(*args, plan), inputs)
+        assert torch.autograd.gradcheck(
+            lambda *args, explicit=explicit: multiply(*args, 9, 2, explicit), inputs
+        )
 
 
 def test_interleaved_forward_and_backward_passes():
@@ -232,17 +207,17 @@ def test_bands_round_trip_and_corners():
     assert torch.equal(shift @ torch.arange(4.0), torch.tensor([1.5, 0.0, 1.0, 2.0]))
 
 
-def test_cost_model_picks_the_form_by_batch_size():
-    assert choose_plan(512, 512, 512, 4, 256)[0] is True  # explicit W for a large batch
-    assert choose_plan(512, 512, 512, 4, 4)[0] is False  # factored for a small one
-    assert choose_plan(64, 64, 64, 4, None)[0] is True  # to_dense
-    plan = make_plan(64, 48, 48, False, 5)
+def test_cost_model_picks_the_form_by_batch_size(random_operators, reference_weight):
+    assert choose_schedule(512, 512, 512, 4, 256)[0] is True  # explicit W for a large batch
+    assert choose_schedule(512, 512, 512, 4, 4)[0] is False  # factored for a small one
+    assert choose_schedule(64, 64, 64, 4, None)[0] is True  # to_dense
     A_bands, B_bands, G, H = random_operators(64, 48, 2, seed=1)
     U = torch.randn(3, 48, dtype=torch.float64)
-    torch.testing.assert_close(
-        ldr_multiply(U, A_bands, B_bands, G, H, plan),
-        U @ ldr_weight(A_bands, B_bands, G, H, make_plan(64, 48, 48, True, 3)).T,
-    )
+    expected = U @ reference_weight(bands_to_dense(A_bands), bands_to_dense(B_bands), G, H, 48).T
+    torch.testing.assert_close(multiply(U, A_bands, B_bands, G, H, 48, 5, False), expected)
+    # without a schedule: the cost model's, for the product and for W alone
+    torch.testing.assert_close(multiply(U, A_bands, B_bands, G, H, 48), expected)
+    torch.testing.assert_close(U @ weight(A_bands, B_bands, G, H, 48).T, expected)
 
 
 def test_adam_learns_an_ldr_teacher():
@@ -281,7 +256,38 @@ def test_cached_inference_weight_follows_parameter_updates():
     with torch.no_grad():
         torch.testing.assert_close(layer(U), U @ layer.to_dense().T + layer.bias)
     clone = copy.deepcopy(layer)
-    assert clone._cached is None or torch.equal(clone(U), layer(U))
+    assert clone._cached is None  # the built W is not part of the layer's state
+    with torch.no_grad():
+        assert torch.equal(clone(U), layer(U))
+        assert clone._cached is not None
     double = copy.deepcopy(layer).double()
     with torch.no_grad():
         assert double(U.double()).dtype == torch.float64
+
+
+def test_layout_holds_the_displacement_rank_and_the_krylov_columns():
+    """The layout rebuilds a layer of the same shapes (also with non-default Krylov columns
+    and a displacement rank below the budget's), and its state dict gives the same W."""
+    torch.manual_seed(0)
+    layer = LDRLayer(40, 30, 0.5, displacement_rank=2, krylov_columns=12)
+    assert layer.layout.sizes == {"displacement_rank": 2, "krylov_columns": 12}
+    twin = structurednets.create("ldr", layout=layer.layout)
+    assert (twin.displacement_rank, twin.krylov_columns) == (2, 12)
+    assert structurednets.nb_parameters("ldr", layout=layer.layout) == 5 * 70 + 30
+    twin.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(twin.to_dense(), layer.to_dense())
+    default = LDRLayer(40, 30, 0.5)  # random init: the budget's rank, min(in, out) columns
+    assert default.layout.sizes == {"displacement_rank": 5, "krylov_columns": 30}  # 600 // 70 - 3
+
+
+def test_class_docstring_example_runs():
+    import doctest
+
+    globs = {"torch": torch, "structurednets": structurednets, "LDRLayer": LDRLayer}
+    parser = doctest.DocTestParser()
+    test = parser.get_doctest(LDRLayer.__doc__, globs, "LDRLayer", None, 0)
+    assert test.examples, "the class docstring has no example"
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(test)
+    assert runner.failures == 0

@@ -1,29 +1,27 @@
 """The custom operators: schema, fake (meta) shapes, autograd registration, dynamic shapes
-(``torch.library.opcheck``), the scratch buffers, threads, and the plan table."""
+(``torch.library.opcheck``), the scratch buffers, threads, and the schedule tables."""
 
 import threading
 
 import pytest
 import torch
-from test_ldr_layer import random_operators
 
-from structurednets_ldr import LDRLayer, scratch
-from structurednets_ldr.products import choose_plan, plan_table
-
-
-def op_inputs(out_dim, in_dim, rank, batch=4, seed=0):
-    A_bands, B_bands, G, H = random_operators(out_dim, in_dim, rank, seed=seed)
-    U = torch.randn(batch, in_dim, dtype=torch.float64)
-    return [t.requires_grad_(True) for t in (U, A_bands, B_bands, G, H)]
+from structurednets_ldr import LDRLayer
+from structurednets_ldr.kernels import scratch
+from structurednets_ldr.schedule import choose_schedule, schedule_table
 
 
+@pytest.mark.slow  # opcheck traces the operators as torch.compile does
 @pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize(
     "out_dim, in_dim, nb_columns, chain_length",
     [(9, 11, 9, 2), (12, 10, 10, 10), (16, 24, 16, 3)],  # cut chain, one chain, several
 )
-def test_opcheck(keep, out_dim, in_dim, nb_columns, chain_length):
-    U, A_bands, B_bands, G, H = op_inputs(out_dim, in_dim, 2)
+def test_opcheck(keep, out_dim, in_dim, nb_columns, chain_length, random_operators):
+    U = torch.randn(4, in_dim, dtype=torch.float64).requires_grad_(True)
+    A_bands, B_bands, G, H = (
+        t.requires_grad_(True) for t in random_operators(out_dim, in_dim, 2, seed=0)
+    )
     sizes = (nb_columns, chain_length, keep)
     ops = torch.ops.structurednets_ldr
     torch.library.opcheck(ops.weight, (A_bands, B_bands, G, H, *sizes))
@@ -99,19 +97,19 @@ def test_threads_have_their_own_scratch(every_tensor_through_scratch):
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("sizes", [(512, 512, 512, 4), (128, 128, 128, 3), (40, 30, 30, 2)])
-def test_plan_table_agrees_with_the_cost_model(sizes, training):
-    table = plan_table(*sizes, training)
+def test_schedule_table_agrees_with_the_cost_model(sizes, training):
+    table = schedule_table(*sizes, training)
     assert table[-1][0] is None
     for batch in [*range(1, 400), 1000, 10**6]:
-        plan = next((e, b) for below, e, b in table if below is None or batch < below)
-        assert plan == choose_plan(*sizes, batch, training=training)
+        schedule = next((e, b) for below, e, b in table if below is None or batch < below)
+        assert schedule == choose_schedule(*sizes, batch, training=training)
 
 
-def test_inference_uses_its_own_plan_with_the_same_result():
+def test_inference_uses_its_own_schedule_with_the_same_result():
     """Without gradients longer chains pay off (no backward pass repeats the steps)."""
     torch.manual_seed(0)
     layer = LDRLayer(128, 128, 0.1).double()
-    assert layer._plan_for(256, True) != layer._plan_for(256, False)
+    assert layer._schedule_for(256, True) != layer._schedule_for(256, False)
     U = torch.randn(256, 128, dtype=torch.float64)
     with torch.no_grad():
         inference = layer(U)

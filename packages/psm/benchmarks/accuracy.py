@@ -1,4 +1,4 @@
-"""Accuracy and time of the PSM approximator on the issue's test matrices.
+"""Accuracy and time of the PSM approximator on Gaussian, Toeplitz-like and Hadamard matrices.
 
 Run from the repository root (one thread, as the figures in the README):
 
@@ -7,7 +7,7 @@ Run from the repository root (one thread, as the figures in the README):
 
 Prints the relative Frobenius error ``||W - S_1 ... S_J|| / ||W||`` of the fitted layer
 (float64 factors), the fit's wall time, and the strategy the search picked. The reference
-column is what the library we replace reaches with FAuST's hierarchical factorisation
+column is what MatthiasKi/structurednets 1.0 reaches with FAuST's hierarchical factorisation
 (best of 17 splits x J in {2, 3}); for the Toeplitz-like matrix we measured it ourselves with
 pyfaust 3.41 in the same configuration (9 splits instead of 17 at 128 x 128). The top-k
 column is the plain sparse matrix keeping the budget's largest entries.

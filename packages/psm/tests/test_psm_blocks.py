@@ -6,7 +6,7 @@ import torch
 
 import structurednets
 from structurednets.testing import ConformanceCase, conformance_checks, default_dtype
-from structurednets_psm import BlockSparseFactor, PSMLayer, plan_psm
+from structurednets_psm import BlockSparseFactor, PALMSettings, PSMLayer, layer_sizes
 
 # The kit's budget grid has prime sizes, which no block size > 1 divides; the other checks
 # run on a block layer with dimensions that 4 divides.
@@ -20,8 +20,27 @@ BLOCK_CASE = ConformanceCase(
 GRID_CHECKS = {"forward_matches_dense", "budget_and_parameter_counts"}
 
 
+# distributed, compile and fitting checks (as in test_psm_conformance.py)
+SLOW = {
+    "distributed_training",
+    "torch_compile",
+    "random_valid_arguments",
+    "random_invalid_arguments",
+    "initial_weight_matrix",
+    "approximation_robustness",
+    "layout_round_trip",
+    "save_and_load",
+}
+
+
 @pytest.mark.parametrize(
-    "check", [c for c in conformance_checks() if c.name not in GRID_CHECKS], ids=str
+    "check",
+    [
+        pytest.param(c, marks=pytest.mark.slow) if c.name in SLOW else c
+        for c in conformance_checks()
+        if c.name not in GRID_CHECKS
+    ],
+    ids=str,
 )
 def test_block_layer_conformance(check):
     check(BLOCK_CASE)
@@ -43,10 +62,10 @@ def test_block_budget_grid_counts_and_smallest_share():
             assert all(f.nnz % 16 == 0 for f in layer.factors)
 
 
-def test_block_plan_uses_whole_blocks():
-    plan = plan_psm(64, 32, 0.5, block_size=8)
-    assert plan.block_size == 8
-    assert plan.nonzeros == (8 * 64, 8 * 64)  # 16 whole blocks of the 1024-value budget
+def test_block_sizes_use_whole_blocks():
+    sizes = layer_sizes(64, 32, 0.5, block_size=8)
+    assert sizes.block_size == 8
+    assert sizes.nonzeros == (8 * 64, 8 * 64)  # 16 whole blocks of the 1024-value budget
     with pytest.raises(structurednets.BudgetTooSmallError, match=r"of 8x8 blocks .* 0\.375"):
         PSMLayer(64, 32, 0.3, block_size=8)
     with pytest.raises(ValueError, match=r"block_size=5 must divide input_dim, output_dim"):
@@ -91,6 +110,7 @@ def test_block_supports_cover_every_block_row_and_column():
         )
 
 
+@pytest.mark.slow
 def test_block_fit_is_block_aligned_and_close():
     i = np.arange(64)
     target = 1.0 / (1.0 + np.abs(i[:, None] - i[None, :]))
@@ -101,3 +121,20 @@ def test_block_fit_is_block_aligned_and_close():
     assert fitted.nb_weight_parameters == fitted.weight_budget
     assert all(f.nnz % 16 == 0 for f in fitted.factors)
     assert math.isclose(error, fitted.fit.relative_error, rel_tol=1e-9)
+
+
+def test_block_layout_rebuilds_a_fitted_block_layer():
+    i = np.arange(32)
+    target = 1.0 / (1.0 + np.abs(i[:16, None] - i[None, :]))
+    fitted = PSMLayer(
+        32, 16, 0.5, initial_weight_matrix=target, block_size=4,
+        palm_settings=PALMSettings(max_sweeps=100),
+    )  # fmt: skip
+    sizes = fitted.layout.sizes
+    assert sizes["block_size"] == 4 and all(count % 16 == 0 for count in sizes["nonzeros"])
+    assert list(sizes["nonzeros"]) == [f.nnz for f in fitted.factors]
+    twin = structurednets.create("psm", layout=fitted.layout)
+    assert all(isinstance(f, BlockSparseFactor) for f in twin.factors)
+    twin.load_state_dict(fitted.state_dict())
+    assert torch.equal(twin.to_dense(), fitted.to_dense())
+    assert {"factors.0.block_rows", "factors.1.block_cols"} <= set(fitted.state_dict())

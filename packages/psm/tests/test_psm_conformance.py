@@ -13,6 +13,27 @@ CASE = ConformanceCase(
 )
 
 
-@pytest.mark.parametrize("check", conformance_checks(), ids=str)
+# distributed, compile, hypothesis and fitting checks (the layout checks fit too); the layout
+# tests of test_psm_layer.py keep save/load in the fast loop
+SLOW = {
+    "distributed_training",
+    "torch_compile",
+    "random_valid_arguments",
+    "random_invalid_arguments",
+    "initial_weight_matrix",
+    "approximation_robustness",
+    "layout_round_trip",
+    "save_and_load",
+}
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        pytest.param(c, marks=pytest.mark.slow) if c.name in SLOW else c
+        for c in conformance_checks()
+    ],
+    ids=str,
+)
 def test_conformance(check):
     check(CASE)

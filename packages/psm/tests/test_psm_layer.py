@@ -14,12 +14,12 @@ from structurednets_psm import (
     PALMSettings,
     PSMLayer,
     factor_shapes,
-    plan_psm,
+    layer_sizes,
     psm_nb_weight_parameters,
 )
 from structurednets_psm.factors import random_support
 from structurednets_psm.kernels import csr_matmul, sampled_product
-from structurednets_psm.plan import split_nonzeros
+from structurednets_psm.layout import split_nonzeros
 
 SHORT = PALMSettings(max_sweeps=200)
 
@@ -32,7 +32,7 @@ def dense_product(layer):
     return product
 
 
-# -- planning and counts ---------------------------------------------------------------
+# -- sizes and counts ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -44,14 +44,14 @@ def dense_product(layer):
         ((40, 40), 0.2, 4, 20),
     ],
 )
-def test_plan_uses_whole_budget_and_matches_layer(shape, share, nb_matrices, inner_dim):
+def test_sizes_use_whole_budget_and_match_layer(shape, share, nb_matrices, inner_dim):
     input_dim, output_dim = shape
-    plan = plan_psm(input_dim, output_dim, share, nb_matrices=nb_matrices, inner_dim=inner_dim)
+    sizes = layer_sizes(input_dim, output_dim, share, nb_matrices=nb_matrices, inner_dim=inner_dim)
     budget = math.floor(share * input_dim * output_dim * (1 + 1e-12))
-    assert plan.total_nonzeros == budget
+    assert sizes.total_nonzeros == budget
     layer = PSMLayer(input_dim, output_dim, share, nb_matrices=nb_matrices, inner_dim=inner_dim)
-    assert [(f.rows, f.cols) for f in layer.factors] == list(plan.shapes)
-    assert [f.nnz for f in layer.factors] == list(plan.nonzeros)
+    assert [(f.rows, f.cols) for f in layer.factors] == list(sizes.shapes)
+    assert [f.nnz for f in layer.factors] == list(sizes.nonzeros)
     assert layer.nb_weight_parameters == psm_nb_weight_parameters(
         input_dim, output_dim, share, nb_matrices=nb_matrices, inner_dim=inner_dim
     )
@@ -222,6 +222,91 @@ def test_explicit_factors_from_scipy_torch_and_pairs():
         PSMLayer(10, 12, 1.0, factors=[first.toarray(), second])
 
 
+# -- layouts ---------------------------------------------------------------------------
+
+
+def test_layout_holds_factor_shapes_nonzeros_and_block_size():
+    target = np.random.default_rng(3).standard_normal((24, 36))
+    fitted = PSMLayer(
+        36, 24, 0.4, initial_weight_matrix=target, nb_matrices=3, inner_dim=12,
+        nnz_split=(4, 1, 1), palm_settings=SHORT,
+    )  # fmt: skip
+    sizes = fitted.layout.sizes
+    assert [list(shape) for shape in sizes["factor_shapes"]] == [[24, 12], [12, 12], [12, 36]]
+    assert list(sizes["nonzeros"]) == [f.nnz for f in fitted.factors]
+    assert sum(sizes["nonzeros"]) == fitted.weight_budget and sizes["block_size"] == 1
+    twin = structurednets.create("psm", layout=fitted.layout)
+    assert twin.layout == fitted.layout
+    twin.load_state_dict(fitted.state_dict())
+    torch.testing.assert_close(twin.to_dense(), fitted.to_dense(), rtol=0, atol=0)
+    # the support indices are persistent buffers: they travel in the state dict
+    keys = set(fitted.state_dict())
+    assert {"factors.0.crow_indices", "factors.0.col_indices", "factors.2.transpose_perm"} <= keys
+
+
+def test_layout_of_given_factors_with_empty_rows_rebuilds():
+    # a factor with fewer values than rows: the random layer of that layout cannot cover
+    # every row either, and must still have exactly its tensors
+    first = scipy.sparse.random(10, 6, density=0.1, random_state=0, format="csr")
+    second = scipy.sparse.random(6, 8, density=0.6, random_state=1, format="csr")
+    given = PSMLayer(8, 10, 1.0, factors=[first, second])
+    assert list(given.layout.sizes["nonzeros"]) == [first.nnz, second.nnz] and first.nnz < 10
+    twin = structurednets.create("psm", layout=given.layout)
+    twin.load_state_dict(given.state_dict())
+    U = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(twin(U), given(U))
+    expected = first.nnz + second.nnz
+    assert (
+        structurednets.nb_parameters(
+            "psm",
+            layout=given.layout,
+        )
+        == expected + 10
+    )
+
+
+def test_fit_with_fixed_nonzeros_keeps_them():
+    target = np.random.default_rng(4).standard_normal((20, 20))
+    layer = PSMLayer(
+        20, 20, 0.5, initial_weight_matrix=target, nonzeros=[120, 40], palm_settings=SHORT
+    )
+    assert [f.nnz for f in layer.factors] == [120, 40]
+    assert all(strategy.nonzeros == (120, 40) for strategy, _ in layer.fit.tried)
+    # better than one sparse matrix keeping the 120 largest entries (0.455; the fit: 0.346)
+    magnitudes = np.sort(np.abs(target).ravel())
+    top_k = np.sqrt((magnitudes[:-120] ** 2).sum() / (magnitudes**2).sum())
+    dense = layer.to_dense().detach().double().numpy()
+    assert np.linalg.norm(dense - target) / np.linalg.norm(target) < top_k
+
+
+def test_size_option_errors_name_the_option():
+    with pytest.raises(ValueError, match=r"factor_shapes\[1\] must have 9 rows to chain"):
+        PSMLayer(12, 10, 0.5, factor_shapes=[[10, 9], [8, 12]])
+    with pytest.raises(ValueError, match=r"factor_shapes\[-1\] must have input_dim=12 columns"):
+        PSMLayer(12, 10, 0.5, factor_shapes=[[10, 9], [9, 11]])
+    with pytest.raises(ValueError, match="either factor_shapes or inner_dim"):
+        PSMLayer(12, 10, 0.5, factor_shapes=[[10, 12]], inner_dim=4)
+    with pytest.raises(ValueError, match="nb_matrices=2 does not match the 1 factor_shapes"):
+        PSMLayer(12, 10, 0.5, factor_shapes=[[10, 12]], nb_matrices=2)
+    with pytest.raises(TypeError, match=r"factor_shapes\[0\]\[1\] must be a positive integer"):
+        PSMLayer(12, 10, 0.5, factor_shapes=[[10, 1.5]])
+    with pytest.raises(ValueError, match=r"nonzeros must have one count per factor \(2 factors"):
+        PSMLayer(12, 10, 0.5, nonzeros=[30])
+    with pytest.raises(ValueError, match=r"nonzeros\[1\] must be between 0 and 120"):
+        PSMLayer(12, 10, 1.0, nonzeros=[30, 121])
+    with pytest.raises(ValueError, match=r"nonzeros\[0\] must be a multiple of block_size\*\*2=4"):
+        PSMLayer(12, 10, 1.0, nonzeros=[30, 40], block_size=2, inner_dim=10)
+    with pytest.raises(ValueError, match="either nonzeros .* or nnz_split"):
+        PSMLayer(12, 10, 1.0, nonzeros=[30, 40], nnz_split=[1, 2])
+    with pytest.raises(BudgetTooSmallError, match="the given nonzeros needs 70"):
+        PSMLayer(12, 10, 0.5, nonzeros=[30, 40])
+    with pytest.raises(ValueError, match="nonzeros=.* cannot be combined with factors"):
+        PSMLayer(4, 4, 1.0, factors=[torch.eye(4).to_sparse()], nonzeros=[4])
+    with pytest.raises(ValueError, match="nb_matrices=2 does not match the 1 given factors"):
+        PSMLayer(4, 4, 1.0, factors=[torch.eye(4).to_sparse()], nb_matrices=2)
+
+
 # -- training and the ecosystem --------------------------------------------------------
 
 
@@ -261,18 +346,25 @@ def test_state_dict_carries_supports_between_fitted_layers():
     target = rng.standard_normal((20, 30))
     fitted = PSMLayer(30, 20, 0.4, initial_weight_matrix=target, palm_settings=SHORT)
     assert fitted.nb_weight_parameters == fitted.weight_budget
-    # a random layer with the fitted split has the same parameter shapes
-    fresh = PSMLayer(30, 20, 0.4, nnz_split=[f.nnz for f in fitted.factors])
+    # a random layer with the fitted nonzeros has the same parameter shapes
+    fresh = PSMLayer(30, 20, 0.4, nonzeros=[f.nnz for f in fitted.factors])
     fresh.load_state_dict(fitted.state_dict())
     U = torch.randn(5, 30)
     with torch.no_grad():
         torch.testing.assert_close(fresh(U), fitted(U))
+    # every tensor is dense, so the state dict saves and loads with weights_only=True
+    tensors = [t for t in fitted.state_dict().values() if isinstance(t, torch.Tensor)]
+    assert tensors and not any(t.layout != torch.strided for t in tensors)
     buffer = io.BytesIO()
     torch.save(fitted.state_dict(), buffer)
-    tensors = [t for t in fitted.state_dict().values() if isinstance(t, torch.Tensor)]
-    assert tensors and not any(t.is_sparse for t in tensors)
+    buffer.seek(0)
+    reloaded = structurednets.create("psm", layout=fitted.layout)
+    reloaded.load_state_dict(torch.load(buffer, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(reloaded(U), fitted(U))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_size", [1, 4])
 def test_torch_compile_matches_eager(block_size):
     torch.manual_seed(0)
@@ -289,6 +381,7 @@ def test_torch_compile_matches_eager(block_size):
         torch.testing.assert_close(q.grad, p.grad)
 
 
+@pytest.mark.slow
 def test_distributed_data_parallel_single_process(tmp_path):
     import torch.distributed as dist
 

@@ -4,8 +4,8 @@ import scipy.linalg
 import torch
 
 from structurednets.testing import default_dtype
-from structurednets_psm import PALMSettings, PSMLayer
-from structurednets_psm.palm import largest_entries_mask, project
+from structurednets_psm import PALMSettings, PSMLayer, fit_psm
+from structurednets_psm.fit import largest_entries_mask, project
 
 
 def relative_error(layer, target):
@@ -28,7 +28,7 @@ def test_projections_keep_largest_entries_normalised():
     assert support.tolist() == [[True, False, False], [False, True, True]]
 
 
-@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("k", [3, 5, pytest.param(7, marks=pytest.mark.slow)])
 def test_hadamard_is_recovered_exactly(k):
     n = 2**k
     hadamard = scipy.linalg.hadamard(n).astype(np.float64)
@@ -41,16 +41,18 @@ def test_hadamard_is_recovered_exactly(k):
         assert (dense != 0).sum(1).max() == 2 and (dense != 0).sum(0).max() == 2
 
 
-def test_gaussian_beats_the_replaced_library():
-    # FAuST's hierarchical factorisation, called by the library we replace: 0.218 here.
+@pytest.mark.slow
+def test_gaussian_beats_faust():
+    # FAuST's hierarchical factorisation, as MatthiasKi/structurednets 1.0 calls it: 0.218 here.
     target = np.random.default_rng(0).standard_normal((64, 64))
     layer = PSMLayer(64, 64, 0.5, initial_weight_matrix=target)
     assert relative_error(layer, target) < 0.218
     assert layer.nb_weight_parameters <= layer.weight_budget
 
 
-def test_toeplitz_beats_the_replaced_library():
-    # FAuST (the replaced library's configuration, best of 34 runs): 0.0098 here.
+@pytest.mark.slow
+def test_toeplitz_beats_faust():
+    # FAuST in MatthiasKi/structurednets 1.0's configuration (best of 34 runs): 0.0098 here.
     i = np.arange(64)
     target = 1.0 / (1.0 + np.abs(i[:, None] - i[None, :]))
     layer = PSMLayer(64, 64, 0.5, initial_weight_matrix=target)
@@ -79,7 +81,7 @@ def test_fit_is_deterministic_and_reported():
 def test_fixed_split_and_single_factor():
     target = np.random.default_rng(2).standard_normal((30, 30))
     layer = PSMLayer(30, 30, 0.5, initial_weight_matrix=target, nnz_split=(3, 1))
-    assert [f.nnz for f in layer.factors] == [338, 112]
+    assert [f.nnz for f in layer.factors] == [338, 112]  # 450 values split 3:1, rounded
     assert all(s.nonzeros == (338, 112) for s, _ in layer.fit.tried)
     # one factor: the best sparse approximation keeps the largest entries
     single = PSMLayer(30, 30, 0.25, initial_weight_matrix=target, nb_matrices=1)
@@ -101,7 +103,7 @@ def test_sparse_matrix_times_scaled_permutation_is_recovered():
     assert relative_error(layer, target) <= 1e-4
 
 
-@pytest.mark.parametrize("k", [4, 6])
+@pytest.mark.parametrize("k", [4, pytest.param(6, marks=pytest.mark.slow)])
 def test_hadamard_with_signs_and_scale_is_recovered(k):
     n = 2**k
     signs = np.random.default_rng(k).choice([-1.0, 1.0], size=n)
@@ -117,6 +119,7 @@ def test_bad_settings_and_projections_are_rejected():
         project(torch.eye(3), 2, "diagonal")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("share", [0.05, 0.2])
 def test_fit_stays_within_budget_when_row_column_projections_win(share):
     # A smooth rectangular kernel, where the row/column mode wins the search. Its refinement
@@ -125,9 +128,47 @@ def test_fit_stays_within_budget_when_row_column_projections_win(share):
     x, y = np.linspace(0, 1, 128), np.linspace(0, 1, 64)
     target = 1.0 / (1.0 + 50.0 * np.abs(y[:, None] - x[None, :]))
     layer = PSMLayer(128, 64, share, use_bias=False, initial_weight_matrix=target)
-    assert layer.fit.strategy.projection == "rowcol"
+    assert layer.fit.strategy.projection == "rowcol"  # regression figure: the mode the search picks
     assert layer.nb_weight_parameters <= layer.weight_budget
     singular_values = np.linalg.svd(target, compute_uv=False)
     rank = layer.weight_budget // (128 + 64)  # truncated SVD with the same budget
     low_rank = np.sqrt((singular_values[rank:] ** 2).sum() / (singular_values**2).sum())
     assert relative_error(layer, target) < low_rank
+
+
+def test_fit_psm_returns_the_factors_the_layer_holds():
+    target = np.random.default_rng(5).standard_normal((12, 18))
+    settings = PALMSettings(max_sweeps=100, threads=1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = fit_psm(torch.from_numpy(target), 60, settings=settings)
+        assert torch.get_num_threads() == 2  # the fit ran on one thread, then restored two
+    finally:
+        torch.set_num_threads(previous)
+    assert [tuple(f.shape) for f in result.factors] == [(12, 12), (12, 18)]
+    assert sum(int(support.sum()) for support in result.supports) == 60
+    for factor, support in zip(result.factors, result.supports, strict=True):
+        assert not factor[~support].any()
+    product = (result.factors[0] @ result.factors[1]).numpy()
+    error = np.linalg.norm(product - target) / np.linalg.norm(target)
+    assert result.relative_error == pytest.approx(error, rel=1e-12) and error < 1
+    with default_dtype(torch.float64):
+        layer = PSMLayer(
+            18, 12, 60 / 216, initial_weight_matrix=target, palm_settings=settings, use_bias=False
+        )
+    np.testing.assert_allclose(layer.to_dense().detach().numpy(), product, rtol=0, atol=1e-12)
+
+
+def test_fit_psm_rejects_bad_arguments():
+    target = np.eye(6)
+    with pytest.raises(ValueError, match="matrix must be a 2-D array or tensor"):
+        fit_psm(np.ones(3), 5)
+    with pytest.raises(ValueError, match="budget must be a positive integer, got 0"):
+        fit_psm(target, 0)
+    with pytest.raises(ValueError, match="nonzeros must hold at most budget=10 in all, got 12"):
+        fit_psm(target, 10, nonzeros=[6, 6])
+    with pytest.raises(ValueError, match=r"factor_shapes\[0\] must have 6 rows"):
+        fit_psm(target, 10, factor_shapes=[[5, 6]])
+    with pytest.raises(TypeError, match="settings must be a structurednets_psm.PALMSettings"):
+        fit_psm(target, 12, settings={"max_sweeps": 3})

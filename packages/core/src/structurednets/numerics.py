@@ -7,7 +7,13 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["balanced_truncated_svd", "largest_count_within", "relative_error", "torch_threads"]
+__all__ = [
+    "balanced_factors",
+    "balanced_truncated_svd",
+    "largest_count_within",
+    "relative_error",
+    "torch_threads",
+]
 
 
 @contextlib.contextmanager
@@ -37,10 +43,19 @@ def balanced_truncated_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tenso
     ``matrix``.
     """
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    return balanced_factors(U, S, Vh, rank)
+
+
+def balanced_factors(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U sqrt(S), sqrt(S) V^T)`` of the ``rank`` leading triplets of an SVD already known
+    (``U``: ``(rows, k)``, ``S``: ``(k,)``, ``Vh``: ``(k, cols)``); ranks above ``k`` are padded
+    with zero columns and rows."""
     keep = min(rank, S.numel())
     root = S[:keep].sqrt()
-    left = matrix.new_zeros(matrix.shape[0], rank)
-    right = matrix.new_zeros(rank, matrix.shape[1])
+    left = U.new_zeros(U.shape[0], rank)
+    right = Vh.new_zeros(rank, Vh.shape[1])
     left[:, :keep] = U[:, :keep] * root
     right[:keep] = root[:, None] * Vh[:keep]
     return left, right

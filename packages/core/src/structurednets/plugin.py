@@ -12,6 +12,7 @@ from structurednets.layers.layer_helpers import default_dtype, get_nb_model_para
 from structurednets.layers.structured_layer import StructuredLayer, dense_init_std
 from structurednets.layout import Layout
 from structurednets.numerics import (
+    balanced_factors,
     balanced_truncated_svd,
     largest_count_within,
     relative_error,
@@ -34,6 +35,7 @@ __all__ = [
     "StructuredLayer",
     "as_matrix",
     "as_vector",
+    "balanced_factors",
     "balanced_truncated_svd",
     "check_dim",
     "check_positive_int",

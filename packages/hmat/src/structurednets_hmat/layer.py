@@ -3,179 +3,26 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from functools import partial
 
 import torch
 from torch import nn
 
-from structurednets import StructuredLayer
-from structurednets.layers.structured_layer import dense_init_std
-from structurednets.validation import BudgetTooSmallError, check_positive_int, weight_budget
-from structurednets_hmat.approximation import (
-    HMatrix,
-    allocate_uniform,
-    approximate,
-    smallest_nb_parameters,
+from structurednets.plugin import StructuredLayer, dense_init_std
+from structurednets_hmat.buckets import make_buckets
+from structurednets_hmat.fit import fit_hmat
+from structurednets_hmat.hmatrix import HMatrix
+from structurednets_hmat.kernels import DenseOperands, LowRankOperands, multiply_buckets
+from structurednets_hmat.layout import (
+    block_partition,
+    layer_partition,
+    partition_to_json,
+    require_one_block,
 )
-from structurednets_hmat.batched import (
-    DenseOperands,
-    LowRankOperands,
-    make_buckets,
-    multiply_buckets,
-)
-from structurednets_hmat.partition import (
-    DEFAULT_ETA,
-    DEFAULT_MIN_BLOCK_SIZE,
-    HMatrixPartition,
-    check_eta,
-)
+from structurednets_hmat.partition import HMatrixPartition
 
-__all__ = ["HMatLayer", "hmat_nb_weight_parameters", "plan_partition"]
-
-
-def _block_partition(
-    input_dim: int,
-    output_dim: int,
-    eta: float | None,
-    min_block_size: int | None,
-    given: HMatrixPartition | None,
-    given_name: str,
-) -> HMatrixPartition:
-    """The given partition (checked against the dims and options), or the one they define."""
-    if given is None:
-        return HMatrixPartition.build(
-            output_dim,
-            input_dim,
-            DEFAULT_ETA if eta is None else eta,
-            DEFAULT_MIN_BLOCK_SIZE if min_block_size is None else min_block_size,
-        )
-    if given.shape != (output_dim, input_dim):
-        raise ValueError(
-            f"{given_name} is for a {given.output_dim} x {given.input_dim} matrix, but the layer's "
-            f"weight is {output_dim} x {input_dim} (output_dim x input_dim)"
-        )
-    if eta is not None and check_eta(eta) != given.eta:
-        raise ValueError(f"eta={eta!r} disagrees with the eta of {given_name} ({given.eta:g})")
-    if min_block_size is not None and (
-        check_positive_int("min_block_size", min_block_size) != given.min_block_size
-    ):
-        raise ValueError(
-            f"min_block_size={min_block_size!r} disagrees with {given_name}'s "
-            f"({given.min_block_size})"
-        )
-    return given
-
-
-def _check_options(hmatrix: object, partition: object) -> HMatrixPartition | None:
-    if hmatrix is not None and partition is not None:
-        raise ValueError("pass either hmatrix or partition, not both")
-    if hmatrix is not None:
-        if not isinstance(hmatrix, HMatrix):
-            raise TypeError(
-                "hmatrix must be a structurednets_hmat.HMatrix (e.g. from "
-                f"structurednets_hmat.approximate or layer.to_hmatrix()), got {type(hmatrix).__name__}"
-            )
-        return hmatrix.partition
-    if partition is not None and not isinstance(partition, HMatrixPartition):
-        raise TypeError(
-            "partition must be a structurednets_hmat.HMatrixPartition (e.g. layer.partition), "
-            f"got {type(partition).__name__}"
-        )
-    return partition
-
-
-def plan_partition(
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
-    *,
-    eta: float | None = None,
-    min_block_size: int | None = None,
-    hmatrix: HMatrix | None = None,
-    partition: HMatrixPartition | None = None,
-    merge_blocks: bool | None = None,
-) -> HMatrixPartition:
-    """The partition with ranks of a layer built with these arguments and no weight matrix.
-
-    That is the ranks of ``hmatrix`` or ``partition`` when given, else the random start's
-    allocation (:func:`~structurednets_hmat.allocate_uniform`) on the partition that ``eta`` and
-    ``min_block_size`` define. Raises :class:`BudgetTooSmallError` when the budget cannot hold
-    it, or cannot hold rank 1 in every block.
-    """
-    if merge_blocks is not None and merge_blocks is not False:
-        raise ValueError(
-            f"merge_blocks={merge_blocks!r} applies only to fitting initial_weight_matrix"
-        )
-    given = _check_options(hmatrix, partition)
-    name = "hmatrix" if hmatrix is not None else "partition"
-    blocks = _block_partition(input_dim, output_dim, eta, min_block_size, given, name)
-    budget = weight_budget(input_dim, output_dim, nb_params_share)
-    if given is not None:
-        if given.nb_parameters > budget:
-            raise BudgetTooSmallError(
-                "hmat",
-                input_dim,
-                output_dim,
-                nb_params_share,
-                given.nb_parameters,
-                f"the given {name}",
-            )
-        return given
-    _require_smallest_form(blocks, input_dim, output_dim, nb_params_share)
-    return allocate_uniform(blocks, budget)
-
-
-def _require_smallest_form(
-    blocks: HMatrixPartition, input_dim: int, output_dim: int, nb_params_share: float
-) -> None:
-    needed = smallest_nb_parameters(blocks)
-    if needed > weight_budget(input_dim, output_dim, nb_params_share):
-        raise BudgetTooSmallError(
-            "hmat",
-            input_dim,
-            output_dim,
-            nb_params_share,
-            needed,
-            f"rank 1 in each of its {len(blocks.leaves)} blocks (eta={blocks.eta:g}, "
-            f"min_block_size={blocks.min_block_size})",
-        )
-
-
-def _require_one_block(
-    blocks: HMatrixPartition, input_dim: int, output_dim: int, nb_params_share: float
-) -> None:
-    """A fitted layer may leave blocks at rank 0, but needs room for one block of rank 1."""
-    needed = min(
-        min(leaf.nb_rows + leaf.nb_cols, leaf.nb_rows * leaf.nb_cols) for leaf in blocks.leaves
-    )
-    if needed > weight_budget(input_dim, output_dim, nb_params_share):
-        raise BudgetTooSmallError(
-            "hmat", input_dim, output_dim, nb_params_share, needed, "its smallest block at rank 1"
-        )
-
-
-def hmat_nb_weight_parameters(
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
-    *,
-    eta: float | None = None,
-    min_block_size: int | None = None,
-    hmatrix: HMatrix | None = None,
-    partition: HMatrixPartition | None = None,
-    merge_blocks: bool | None = None,
-) -> int:
-    """Weight scalars of an :class:`HMatLayer` built with these arguments (random start)."""
-    return plan_partition(
-        input_dim,
-        output_dim,
-        nb_params_share,
-        eta=eta,
-        min_block_size=min_block_size,
-        hmatrix=hmatrix,
-        partition=partition,
-        merge_blocks=merge_blocks,
-    ).nb_parameters
+__all__ = ["HMatLayer"]
 
 
 class HMatLayer(StructuredLayer):
@@ -191,7 +38,7 @@ class HMatLayer(StructuredLayer):
     Args:
         input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
             as for every :class:`~structurednets.StructuredLayer`. ``initial_weight_matrix`` is
-            approximated by :func:`~structurednets_hmat.approximate`: the SVD of every leaf,
+            approximated by :func:`~structurednets_hmat.fit_hmat`: the SVD of every leaf,
             then a greedy allocation of the budget over all leaves. With neither
             ``min_block_size`` nor ``merge_blocks`` given, the fit searches ``min_block_size``
             16 and 2 and merged blocks and keeps the most accurate (a finer or merged candidate
@@ -200,11 +47,13 @@ class HMatLayer(StructuredLayer):
         min_block_size: index ranges are halved only while both halves keep at least this
             many indices (default 16, or searched when fitting; see above).
         hmatrix: an :class:`~structurednets_hmat.HMatrix` (partition and factors) to start from.
-        partition: an :class:`~structurednets_hmat.HMatrixPartition` whose ranks to use, with
-            random factors (e.g. ``other_layer.partition``, to load ``other_layer``'s state dict).
+        partition: the partition with ranks to build, with random factors: an
+            :class:`~structurednets_hmat.HMatrixPartition` (e.g. ``other_layer.partition``) or
+            its layout form (``other_layer.layout.sizes["partition"]``, what
+            ``structurednets.create("hmat", layout=...)`` passes).
         merge_blocks: when fitting ``initial_weight_matrix``, also consider keeping split blocks
             whole, up to the whole matrix as one low-rank block (see
-            :func:`~structurednets_hmat.approximate`): never worse than plain low rank, slower
+            :func:`~structurednets_hmat.fit_hmat`): never worse than plain low rank, slower
             to fit. Default ``False``, or searched when fitting (see above).
 
     Without ``initial_weight_matrix``, ``hmatrix`` or ``partition``, every leaf starts at rank 1
@@ -212,15 +61,30 @@ class HMatLayer(StructuredLayer):
     random with ``nn.Linear``'s scale. So a random layer needs a budget of rank 1 in every
     block, while a fitted one may leave blocks at rank 0 and needs only one block of rank 1.
 
+    Shape:
+        input: ``(..., input_dim)``; output: ``(..., output_dim)``.
+
     Attributes:
-        partition: the :class:`~structurednets_hmat.HMatrixPartition` with every leaf's rank.
+        partition: the :class:`~structurednets_hmat.HMatrixPartition` with every leaf's rank;
+            ``layout.sizes["partition"]`` is its JSON form.
+        buckets: the leaves grouped for the batched product (derived from ``partition``).
+        left_factors, right_factors: per low-rank bucket, the flat non-padding entries of the
+            stacked left and right factors.
+        dense_blocks: per dense bucket, the ``(leaves, rows, cols)`` blocks.
+        bias: the learnable ``(output_dim,)`` bias, or ``None``.
 
     Example:
         >>> layer = HMatLayer(512, 512, nb_params_share=0.1)
-        >>> len(layer.partition.leaves), layer.nb_weight_parameters <= 0.1 * 512 * 512
-        (250, True)
+        >>> len(layer.partition.leaves), layer.nb_weight_parameters
+        (250, 26208)
         >>> layer(torch.randn(8, 512)).shape
         torch.Size([8, 512])
+        >>> layer.layout.sizes["partition"]["leaves"][0]  # rows, cols, level, admissible, kind, rank
+        (0, 16, 0, 16, 5, False, 'lowrank', 2)
+        >>> twin = structurednets.create("hmat", layout=layer.layout)  # unfitted, same shapes
+        >>> _ = twin.load_state_dict(layer.state_dict())
+        >>> torch.equal(twin.to_dense(), layer.to_dense())
+        True
     """
 
     structure_name = "hmat"
@@ -237,7 +101,7 @@ class HMatLayer(StructuredLayer):
         eta: float | None = None,
         min_block_size: int | None = None,
         hmatrix: HMatrix | None = None,
-        partition: HMatrixPartition | None = None,
+        partition: HMatrixPartition | Mapping[str, object] | None = None,
         merge_blocks: bool | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
@@ -245,10 +109,10 @@ class HMatLayer(StructuredLayer):
         if target is not None and (hmatrix is not None or partition is not None):
             raise ValueError(
                 "pass either initial_weight_matrix or hmatrix/partition, not both "
-                "(structurednets_hmat.approximate fits a matrix on a given partition)"
+                "(structurednets_hmat.fit_hmat fits a matrix on a given partition)"
             )
         if target is None:
-            ranked = plan_partition(
+            ranked = layer_partition(
                 self.input_dim,
                 self.output_dim,
                 self.nb_params_share,
@@ -259,11 +123,9 @@ class HMatLayer(StructuredLayer):
                 merge_blocks=merge_blocks,
             )
         else:
-            blocks = _block_partition(
-                self.input_dim, self.output_dim, eta, min_block_size, None, "partition"
-            )
-            _require_one_block(blocks, self.input_dim, self.output_dim, self.nb_params_share)
-            hmatrix = approximate(
+            blocks = block_partition(self.input_dim, self.output_dim, eta, min_block_size)
+            require_one_block(blocks, self.input_dim, self.output_dim, self.nb_params_share)
+            hmatrix = fit_hmat(
                 target,
                 self.weight_budget,
                 eta=blocks.eta,
@@ -277,6 +139,11 @@ class HMatLayer(StructuredLayer):
             hmatrix.factors if hmatrix is not None else _random_factors(ranked, self.input_dim)
         )
         self._build_parameters(factors)
+
+    def layout_sizes(self) -> dict[str, object]:
+        """``{"partition": ...}``: the blocks with every leaf's kind and rank (see
+        :mod:`structurednets_hmat.layout`); the buckets and index buffers follow from it."""
+        return {"partition": partition_to_json(self.partition)}
 
     # -- parameters -------------------------------------------------------------------------
 

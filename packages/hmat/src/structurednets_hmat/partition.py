@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from structurednets.validation import check_dim, check_positive_int
+from structurednets.plugin import check_dim, check_positive_int
 
 __all__ = [
     "DEFAULT_ETA",

@@ -1,7 +1,8 @@
 """Entry point of the H-matrix plugin (group ``structurednets``)."""
 
-from structurednets import hookimpl
-from structurednets_hmat.layer import HMatLayer, hmat_nb_weight_parameters
+from structurednets.plugin import hookimpl
+from structurednets_hmat.layer import HMatLayer
+from structurednets_hmat.layout import hmat_nb_weight_parameters
 
 
 @hookimpl

@@ -1,10 +1,18 @@
-"""Low displacement rank layers for structurednets (structure ``"ldr"``)."""
+"""Low displacement rank layers for structurednets (structure ``"ldr"``).
 
-from structurednets_ldr.approximation import LDRFit, fit_ldr
-from structurednets_ldr.layer import LDRLayer, ldr_nb_weight_parameters, plan_displacement_rank
+Modules: :mod:`~structurednets_ldr.layer` (:class:`LDRLayer`), :mod:`~structurednets_ldr.layout`
+(its sizes and parameter count), :mod:`~structurednets_ldr.fit` (:func:`fit_ldr`),
+:mod:`~structurednets_ldr.kernels` (the products :func:`weight` and :func:`multiply` and their
+backward), :mod:`~structurednets_ldr.schedule` (the cost model that picks how a product is
+evaluated), :mod:`~structurednets_ldr.operators` (the three-band operators),
+:mod:`~structurednets_ldr.plugin` (registration).
+"""
+
+from structurednets_ldr.fit import LDRFit, fit_ldr
+from structurednets_ldr.kernels import multiply, release_scratch, weight
+from structurednets_ldr.layer import LDRLayer
+from structurednets_ldr.layout import displacement_rank_for, ldr_nb_weight_parameters
 from structurednets_ldr.operators import bands_from_dense, bands_to_dense, cyclic_shift_bands
-from structurednets_ldr.ops import ldr_multiply, ldr_weight
-from structurednets_ldr.scratch import release_scratch
 
 __version__ = "0.1.0"
 
@@ -15,10 +23,10 @@ __all__ = [
     "bands_from_dense",
     "bands_to_dense",
     "cyclic_shift_bands",
+    "displacement_rank_for",
     "fit_ldr",
-    "ldr_multiply",
     "ldr_nb_weight_parameters",
-    "ldr_weight",
-    "plan_displacement_rank",
+    "multiply",
     "release_scratch",
+    "weight",
 ]

@@ -5,97 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from structurednets import StructuredLayer
-from structurednets.layers.structured_layer import dense_init_std
-from structurednets.validation import (
-    BudgetTooSmallError,
-    as_matrix,
-    check_positive_int,
-    weight_budget,
-)
-from structurednets_ldr import ops
-from structurednets_ldr.approximation import fit_ldr
+from structurednets.plugin import StructuredLayer, as_matrix, check_positive_int, dense_init_std
+from structurednets_ldr import kernels
+from structurednets_ldr.fit import fit_ldr
+from structurednets_ldr.layout import displacement_rank_for, generator_rank
 from structurednets_ldr.operators import bands_from_dense, bands_to_dense, cyclic_shift_bands
-from structurednets_ldr.products import choose_plan, plan_table
+from structurednets_ldr.schedule import choose_schedule, schedule_table
 
-__all__ = ["LDRLayer", "ldr_nb_weight_parameters", "plan_displacement_rank"]
-
-
-def plan_displacement_rank(
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
-    displacement_rank: int | None = None,
-) -> int:
-    """The displacement rank ``r`` of an LDR layer: ``displacement_rank`` if given and within
-    budget, else the largest ``r`` whose ``(r + 3) (input_dim + output_dim)`` scalars fit.
-
-    The ``3 (input_dim + output_dim)`` are the nonzeros of the operators ``A`` and ``B``.
-    """
-    budget = weight_budget(input_dim, output_dim, nb_params_share)
-    per_rank = input_dim + output_dim
-    if displacement_rank is None:
-        rank = budget // per_rank - 3
-        if rank < 1:
-            raise BudgetTooSmallError(
-                "ldr",
-                input_dim,
-                output_dim,
-                nb_params_share,
-                4 * per_rank,
-                "displacement rank 1 (operators A, B and generators G, H)",
-            )
-        return rank
-    rank = check_positive_int("displacement_rank", displacement_rank)
-    if (rank + 3) * per_rank > budget:
-        raise BudgetTooSmallError(
-            "ldr",
-            input_dim,
-            output_dim,
-            nb_params_share,
-            (rank + 3) * per_rank,
-            f"displacement rank {rank} (operators A, B and generators G, H)",
-        )
-    return rank
-
-
-def _generator_rank(generators: object) -> int:
-    if not isinstance(generators, (tuple, list)) or len(generators) != 2:
-        raise TypeError(
-            "generators must be a pair (G, H) with G of shape (output_dim, r) and H of shape "
-            f"(input_dim, r), got {type(generators).__name__}"
-        )
-    first = generators[0]
-    if not hasattr(first, "shape") or len(first.shape) != 2:
-        raise TypeError(
-            f"generators[0] (G) must be a 2-D array or tensor, got {type(first).__name__}"
-        )
-    return int(first.shape[1])
-
-
-def ldr_nb_weight_parameters(
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
-    *,
-    displacement_rank: int | None = None,
-    generators: tuple[object, object] | None = None,
-    krylov_columns: int | None = None,
-    operators: tuple[object, object] | None = None,
-    fit_max_evaluations: int = 400,
-    fit_max_seconds: float = 50.0,
-    cache_weight: bool = False,
-) -> int:
-    """Weight scalars of an :class:`LDRLayer` built with these arguments:
-    ``(r + 3) (input_dim + output_dim)``.
-
-    ``krylov_columns``, ``operators``, the fitting options and ``cache_weight`` do not change
-    the count.
-    """
-    if generators is not None:
-        displacement_rank = _generator_rank(generators)
-    rank = plan_displacement_rank(input_dim, output_dim, nb_params_share, displacement_rank)
-    return (rank + 3) * (input_dim + output_dim)
+__all__ = ["LDRLayer"]
 
 
 class LDRLayer(StructuredLayer):
@@ -118,7 +35,7 @@ class LDRLayer(StructuredLayer):
     Args:
         input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
             as for every :class:`~structurednets.StructuredLayer`. ``initial_weight_matrix`` is
-            fitted by :func:`~structurednets_ldr.approximation.fit_ldr` (float64 L-BFGS from
+            fitted by :func:`~structurednets_ldr.fit.fit_ldr` (float64 L-BFGS from
             shift and low-rank starts).
         displacement_rank: ``r``; by default the largest the budget allows,
             ``floor(share * in * out / (in + out)) - 3``.
@@ -132,6 +49,9 @@ class LDRLayer(StructuredLayer):
             the parameters are unchanged: such calls then cost one dense product, at the
             price of holding an ``output_dim x input_dim`` matrix. Off by default.
 
+    Shape:
+        input: ``(..., input_dim)``; output: ``(..., output_dim)``.
+
     Attributes:
         A_bands: ``(3, output_dim)``: ``A[i, i-1]``, ``A[i, i]``, ``A[i, i+1]`` (indices
             modulo ``output_dim``; the corners ``A[0, -1]`` and ``A[-1, 0]`` are
@@ -139,13 +59,20 @@ class LDRLayer(StructuredLayer):
         B_bands: ``(3, input_dim)``, likewise.
         G: ``(output_dim, r)``.
         H: ``(input_dim, r)``.
+        displacement_rank, krylov_columns: ``r`` and ``m``; with the sizes they are the
+            layer's :attr:`layout` (``layout.sizes``).
+        fit_relative_error: relative Frobenius error of the fit to ``initial_weight_matrix``,
+            else ``None``.
 
     Example:
-        >>> layer = LDRLayer(512, 512, nb_params_share=0.1)
-        >>> layer.displacement_rank
-        22
-        >>> layer(torch.randn(8, 512)).shape
-        torch.Size([8, 512])
+        >>> layer = LDRLayer(256, 256, nb_params_share=0.1)
+        >>> layer.layout.sizes
+        {'displacement_rank': 9, 'krylov_columns': 256}
+        >>> layer(torch.randn(8, 256)).shape
+        torch.Size([8, 256])
+        >>> twin = structurednets.create("ldr", layout=layer.layout)
+        >>> twin.load_state_dict(layer.state_dict())
+        <All keys matched successfully>
     """
 
     structure_name = "ldr"
@@ -176,14 +103,14 @@ class LDRLayer(StructuredLayer):
         if generators is not None:
             if target is not None:
                 raise ValueError("pass either initial_weight_matrix or generators, not both")
-            rank = _generator_rank(generators)
+            rank = generator_rank(generators)
             if displacement_rank is not None and displacement_rank != rank:
                 raise ValueError(
                     f"displacement_rank={displacement_rank!r} disagrees with the columns of "
                     f"generators ({rank})"
                 )
             displacement_rank = rank
-        self.displacement_rank = plan_displacement_rank(
+        self.displacement_rank = displacement_rank_for(
             self.input_dim, self.output_dim, self.nb_params_share, displacement_rank
         )
         if krylov_columns is None:
@@ -195,9 +122,10 @@ class LDRLayer(StructuredLayer):
         # Form and chain length per batch size, for training and for inference (shapes
         # only, so chosen once here): ((below, explicit, chain_length), ...); and the chain
         # lengths of W alone.
-        self._plans = {training: plan_table(*sizes, training) for training in (True, False)}
+        self._schedules = {training: schedule_table(*sizes, training) for training in (True, False)}
         self._weight_chain_lengths = {
-            training: choose_plan(*sizes, None, training=training)[1] for training in (True, False)
+            training: choose_schedule(*sizes, None, training=training)[1]
+            for training in (True, False)
         }
         #: Relative Frobenius error of the fit to ``initial_weight_matrix`` (else ``None``).
         self.fit_relative_error: float | None = None
@@ -245,6 +173,14 @@ class LDRLayer(StructuredLayer):
             bands_from_dense("operators[1] (B)", operators[1], self.input_dim),
         )
 
+    def layout_sizes(self) -> dict[str, object]:
+        """``{"displacement_rank": r, "krylov_columns": m}``: with the operators' fixed
+        three bands these fix every parameter's shape (the chain lengths follow from them)."""
+        return {
+            "displacement_rank": self.displacement_rank,
+            "krylov_columns": self.krylov_columns,
+        }
+
     @property
     def operators(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` as dense matrices (differentiable)."""
@@ -262,8 +198,8 @@ class LDRLayer(StructuredLayer):
         training = torch.is_grad_enabled() and (
             U.requires_grad or any(p.requires_grad for p in self._operands())
         )
-        explicit, chain_length = self._plan_for(U.shape[0], training)
-        return ops.multiply(
+        explicit, chain_length = self._schedule_for(U.shape[0], training)
+        return kernels.multiply(
             U,
             self.A_bands,
             self.B_bands,
@@ -277,14 +213,14 @@ class LDRLayer(StructuredLayer):
     def _operands(self) -> tuple[torch.Tensor, ...]:
         return self.A_bands, self.B_bands, self.G, self.H
 
-    def _plan_for(self, batch: int, training: bool) -> tuple[bool, int]:
+    def _schedule_for(self, batch: int, training: bool) -> tuple[bool, int]:
         """``(explicit, chain_length)`` for this batch size; comparisons only, which
         ``torch.compile`` turns into guards on a dynamic batch size."""
-        plans = self._plans[training]
-        for below, explicit, chain_length in plans:
+        schedules = self._schedules[training]
+        for below, explicit, chain_length in schedules:
             if below is not None and batch < below:
                 return explicit, chain_length
-        return plans[-1][1:]
+        return schedules[-1][1:]
 
     @torch.compiler.disable
     def _inference_weight(self) -> torch.Tensor:
@@ -303,7 +239,7 @@ class LDRLayer(StructuredLayer):
 
     def to_dense(self) -> torch.Tensor:
         training = torch.is_grad_enabled() and any(p.requires_grad for p in self._operands())
-        return ops.weight(
+        return kernels.weight(
             *self._operands(), self.krylov_columns, self._weight_chain_lengths[training]
         )
 

@@ -1,7 +1,8 @@
 """Entry point of the LDR plugin (group ``structurednets``)."""
 
-from structurednets import hookimpl
-from structurednets_ldr.layer import LDRLayer, ldr_nb_weight_parameters
+from structurednets.plugin import hookimpl
+from structurednets_ldr.layer import LDRLayer
+from structurednets_ldr.layout import ldr_nb_weight_parameters
 
 
 @hookimpl

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import scipy.sparse
 import torch
 from torch import nn
 
 from structurednets_psm.kernels import csr_matmul
 
-__all__ = ["BlockSparseFactor", "SparseFactor", "as_coordinates", "random_support"]
+__all__ = ["BlockSparseFactor", "SparseFactor", "random_support"]
 
 
 class SparseFactor(nn.Module):
@@ -188,26 +187,27 @@ def _compressed(sorted_indices: torch.Tensor, length: int) -> torch.Tensor:
 def random_support(
     rows: int, cols: int, nnz: int, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nnz`` distinct random positions of a ``rows x cols`` matrix that touch every row and
-    every column (needs ``max(rows, cols) <= nnz <= rows * cols``).
+    """``nnz`` distinct random positions of a ``rows x cols`` matrix (``0 <= nnz <= rows *
+    cols``) that touch every row and every column when ``nnz >= max(rows, cols)``.
 
     ``max(rows, cols)`` positions form a random cover (a permutation matrix when square);
-    the others are drawn uniformly from the remaining positions. Returns
-    ``(row_indices, col_indices)``, int64, unsorted.
+    the others are drawn uniformly from the remaining positions. Fewer than
+    ``max(rows, cols)`` positions are part of such a cover (in distinct rows or columns,
+    whichever are more). Returns ``(row_indices, col_indices)``, int64, unsorted.
     """
     size = rows * cols
     cover = max(rows, cols)
-    if not cover <= nnz <= size:
+    if isinstance(nnz, bool) or not isinstance(nnz, int) or not 0 <= nnz <= size:
         raise ValueError(
-            f"a {rows}x{cols} support touching every row and column needs between {cover} and {size} entries, got {nnz}"
+            f"nnz must be an integer between 0 and {size} (a {rows}x{cols} support), got {nnz!r}"
         )
     steps = torch.arange(cover)
     row_perm = torch.randperm(rows, generator=generator)
     col_perm = torch.randperm(cols, generator=generator)
     covered = row_perm[steps % rows] * cols + col_perm[steps % cols]
     needed = nnz - cover
-    if needed == 0:
-        chosen = covered
+    if needed <= 0:
+        chosen = covered[:nnz]
     elif needed > (size - cover) // 4:
         taken = torch.zeros(size, dtype=torch.bool)
         taken[covered] = True
@@ -231,84 +231,3 @@ def random_support(
             extra = torch.cat([extra, draws])
         chosen = torch.cat([covered, extra])
     return chosen // cols, chosen % cols
-
-
-def as_coordinates(
-    name: str, factor: object, shape: tuple[int, int] | None
-) -> tuple[tuple[int, int], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A user-given factor as ``(shape, rows, cols, values)`` (float64 values, no duplicates).
-
-    Accepts a scipy sparse matrix or array, a torch sparse tensor (any sparse layout), or a
-    pair ``(indices, values)`` with ``indices`` of shape ``(2, nnz)`` (row, col); a pair takes
-    ``shape`` as its shape. Duplicate positions are summed.
-    """
-    if scipy.sparse.issparse(factor):
-        coo = scipy.sparse.coo_matrix(factor)
-        coo.sum_duplicates()
-        given_shape = coo.shape
-        rows = torch.from_numpy(coo.row.astype(np.int64))
-        cols = torch.from_numpy(coo.col.astype(np.int64))
-        values = _real_values(name, coo.data)
-    elif isinstance(factor, torch.Tensor) and factor.layout != torch.strided:
-        if factor.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D sparse tensor, got {factor.dim()} dimensions")
-        coo = factor.detach().cpu().to_sparse_coo().coalesce()
-        given_shape = tuple(coo.shape)
-        rows, cols = coo.indices()
-        values = _real_values(name, coo.values())
-    elif isinstance(factor, (tuple, list)) and len(factor) == 2:
-        if shape is None:
-            raise ValueError(f"{name}: an (indices, values) pair needs a known shape")
-        indices = factor[0]
-        indices = indices.detach().cpu() if isinstance(indices, torch.Tensor) else indices
-        indices = torch.as_tensor(np.asarray(indices))
-        if indices.dim() != 2 or indices.shape[0] != 2 or indices.is_floating_point():
-            raise ValueError(
-                f"{name}: indices must be an integer array of shape (2, nnz), "
-                f"got {indices.dtype} of shape {tuple(indices.shape)}"
-            )
-        values = _real_values(name, factor[1])
-        if values.shape != (indices.shape[1],):
-            raise ValueError(
-                f"{name}: values must have shape ({indices.shape[1]},) to match the indices, "
-                f"got {tuple(values.shape)}"
-            )
-        given_shape = shape
-        rows, cols = indices.to(torch.int64)
-        _check_range(name, rows, cols, given_shape)
-        coo = torch.sparse_coo_tensor(
-            torch.stack([rows, cols]), values, shape, check_invariants=True
-        ).coalesce()
-        rows, cols = coo.indices()
-        values = coo.values()
-    else:
-        raise TypeError(
-            f"{name} must be a scipy sparse matrix, a torch sparse tensor or a pair "
-            f"(indices of shape (2, nnz), values of shape (nnz,)), got {type(factor).__name__}"
-        )
-    if shape is not None and tuple(given_shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(given_shape)}")
-    _check_range(name, rows, cols, given_shape)
-    shape = (int(given_shape[0]), int(given_shape[1]))
-    return shape, rows.to(torch.int64), cols.to(torch.int64), values
-
-
-def _check_range(name: str, rows: torch.Tensor, cols: torch.Tensor, shape) -> None:
-    if rows.numel() and (
-        rows.min() < 0 or cols.min() < 0 or rows.max() >= shape[0] or cols.max() >= shape[1]
-    ):
-        raise ValueError(f"{name} has indices outside its shape {tuple(shape)}")
-
-
-def _real_values(name: str, values: object) -> torch.Tensor:
-    """``values`` as a float64 CPU tensor; real and finite, else TypeError/ValueError."""
-    if isinstance(values, torch.Tensor):
-        tensor = values.detach().cpu()
-    else:
-        tensor = torch.as_tensor(np.asarray(values))
-    if tensor.is_complex() or tensor.dtype == torch.bool:
-        raise TypeError(f"{name} must hold real numbers, got dtype {tensor.dtype}")
-    tensor = tensor.to(torch.float64)
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} must be finite, but some of its values are NaN or infinite")
-    return tensor

@@ -8,25 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from structurednets import StructuredLayer
-from structurednets.layers.structured_layer import dense_init_std
-from structurednets.validation import BudgetTooSmallError, weight_budget
-from structurednets_psm.factors import (
-    BlockSparseFactor,
-    SparseFactor,
-    as_coordinates,
-    random_support,
-)
-from structurednets_psm.palm import Factorization, PALMSettings, factorize
-from structurednets_psm.plan import (
-    PSMPlan,
-    block_shapes,
-    check_block_size,
-    check_nnz_split,
-    factor_shapes,
-    plan_psm,
-    smallest_nonzeros,
-)
+from structurednets.plugin import StructuredLayer, dense_init_std
+from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
+from structurednets_psm.fit import Factorization, PALMSettings, fit_psm
+from structurednets_psm.given_factors import check_factors_alone, sizes_of_factors
+from structurednets_psm.layout import FactorSizes, check_size_options, layer_sizes
 
 __all__ = ["PSMLayer", "psm_nb_weight_parameters"]
 
@@ -36,80 +22,42 @@ def psm_nb_weight_parameters(
     output_dim: int,
     nb_params_share: float,
     *,
-    nb_matrices: int = 2,
+    nb_matrices: int | None = None,
     nnz_split: Sequence[float] | None = None,
     inner_dim: int | None = None,
+    factor_shapes: object = None,
+    nonzeros: object = None,
     factors: Sequence[object] | None = None,
     seed: int = 0,
-    palm_settings: PALMSettings | None = None,
+    palm_settings: object = None,
     block_size: int = 1,
 ) -> int:
-    """Stored values of a :class:`PSMLayer` built with these arguments and no
-    ``initial_weight_matrix``: the whole budget shared between the factors (in whole blocks),
-    or the nonzeros of the given ``factors``."""
+    """Stored values of a :class:`~structurednets_psm.PSMLayer` built with these arguments
+    and no ``initial_weight_matrix``: the given ``nonzeros``, the nonzeros of the given
+    ``factors``, or the whole budget shared between the factors (in whole blocks)."""
     if factors is not None:
-        _refuse_blocks_with_factors(block_size)
-        plan = _plan_from_factors(input_dim, output_dim, nb_params_share, factors, inner_dim)[0]
-        return plan.total_nonzeros
-    plan = plan_psm(
+        check_factors_alone(
+            factors,
+            nb_matrices=nb_matrices,
+            nnz_split=nnz_split,
+            factor_shapes=factor_shapes,
+            nonzeros=nonzeros,
+            block_size=block_size,
+        )
+        return sizes_of_factors(input_dim, output_dim, nb_params_share, factors, inner_dim)[
+            0
+        ].total_nonzeros
+    return layer_sizes(
         input_dim,
         output_dim,
         nb_params_share,
         nb_matrices=nb_matrices,
         inner_dim=inner_dim,
+        factor_shapes=factor_shapes,
+        nonzeros=nonzeros,
         nnz_split=nnz_split,
         block_size=block_size,
-    )
-    return plan.total_nonzeros
-
-
-def _refuse_blocks_with_factors(block_size: object) -> None:
-    if block_size != 1:
-        raise ValueError(
-            f"block_size={block_size!r} cannot be combined with factors (given factors are "
-            "element-sparse); leave block_size=1"
-        )
-
-
-def _plan_from_factors(
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
-    factors: object,
-    inner_dim: int | None,
-) -> tuple[PSMPlan, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence) or not factors:
-        raise TypeError(
-            "factors must be a non-empty list of sparse factors S_1, ..., S_J (W = S_1 ... S_J; "
-            f"scipy sparse matrices, torch sparse tensors or (indices, values) pairs), got {factors!r}"
-        )
-    expected = factor_shapes(input_dim, output_dim, len(factors), inner_dim)
-    shapes, coordinates = [], []
-    previous_cols = output_dim
-    for j, factor in enumerate(factors):
-        is_pair = isinstance(factor, (tuple, list))
-        shape, rows, cols, values = as_coordinates(
-            f"factors[{j}]", factor, expected[j] if is_pair else None
-        )
-        if shape[0] != previous_cols:
-            raise ValueError(
-                f"factors[{j}] must have {previous_cols} rows to chain "
-                f"(W = S_1 ... S_J is output_dim x input_dim), got shape {shape}"
-            )
-        previous_cols = shape[1]
-        shapes.append(shape)
-        coordinates.append((rows, cols, values))
-    if previous_cols != input_dim:
-        raise ValueError(
-            f"factors[-1] must have input_dim={input_dim} columns, got shape {shapes[-1]}"
-        )
-    nonzeros = tuple(rows.numel() for rows, _, _ in coordinates)
-    needed = sum(nonzeros)
-    if needed > weight_budget(input_dim, output_dim, nb_params_share):
-        raise BudgetTooSmallError(
-            "psm", input_dim, output_dim, nb_params_share, needed, "the given factors"
-        )
-    return PSMPlan(tuple(shapes), nonzeros), coordinates
+    ).total_nonzeros
 
 
 class PSMLayer(StructuredLayer):
@@ -125,12 +73,18 @@ class PSMLayer(StructuredLayer):
     Args:
         input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
             as for every :class:`~structurednets.StructuredLayer`. ``initial_weight_matrix`` is
-            approximated by hierarchical PALM (:func:`structurednets_psm.factorize`), which
+            approximated by hierarchical PALM (:func:`structurednets_psm.fit_psm`), which
             also searches the split of the nonzeros unless ``nnz_split`` is given.
-        nb_matrices: ``J``, the number of sparse factors.
+        nb_matrices: ``J``, the number of sparse factors; default 2 (or the number of
+            ``factor_shapes``).
         nnz_split: relative share of the nonzeros of each factor (``J`` positive numbers);
             default equal for a random layer, searched when fitting a matrix.
         inner_dim: the inner dimensions (all equal); default ``min(input_dim, output_dim)``.
+        factor_shapes: ``[rows, cols]`` of each factor, chained from ``output_dim`` rows to
+            ``input_dim`` columns (instead of ``nb_matrices`` and ``inner_dim``).
+        nonzeros: the stored values of each factor (multiples of ``block_size**2``, at most
+            the budget in all), instead of sharing the whole budget. With ``factor_shapes``
+            and ``block_size`` these are the layer's ``layout.sizes``.
         factors: ``S_1, ..., S_J`` to start from: scipy sparse matrices, torch sparse
             tensors, or ``(indices, values)`` pairs with ``indices`` of shape ``(2, nnz)``
             (pairs take the shapes implied by the dims and ``inner_dim``). Their supports
@@ -145,17 +99,30 @@ class PSMLayer(StructuredLayer):
             element-sparse kernels at the same number of values, at some cost in accuracy
             when fitting a matrix.
 
+    Shape:
+        input: ``(..., input_dim)``; output: ``(..., output_dim)``.
+
     Attributes:
-        factors: ``nn.ModuleList`` of :class:`SparseFactor`, ``S_1`` first (output side).
-        fit: the :class:`~structurednets_psm.palm.Factorization` when fitted to a matrix,
-            else ``None``.
+        factors: ``nn.ModuleList`` of :class:`SparseFactor` (or :class:`BlockSparseFactor`),
+            ``S_1`` first (output side); each holds its support as persistent integer
+            buffers and its values as one parameter.
+        sizes: the factors' shapes and nonzeros (:class:`~structurednets_psm.FactorSizes`).
+        fit: the :class:`~structurednets_psm.Factorization` when fitted to a matrix, else
+            ``None`` (not saved with the state dict).
+        bias: the learnable ``(output_dim,)`` bias, or ``None``.
 
     Example:
-        >>> layer = PSMLayer(512, 256, nb_params_share=0.1)
-        >>> [f.nnz for f in layer.factors]
-        [6554, 6553]
-        >>> layer(torch.randn(8, 512)).shape
-        torch.Size([8, 256])
+        >>> _ = torch.manual_seed(0)
+        >>> layer = PSMLayer(64, 32, nb_params_share=0.25)
+        >>> layer.layout_sizes()
+        {'factor_shapes': [[32, 32], [32, 64]], 'nonzeros': [256, 256], 'block_size': 1}
+        >>> layer(torch.randn(8, 64)).shape
+        torch.Size([8, 32])
+        >>> twin = structurednets.create("psm", layout=layer.layout)  # random, same shapes
+        >>> _ = twin.load_state_dict(layer.state_dict())  # supports and values
+        >>> U = torch.randn(4, 64)
+        >>> torch.equal(twin(U), layer(U))
+        True
     """
 
     structure_name = "psm"
@@ -169,9 +136,11 @@ class PSMLayer(StructuredLayer):
         initial_weight_matrix: object = None,
         initial_bias: object = None,
         *,
-        nb_matrices: int = 2,
+        nb_matrices: int | None = None,
         nnz_split: Sequence[float] | None = None,
         inner_dim: int | None = None,
+        factor_shapes: Sequence[Sequence[int]] | None = None,
+        nonzeros: Sequence[int] | None = None,
         factors: Sequence[object] | None = None,
         seed: int = 0,
         palm_settings: PALMSettings | None = None,
@@ -186,52 +155,63 @@ class PSMLayer(StructuredLayer):
                 f"palm_settings must be a structurednets_psm.PALMSettings, got {palm_settings!r}"
             )
         self.fit: Factorization | None = None
+        size_options = {
+            "nb_matrices": nb_matrices,
+            "inner_dim": inner_dim,
+            "factor_shapes": factor_shapes,
+            "nonzeros": nonzeros,
+            "nnz_split": nnz_split,
+            "block_size": block_size,
+        }
+        share = self.nb_params_share
         if factors is not None:
             if target is not None:
                 raise ValueError("pass either initial_weight_matrix or factors, not both")
-            _refuse_blocks_with_factors(block_size)
-            plan, coordinates = _plan_from_factors(
-                self.input_dim, self.output_dim, self.nb_params_share, factors, inner_dim
+            inner_dim = size_options.pop("inner_dim")  # shapes the (indices, values) pairs
+            check_factors_alone(factors, **size_options)
+            sizes, coordinates = sizes_of_factors(
+                self.input_dim, self.output_dim, share, factors, inner_dim
             )
             modules = [
                 SparseFactor(rows, cols, *coords)
-                for (rows, cols), coords in zip(plan.shapes, coordinates, strict=True)
+                for (rows, cols), coords in zip(sizes.shapes, coordinates, strict=True)
             ]
         elif target is not None:
-            shapes = factor_shapes(self.input_dim, self.output_dim, nb_matrices, inner_dim)
-            weights = check_nnz_split(nnz_split, len(shapes))
-            block = check_block_size(block_size, shapes)
-            needed = sum(smallest_nonzeros(block_shapes(shapes, block))) * block * block
-            self.require_budget(
-                needed, f"{len(shapes)} sparse factor(s) with a nonzero in every row and column"
-            )
-            self.fit = factorize(
+            checked = check_size_options(self.input_dim, self.output_dim, share, **size_options)
+            self.fit = fit_psm(
                 target,
-                shapes,
                 self.weight_budget,
-                nnz_split=weights,
+                factor_shapes=checked.shapes,
+                nnz_split=checked.nnz_split,
+                nonzeros=checked.nonzeros,
                 seed=seed,
                 settings=palm_settings,
-                block_size=block,
+                block_size=checked.block_size,
             )
             modules = [
-                _factor_from_fit(rows, cols, block, matrix, support)
+                _factor_from_fit(rows, cols, checked.block_size, matrix, support)
                 for (rows, cols), matrix, support in zip(
-                    shapes, self.fit.factors, self.fit.supports, strict=True
+                    checked.shapes, self.fit.factors, self.fit.supports, strict=True
                 )
             ]
         else:
-            plan = plan_psm(
-                self.input_dim,
-                self.output_dim,
-                self.nb_params_share,
-                nb_matrices=nb_matrices,
-                inner_dim=inner_dim,
-                nnz_split=nnz_split,
-                block_size=block_size,
-            )
-            modules = _random_factors(plan, dense_init_std(self.input_dim))
+            sizes = layer_sizes(self.input_dim, self.output_dim, share, **size_options)
+            modules = _random_factors(sizes, dense_init_std(self.input_dim))
         self.factors = nn.ModuleList(modules)
+
+    def layout_sizes(self) -> dict[str, object]:
+        """``factor_shapes`` (``[rows, cols]`` of each factor), ``nonzeros`` (stored values of
+        each factor) and ``block_size``: options that rebuild exactly these factors."""
+        return self.sizes.as_layout_sizes()
+
+    @property
+    def sizes(self) -> FactorSizes:
+        """The factors' shapes and nonzeros (see :meth:`layout_sizes`)."""
+        return FactorSizes(
+            tuple((f.rows, f.cols) for f in self.factors),
+            tuple(f.nnz for f in self.factors),
+            self.block_size,
+        )
 
     @property
     def nb_matrices(self) -> int:
@@ -278,7 +258,7 @@ def _factor_from_fit(
     return BlockSparseFactor(rows, cols, block, block_rows, block_cols, blocks)
 
 
-def _random_factors(plan: PSMPlan, std: float) -> list[SparseFactor | BlockSparseFactor]:
+def _random_factors(sizes: FactorSizes, std: float) -> list[SparseFactor | BlockSparseFactor]:
     """Random supports touching every row and column (of blocks); Gaussian values of one
     common scale so that the entries of the product have deviation ``std``.
 
@@ -286,15 +266,17 @@ def _random_factors(plan: PSMPlan, std: float) -> list[SparseFactor | BlockSpars
     variance ``s^2``, an entry of the product has variance
     ``prod_j (p_j s^2) * prod_{j<J} d_j`` (also for block supports, ``p_j`` their density).
     """
-    log_gain = 0.0
-    for j, ((rows, cols), nnz) in enumerate(zip(plan.shapes, plan.nonzeros, strict=True)):
-        log_gain += math.log(nnz / (rows * cols))
-        if j < len(plan.shapes) - 1:
-            log_gain += math.log(cols)
-    scale = math.exp((2 * math.log(std) - log_gain) / (2 * len(plan.shapes)))
-    b = plan.block_size
+    scale = 1.0  # a factor without values makes the product zero at any scale
+    if all(sizes.nonzeros):
+        log_gain = 0.0
+        for j, ((rows, cols), nnz) in enumerate(zip(sizes.shapes, sizes.nonzeros, strict=True)):
+            log_gain += math.log(nnz / (rows * cols))
+            if j < len(sizes.shapes) - 1:
+                log_gain += math.log(cols)
+        scale = math.exp((2 * math.log(std) - log_gain) / (2 * len(sizes.shapes)))
+    b = sizes.block_size
     modules: list[SparseFactor | BlockSparseFactor] = []
-    for (rows, cols), nnz in zip(plan.shapes, plan.nonzeros, strict=True):
+    for (rows, cols), nnz in zip(sizes.shapes, sizes.nonzeros, strict=True):
         nb_blocks = nnz // (b * b)
         block_rows, block_cols = random_support(rows // b, cols // b, nb_blocks)
         if b == 1:

@@ -1,6 +1,6 @@
 """Entry point of the PSM plugin (group ``structurednets``)."""
 
-from structurednets import hookimpl
+from structurednets.plugin import hookimpl
 from structurednets_psm.layer import PSMLayer, psm_nb_weight_parameters
 
 

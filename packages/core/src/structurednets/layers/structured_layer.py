@@ -151,8 +151,15 @@ class StructuredLayer(nn.Module, abc.ABC):
 
     @property
     def layout(self) -> Layout:
-        """Everything that fixes this layer's shape; see :class:`structurednets.Layout`."""
-        return Layout(
+        """Everything that fixes this layer's shape; see :class:`structurednets.Layout`.
+
+        Built once (shapes do not change after construction) and kept, since ``state_dict``
+        asks for it every time.
+        """
+        cached = self.__dict__.get("_layout")
+        if cached is not None:
+            return cached
+        layout = Layout(
             self.structure_name,
             self.input_dim,
             self.output_dim,
@@ -160,6 +167,8 @@ class StructuredLayer(nn.Module, abc.ABC):
             nb_params_share=self.nb_params_share,
             sizes=self.layout_sizes(),
         )
+        self.__dict__["_layout"] = layout
+        return layout
 
     @classmethod
     def from_layout(cls, layout: Layout) -> StructuredLayer:

@@ -3,7 +3,7 @@
 ``torch.compile`` sees each product as one opaque operator (``structurednets_ldr::weight``
 builds ``W``, ``structurednets_ldr::product`` applies the factored form), with a shape function
 for fake and meta tensors and a backward that is another opaque operator; none of the
-Python loops, plans and in-place kernels of :mod:`structurednets_ldr.products` is traced, so
+Python loops, schedules and in-place kernels of :mod:`structurednets_ldr.kernels.forms` is traced, so
 there are no graph breaks. Everything an operator needs besides tensors is an integer: the
 number of Krylov columns ``m`` and the chain length ``b``, chosen before the call from the
 shapes alone.
@@ -23,18 +23,18 @@ import contextlib
 import torch
 from torch import Tensor
 
-from structurednets_ldr import compiled
-from structurednets_ldr.krylov import even_chains, starts_shape
-from structurednets_ldr.products import (
-    LDRPlan,
-    chain_plan,
+from structurednets_ldr.kernels import compiled
+from structurednets_ldr.kernels.forms import (
+    chain_geometry,
     explicit_backward,
     explicit_forward,
     factored_backward,
     factored_forward,
 )
+from structurednets_ldr.kernels.krylov import even_chains, starts_shape
+from structurednets_ldr.schedule import choose_schedule, compiled_chain_length
 
-__all__ = ["ldr_multiply", "ldr_weight", "multiply", "weight"]
+__all__ = ["multiply", "weight"]
 
 
 def _without_autocast(tensor: Tensor) -> contextlib.AbstractContextManager:
@@ -58,9 +58,11 @@ def _weight(
     keep: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not keep and compiled.supports(G):  # no backward pass to feed: the compiled kernels
-        W = compiled.weight(A_bands, B_bands, G, H, nb_columns)
+        out_dim, in_dim, rank = A_bands.shape[1], B_bands.shape[1], G.shape[1]
+        chain = compiled_chain_length(out_dim, in_dim, nb_columns, rank)
+        W = compiled.weight(A_bands, B_bands, G, H, nb_columns, chain)
         return W, G.new_empty(0), G.new_empty(0)
-    chain = chain_plan(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, G.shape[1])
+    chain = chain_geometry(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, G.shape[1])
     with _without_autocast(A_bands):
         return explicit_forward(A_bands, B_bands, G, H, chain, keep)
 
@@ -89,7 +91,7 @@ def _weight_backward(
     nb_columns: int,
     chain_length: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    chain = chain_plan(
+    chain = chain_geometry(
         A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, starts.shape[1]
     )
     with _without_autocast(dW):
@@ -148,7 +150,7 @@ def _product(
     chain_length: int,
     keep: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    chain = chain_plan(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, G.shape[1])
+    chain = chain_geometry(A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, G.shape[1])
     with _without_autocast(U):
         return factored_forward(U, A_bands, B_bands, G, H, chain, keep)
 
@@ -183,7 +185,7 @@ def _product_backward(
     chain_length: int,
     input_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    chain = chain_plan(
+    chain = chain_geometry(
         A_bands.shape[1], B_bands.shape[1], nb_columns, chain_length, starts.shape[1]
     )
     with _without_autocast(dY):
@@ -239,49 +241,55 @@ def _wants_gradient(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
-def weight(A_bands, B_bands, G, H, nb_columns: int, chain_length: int) -> Tensor:
+def weight(
+    A_bands: Tensor,
+    B_bands: Tensor,
+    G: Tensor,
+    H: Tensor,
+    nb_columns: int,
+    chain_length: int | None = None,
+) -> Tensor:
     """``W = sum_(k<m) A^k G H^T B^k`` ``(out, in)`` with ``m = nb_columns`` Krylov columns,
-    in chains of ``chain_length``; differentiable (once)."""
+    i.e. ``sum_i K(A, g_i) K(B^T, h_i)^T``; differentiable (once).
+
+    ``A_bands`` ``(3, out)``, ``B_bands`` ``(3, in)`` (see :mod:`structurednets_ldr.operators`),
+    ``G`` ``(out, r)``, ``H`` ``(in, r)``. ``chain_length``: ``b`` of the Horner evaluation
+    (default: the cost model's, :func:`~structurednets_ldr.schedule.choose_schedule`).
+    """
     keep = _wants_gradient(A_bands, B_bands, G, H)
+    if chain_length is None:
+        sizes = (A_bands.shape[1], B_bands.shape[1], nb_columns, G.shape[1])
+        chain_length = choose_schedule(*sizes, None, training=keep)[1]
     return torch.ops.structurednets_ldr.weight(
         A_bands, B_bands, G, H, nb_columns, chain_length, keep
     )[0]
 
 
 def multiply(
-    U, A_bands, B_bands, G, H, nb_columns: int, chain_length: int, explicit: bool
+    U: Tensor,
+    A_bands: Tensor,
+    B_bands: Tensor,
+    G: Tensor,
+    H: Tensor,
+    nb_columns: int,
+    chain_length: int | None = None,
+    explicit: bool | None = None,
 ) -> Tensor:
-    """``U W^T`` for ``U`` ``(batch, in)``: with the explicit ``W`` or in factored form."""
+    """``U W^T`` ``(batch, out)`` for ``U`` ``(batch, in)`` and :func:`weight`'s ``W``;
+    differentiable (once).
+
+    ``explicit``: with the explicit ``W`` (``True``) or in factored form (``False``);
+    ``chain_length``: ``b``. Those not given are the cost model's choice for the batch size
+    (:func:`~structurednets_ldr.schedule.choose_schedule`).
+    """
+    keep = _wants_gradient(U, A_bands, B_bands, G, H)
+    if explicit is None or chain_length is None:
+        sizes = (A_bands.shape[1], B_bands.shape[1], nb_columns, G.shape[1])
+        explicit, chain_length = choose_schedule(
+            *sizes, U.shape[0], explicit=explicit, chain_length=chain_length, training=keep
+        )
     if explicit:
         return U @ weight(A_bands, B_bands, G, H, nb_columns, chain_length).T
-    keep = _wants_gradient(U, A_bands, B_bands, G, H)
     return torch.ops.structurednets_ldr.product(
         U, A_bands, B_bands, G, H, nb_columns, chain_length, keep
     )[0]
-
-
-def ldr_weight(
-    A_bands: torch.Tensor,
-    B_bands: torch.Tensor,
-    G: torch.Tensor,
-    H: torch.Tensor,
-    plan: LDRPlan,
-) -> torch.Tensor:
-    """``W = sum_(k<m) A^k G H^T B^k``, shape ``(out, in)``; differentiable.
-
-    Equals ``sum_i K(A, g_i) K(B^T, h_i)^T`` with ``m``-column Krylov matrices.
-    """
-    return weight(A_bands, B_bands, G, H, plan.chain.nb_columns, plan.chain.chain_length)
-
-
-def ldr_multiply(
-    U: torch.Tensor,
-    A_bands: torch.Tensor,
-    B_bands: torch.Tensor,
-    G: torch.Tensor,
-    H: torch.Tensor,
-    plan: LDRPlan,
-) -> torch.Tensor:
-    """``U @ W.T`` for ``U`` ``(batch, in)``, in the form ``plan`` says; differentiable."""
-    chain = plan.chain
-    return multiply(U, A_bands, B_bands, G, H, chain.nb_columns, chain.chain_length, plan.explicit)

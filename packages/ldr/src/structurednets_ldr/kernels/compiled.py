@@ -1,6 +1,6 @@
 """Compiled CPU kernels that build ``W`` when no gradient is wanted (inference), with numba.
 
-The torch kernels of :mod:`structurednets_ldr.products` issue hundreds of small operations
+The torch kernels of :mod:`structurednets_ldr.kernels.forms` issue hundreds of small operations
 per ``W`` (coarse steps, then ``b - 1`` Horner steps of two stencils with five operations
 each); on CPU each costs 1.5 to 2 us of dispatch, which dominates below about 256 x 256
 (at 128 x 128, ``r = 3``: about 400 us for 50 us of arithmetic). Here the same evaluation
@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import math
 
 import numpy as np
 import torch
 
-from structurednets_ldr.krylov import even_chains
-from structurednets_ldr.scratch import scratch
+from structurednets_ldr.kernels.krylov import even_chains
+from structurednets_ldr.kernels.scratch import scratch
 
-__all__ = ["AVAILABLE", "chain_length", "supports", "weight", "weight_seconds"]
+__all__ = ["AVAILABLE", "supports", "weight"]
 
 #: Whether numba is installed (it is imported, and the kernels compiled, on first use).
 AVAILABLE = importlib.util.find_spec("numba") is not None
@@ -44,54 +43,23 @@ def supports(tensor: torch.Tensor) -> bool:
     return AVAILABLE and tensor.device.type == "cpu" and tensor.dtype in _DTYPES
 
 
-# Single-thread rates behind the chain length: multiply-adds per second of the W_0 product
-# and of the starts' steps, and matrix entries per second of a Horner step (measured at 64
-# to 1024, float32), and the fixed cost of a call.
-_PRODUCT_RATE = 5e10
-_STEP_RATE = 2.5e10
-_HORNER_RATE = 5.5e9
-_CALL = 30e-6
-
-
-@functools.lru_cache(maxsize=256)
-def chain_length(out_dim: int, in_dim: int, nb_columns: int, rank: int) -> int:
-    """The chain length ``b`` with the least estimated time of :func:`weight`: a longer chain
-    means a thinner ``W_0`` product and more Horner steps, ``b* ~ sqrt(5.5 m r / 50)``."""
-    return min(
-        range(1, nb_columns + 1),
-        key=lambda b: weight_seconds(out_dim, in_dim, nb_columns, rank, b),
-    )
-
-
-def weight_seconds(
-    out_dim: int, in_dim: int, nb_columns: int, rank: int, chain: int | None = None
-) -> float:
-    """Estimated seconds of :func:`weight` (one thread)."""
-    if chain is None:
-        chain = chain_length(out_dim, in_dim, nb_columns, rank)
-    nb_chains = math.ceil(nb_columns / chain)
-    steps = 3 * nb_columns * rank * (out_dim + in_dim) / _STEP_RATE
-    product = out_dim * in_dim * nb_chains * rank / _PRODUCT_RATE
-    horner = (chain - 1) * out_dim * in_dim / _HORNER_RATE
-    return _CALL + steps + product + horner
-
-
 def weight(
     A_bands: torch.Tensor,
     B_bands: torch.Tensor,
     G: torch.Tensor,
     H: torch.Tensor,
     nb_columns: int,
-    chain: int | None = None,
+    chain: int,
 ) -> torch.Tensor:
     """``W = sum_(k<m) A^k G H^T B^k`` ``(out, in)``, without autograd (a fresh tensor).
 
     Needs :func:`supports` of the inputs; ``A_bands`` ``(3, out)``, ``B_bands`` ``(3, in)``,
     ``G`` ``(out, r)``, ``H`` ``(in, r)``, all of one dtype. ``chain``: the chain length
-    ``b`` (default :func:`chain_length`).
+    ``b`` (evened out like the torch kernels'; the cost model's choice is
+    :func:`structurednets_ldr.schedule.compiled_chain_length`).
     """
     out_dim, in_dim, rank = A_bands.shape[1], B_bands.shape[1], G.shape[1]
-    b, nb_chains = even_chains(nb_columns, chain or chain_length(out_dim, in_dim, nb_columns, rank))
+    b, nb_chains = even_chains(nb_columns, chain)
     last = nb_columns - (nb_chains - 1) * b
     with torch.no_grad():
         A = A_bands.detach().contiguous()

@@ -8,7 +8,7 @@ An LDR matrix ``W = sum_(k<m) A^k G H^T B^k`` never needs its Krylov matrices: c
 where ``S_A = [G, A^b G, A^(2b) G, ...]`` (``out x M r``) and ``S_B = [H, (B^T)^b H, ...]``
 (``in x M r``) are the *chain starts*. This module computes the chain starts of the stacked
 operator ``T = diag(A, B^T)`` in ``M - 1`` *coarse* steps with ``P = T^b`` and runs their
-adjoint; :mod:`structurednets_ldr.products` does the rest with ``b`` Horner steps.
+adjoint; :mod:`structurednets_ldr.kernels.forms` does the rest with ``b`` Horner steps.
 
 ``P`` is banded (bandwidth ``b``) and kept in *row chunks*: chunk ``c`` holds ``q``
 consecutive rows of one diagonal block and the window of ``w = q + 2 b`` columns around
@@ -30,18 +30,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from structurednets_ldr.kernels.scratch import scratch
 from structurednets_ldr.operators import transpose_bands
-from structurednets_ldr.scratch import scratch
 
 __all__ = [
-    "ChainPlan",
+    "ChainGeometry",
     "chain_starts_backward",
     "coarse_state",
     "combined_coefficients",
     "combined_coefficients_backward",
     "default_chunk_size",
     "even_chains",
-    "make_chain_plan",
+    "make_chain_geometry",
     "power_chunks",
     "power_chunks_backward",
     "power_steps",
@@ -51,7 +51,7 @@ __all__ = [
 
 @dataclass
 class _Indices:
-    """Index tensors of a plan on one device."""
+    """Index tensors of a chain geometry on one device."""
 
     chunk_rows: torch.Tensor  # (N,) chunk-layout row of every real row
     nb_minus: torch.Tensor  # (N,) real row of the periodic neighbour i - 1
@@ -62,7 +62,7 @@ class _Indices:
 
 
 @dataclass(frozen=True, eq=False)
-class ChainPlan:
+class ChainGeometry:
     """How the chain starts of a block-diagonal tridiagonal-plus-corner operator are built.
 
     Rows live in a *chunk layout*: every block is padded with zero rows to a multiple of the
@@ -113,7 +113,7 @@ class ChainPlan:
         return slice(start, start + self.block_sizes[block])
 
     def cached(self, key: tuple, make):
-        """``make()``, computed once per ``key`` and kept with the plan (index tensors per
+        """``make()``, computed once per ``key`` and kept with the geometry (index tensors per
         device, and the like)."""
         if key not in self._cache:
             self._cache[key] = make()
@@ -146,14 +146,14 @@ class ChainPlan:
         return self.cached((str(device), "scatter", rank), make)
 
 
-def make_chain_plan(
+def make_chain_geometry(
     block_sizes: tuple[int, ...],
     nb_columns: int,
     chain_length: int,
     chunk_size: int | None = None,
     rank: int = 1,
-) -> ChainPlan:
-    """A :class:`ChainPlan`; the chain length is evened out so that ``M b - m < M``; the
+) -> ChainGeometry:
+    """A :class:`ChainGeometry`; the chain length is evened out so that ``M b - m < M``; the
     default chunk size depends on the number ``rank`` of vectors per block."""
     if nb_columns < 1 or not block_sizes or min(block_sizes) < 1:
         raise ValueError(
@@ -162,7 +162,7 @@ def make_chain_plan(
     chain_length, nb_chains = even_chains(nb_columns, chain_length)
     if chunk_size is None:
         chunk_size = default_chunk_size(chain_length, max(block_sizes), rank)
-    return ChainPlan(
+    return ChainGeometry(
         tuple(int(n) for n in block_sizes), int(nb_columns), chain_length, nb_chains, chunk_size
     )
 
@@ -200,12 +200,14 @@ def starts_shape(out_dim, in_dim, rank: int, nb_columns: int, chain_length: int)
     return nb_chains, rank, ((out_dim + q - 1) // q + (in_dim + q - 1) // q) * q
 
 
-def _build_indices(plan: ChainPlan, device: torch.device) -> _Indices:
-    q, b, w = plan.chunk_size, plan.chain_length, plan.window
+def _build_indices(geometry: ChainGeometry, device: torch.device) -> _Indices:
+    q, b, w = geometry.chunk_size, geometry.chain_length, geometry.window
     chunk_rows, nb_minus, nb_plus, window_rows, window_real = [], [], [], [], []
     real_start = 0
-    for block, (n, chunks) in enumerate(zip(plan.block_sizes, plan.block_chunks, strict=True)):
-        layout_start = plan.rows(block).start
+    for block, (n, chunks) in enumerate(
+        zip(geometry.block_sizes, geometry.block_chunks, strict=True)
+    ):
+        layout_start = geometry.rows(block).start
         local = torch.arange(n)
         chunk_rows.append(layout_start + local)
         nb_minus.append(real_start + (local - 1) % n)
@@ -215,11 +217,11 @@ def _build_indices(plan: ChainPlan, device: torch.device) -> _Indices:
         window_real.append(real_start + slots)
         real_start += n
     chunk_rows_t = torch.cat(chunk_rows)
-    valid = torch.zeros(plan.nb_chunk_rows, dtype=torch.bool)
+    valid = torch.zeros(geometry.nb_chunk_rows, dtype=torch.bool)
     valid[chunk_rows_t] = True
-    unit = torch.zeros(plan.nb_chunks, w, q, dtype=torch.float32)
+    unit = torch.zeros(geometry.nb_chunks, w, q, dtype=torch.float32)
     li = torch.arange(q)
-    unit[:, li + b, li] = valid.view(plan.nb_chunks, q).to(torch.float32)
+    unit[:, li + b, li] = valid.view(geometry.nb_chunks, q).to(torch.float32)
     return _Indices(
         chunk_rows=chunk_rows_t.to(device),
         nb_minus=torch.cat(nb_minus).to(device),
@@ -245,26 +247,28 @@ def combined_coefficients_backward(
     return gradient[:, :out_dim], of_B
 
 
-def _power_gather(plan: ChainPlan, device: torch.device) -> torch.Tensor:
+def _power_gather(geometry: ChainGeometry, device: torch.device) -> torch.Tensor:
     """``(3 * chunks * w,)`` flat indices into ``coefficients`` ``(3, N)`` of the bands of
     ``T^T`` at every window slot (see :func:`_power_windows`)."""
 
     def make():
-        idx = plan.indices(device)
+        idx = geometry.indices(device)
         N = idx.nb_minus.shape[0]
         real = idx.window_real.reshape(-1)
         return torch.cat((2 * N + idx.nb_minus[real], N + real, idx.nb_plus[real]))
 
-    return plan.cached((str(device), "power_gather"), make)
+    return geometry.cached((str(device), "power_gather"), make)
 
 
-def _power_windows(coefficients: torch.Tensor, plan: ChainPlan) -> torch.Tensor:
+def _power_windows(coefficients: torch.Tensor, geometry: ChainGeometry) -> torch.Tensor:
     """``(3, chunks, 1, w)``: the bands of ``T^T`` at every window slot."""
-    flat = coefficients.reshape(-1).index_select(0, _power_gather(plan, coefficients.device))
-    return flat.view(3, plan.nb_chunks, 1, plan.window)
+    flat = coefficients.reshape(-1).index_select(0, _power_gather(geometry, coefficients.device))
+    return flat.view(3, geometry.nb_chunks, 1, geometry.window)
 
 
-def power_steps(coefficients: torch.Tensor, plan: ChainPlan, keep: bool = True) -> torch.Tensor:
+def power_steps(
+    coefficients: torch.Tensor, geometry: ChainGeometry, keep: bool = True
+) -> torch.Tensor:
     """The recursion that builds :func:`power_chunks`, transposed: ``(b + 1, chunks, q,
     w + 2)``, step ``s`` holding the chunks of ``T^s`` (``[s, c, li, 1 + p]``) and zeros in
     the end slots ``0`` and ``w + 1`` (or only the last step, ``(1, ...)``, unless ``keep``).
@@ -272,11 +276,11 @@ def power_steps(coefficients: torch.Tensor, plan: ChainPlan, keep: bool = True) 
     The window slots are the last, contiguous dimension: the shifts of the recursion are
     then offsets along rows of ``w + 2`` numbers, several times faster than along ``q``.
     """
-    minus, centre, plus = _power_windows(coefficients, plan).unbind(0)
-    steps = plan.chain_length + 1 if keep else 2
-    shape = (steps, plan.nb_chunks, plan.chunk_size, plan.window + 2)
+    minus, centre, plus = _power_windows(coefficients, geometry).unbind(0)
+    steps = geometry.chain_length + 1 if keep else 2
+    shape = (steps, geometry.nb_chunks, geometry.chunk_size, geometry.window + 2)
     powers = scratch("powers", shape, coefficients)
-    powers[0].copy_(_padded_unit(plan, coefficients))
+    powers[0].copy_(_padded_unit(geometry, coefficients))
     powers[1:, ..., 0].zero_()
     powers[1:, ..., -1].zero_()
     # every view made once: each slicing is an operation of its own
@@ -285,45 +289,48 @@ def power_steps(coefficients: torch.Tensor, plan: ChainPlan, keep: bool = True) 
         powers[..., :-2].unbind(0),
         powers[..., 2:].unbind(0),
     )
-    for step in range(plan.chain_length):
+    for step in range(geometry.chain_length):
         # next[p] = w1[p] power[p] + w0[p] power[p - 1] + w2[p] power[p + 1]
         now, target = step % steps, middle[(step + 1) % steps]
         torch.mul(middle[now], centre, out=target)
         target.addcmul_(left[now], minus)
         target.addcmul_(right[now], plus)
-    return powers if keep else powers[plan.chain_length % 2 :][:1]
+    return powers if keep else powers[geometry.chain_length % 2 :][:1]
 
 
-def _padded_unit(plan: ChainPlan, like: torch.Tensor) -> torch.Tensor:
+def _padded_unit(geometry: ChainGeometry, like: torch.Tensor) -> torch.Tensor:
     """Step 0 of :func:`power_steps`: ``unit`` transposed, with zero end slots."""
 
     def make():
-        unit = plan.indices(like.device).unit.transpose(1, 2)
+        unit = geometry.indices(like.device).unit.transpose(1, 2)
         return torch.nn.functional.pad(unit, (1, 1)).to(like.dtype).contiguous()
 
-    return plan.cached((str(like.device), like.dtype, "padded_unit"), make)
+    return geometry.cached((str(like.device), like.dtype, "padded_unit"), make)
 
 
-def power_chunks(coefficients: torch.Tensor, plan: ChainPlan) -> torch.Tensor | None:
+def power_chunks(coefficients: torch.Tensor, geometry: ChainGeometry) -> torch.Tensor | None:
     """Row chunks of ``P = T^b``, transposed: ``(chunks, w, q)``.
 
     Entry ``[c, p, li]`` is ``P[row li of chunk c, column of window slot p]``. ``None`` with a
     single chain (no coarse steps).
     """
-    if plan.nb_chains == 1:
+    if geometry.nb_chains == 1:
         return None
-    last = power_steps(coefficients, plan, keep=False)[0]
+    last = power_steps(coefficients, geometry, keep=False)[0]
     return last[..., 1:-1].transpose(1, 2).contiguous()
 
 
 def power_chunks_backward(
-    coefficients: torch.Tensor, powers: torch.Tensor, gradient: torch.Tensor, plan: ChainPlan
+    coefficients: torch.Tensor,
+    powers: torch.Tensor,
+    gradient: torch.Tensor,
+    geometry: ChainGeometry,
 ) -> torch.Tensor:
     """Gradient ``(3, N)`` of ``coefficients`` from the gradient ``(chunks, w, q)`` of
     :func:`power_chunks`, given the steps ``powers`` of :func:`power_steps` (``keep=True``)."""
-    idx = plan.indices(coefficients.device)
-    window = torch.nn.functional.pad(_power_windows(coefficients, plan), (1, 1))
-    b = plan.chain_length
+    idx = geometry.indices(coefficients.device)
+    window = torch.nn.functional.pad(_power_windows(coefficients, geometry), (1, 1))
+    b = geometry.chain_length
     # gradients of every step, with zero end slots like the steps themselves
     of_powers = scratch("power_gradients", tuple(powers.shape), coefficients)
     of_powers[..., 0].zero_()
@@ -339,7 +346,7 @@ def power_chunks_backward(
         target.addcmul_(later[..., :-2], plus)
     later, earlier = of_powers[1:, ..., 1:-1], powers[:b]
     of_window = torch.stack(
-        [(later * earlier[..., shift : shift + plan.window]).sum((0, 2)) for shift in range(3)]
+        [(later * earlier[..., shift : shift + geometry.window]).sum((0, 2)) for shift in range(3)]
     )
     of_transposed = coefficients.new_zeros(3, coefficients.shape[1])
     of_transposed.index_add_(1, idx.window_real.reshape(-1), of_window.reshape(3, -1))
@@ -350,32 +357,38 @@ def power_chunks_backward(
     return result
 
 
-def _state_positions(plan: ChainPlan, device: torch.device, rank: int) -> torch.Tensor:
+def _state_positions(geometry: ChainGeometry, device: torch.device, rank: int) -> torch.Tensor:
     """``(N * r,)`` flat positions of ``X[i, k]`` in a state of layout ``(chunks, r, q)``."""
 
     def make():
-        rows = plan.indices(device).chunk_rows[:, None]
+        rows = geometry.indices(device).chunk_rows[:, None]
         generators = torch.arange(rank, device=rows.device)
-        q = plan.chunk_size
+        q = geometry.chunk_size
         return ((rows // q * rank + generators) * q + rows % q).reshape(-1)
 
-    return plan.cached((str(device), "positions", rank), make)
+    return geometry.cached((str(device), "positions", rank), make)
 
 
-def coarse_state(P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan) -> torch.Tensor:
+def coarse_state(P: torch.Tensor | None, X: torch.Tensor, geometry: ChainGeometry) -> torch.Tensor:
     """The chain starts in the layout ``(M, chunks, r, q)`` (scratch): ``[J, c, k, li]`` is
     ``(T^(J b) X)[row li of chunk c, k]``, zero in the padding rows."""
-    r, q, w, chunks, M = X.shape[1], plan.chunk_size, plan.window, plan.nb_chunks, plan.nb_chains
+    r, q, w, chunks, M = (
+        X.shape[1],
+        geometry.chunk_size,
+        geometry.window,
+        geometry.nb_chunks,
+        geometry.nb_chains,
+    )
     state = scratch("chain_state", (M, chunks, r, q), X)
     flat, blocks = state.view(M, -1).unbind(0), state.unbind(0)
     flat[0].zero_()  # the padding rows; later chains are written whole
-    flat[0].index_put_((_state_positions(plan, X.device, r),), X.reshape(-1))
+    flat[0].index_put_((_state_positions(geometry, X.device, r),), X.reshape(-1))
     if M == 1:
         return state
     # one gather of the windows and one batched product that writes the next state in
     # place: no copies or transposes per step
     window = X.new_empty(chunks, r, w)
-    window_flat, gather = window.view(-1), plan.window_gather(X.device, r)
+    window_flat, gather = window.view(-1), geometry.window_gather(X.device, r)
     for J in range(M - 1):
         torch.index_select(flat[J], 0, gather, out=window_flat)
         torch.bmm(window, P, out=blocks[J + 1])
@@ -383,16 +396,16 @@ def coarse_state(P: torch.Tensor | None, X: torch.Tensor, plan: ChainPlan) -> to
 
 
 def chain_starts_backward(
-    P: torch.Tensor | None, starts: torch.Tensor, gradient: torch.Tensor, plan: ChainPlan
+    P: torch.Tensor | None, starts: torch.Tensor, gradient: torch.Tensor, geometry: ChainGeometry
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Gradients of ``P`` and ``X`` from the gradient ``(M, r, rows)`` of the chain starts.
 
     ``gradient`` is overwritten. In the transposed layout ``s_(J+1) = s_J P^T``, so the
     adjoint runs ``sigma_J = mu_J + sigma_(J+1) P`` from the last chain back.
     """
-    idx = plan.indices(starts.device)
+    idx = geometry.indices(starts.device)
     M, r, _ = starts.shape
-    chunks, q, w = plan.nb_chunks, plan.chunk_size, plan.window
+    chunks, q, w = geometry.nb_chunks, geometry.chunk_size, geometry.window
     if P is None:
         return None, gradient[0][:, idx.chunk_rows].T
     P_T = P.transpose(1, 2)
@@ -400,7 +413,7 @@ def chain_starts_backward(
     blocks = gradient.view(M, r, chunks, q).transpose(1, 2).unbind(0)
     flat = gradient.view(M, -1).unbind(0)
     spread = gradient.new_empty(chunks, r, w)
-    spread_flat, scatter_to = spread.view(-1), plan.window_scatter(starts.device, r)
+    spread_flat, scatter_to = spread.view(-1), geometry.window_scatter(starts.device, r)
     for J in range(M - 2, -1, -1):
         torch.bmm(blocks[J + 1], P_T, out=spread)
         flat[J].scatter_add_(0, scatter_to, spread_flat)

@@ -1,0 +1,98 @@
+"""Starts of the LDR fit, and generators for given operators.
+
+Shift operators (Toeplitz-, Hankel- and circulant-like matrices have a small displacement rank
+for them) and zero operators (then ``W = G H^T``: the truncated SVD) are the fit's starts;
+:func:`initial_generators` gives their ``G``, ``H`` from the displacement ``W - A W B``, and
+:func:`solve_generators` those of any operators from the Stein equation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from structurednets.plugin import balanced_truncated_svd
+from structurednets_ldr.operators import bands_to_dense, cyclic_shift_bands
+
+__all__ = ["initial_generators", "shift_starts", "solve_generators", "truncated_factors"]
+
+
+def shift_starts(out_dim: int, in_dim: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Operator pairs ``(A, B)`` to start from, as bands."""
+
+    def shift(n: int, down: bool, corner: float = 0.0) -> torch.Tensor:
+        return cyclic_shift_bands(n, corner, down=down, dtype=torch.float64)
+
+    return {
+        # The layer's random start: A = Z_1, B = Z_(-1)^T, orthogonal.
+        "cyclic": (shift(out_dim, True, 1.0), shift(in_dim, False, -1.0)),
+        # W - Z W Z^T vanishes but on the first row and column for Toeplitz W.
+        "toeplitz": (shift(out_dim, True), shift(in_dim, False)),
+        "toeplitz-reversed": (shift(out_dim, False), shift(in_dim, True)),
+        # W - Z W Z vanishes but on the first row and last column for Hankel W.
+        "hankel": (shift(out_dim, True), shift(in_dim, True)),
+        "hankel-reversed": (shift(out_dim, False), shift(in_dim, False)),
+        "low-rank": (
+            torch.zeros(3, out_dim, dtype=torch.float64),
+            torch.zeros(3, in_dim, dtype=torch.float64),
+        ),
+    }
+
+
+def initial_generators(
+    target: torch.Tensor, A_bands: torch.Tensor, B_bands: torch.Tensor, rank: int, nb_columns: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G, H)`` from the truncated SVD of the displacement ``target - A target B``.
+
+    ``sum_(k<m) A^k (W - A W B) B^k = W - A^m W B^m``, so this is exact when that
+    displacement has rank ``<= rank`` and ``A^m W B^m`` vanishes (nilpotent ``A`` or ``B``)
+    or is a multiple ``c W`` (then the displacement is divided by ``1 - c``; e.g. ``c = -1``
+    for ``A = Z_1``, ``B = Z_(-1)^T`` and ``m = n``). The singular values are split evenly
+    between ``G`` and ``H``; missing ranks are zero.
+    """
+    A, B = bands_to_dense(A_bands), bands_to_dense(B_bands)
+    displacement = target - A @ target @ B
+    ends = (
+        torch.linalg.matrix_power(A, nb_columns) @ target @ torch.linalg.matrix_power(B, nb_columns)
+    )
+    scale = torch.linalg.lstsq(target.reshape(-1, 1), ends.reshape(-1, 1)).solution.item()
+    if torch.linalg.norm(ends - scale * target) <= 1e-9 * torch.linalg.norm(target) and scale != 1:
+        displacement = displacement / (1.0 - scale)
+    return truncated_factors(displacement, rank)
+
+
+def solve_generators(
+    target: torch.Tensor, A_bands: torch.Tensor, B_bands: torch.Tensor, rank: int, nb_columns: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G, H)``: rank-``rank`` truncation of the ``X`` with ``sum_(k<m) A^k X B^k = target``.
+
+    ``X`` solves the Stein equation ``X - A^m X B^m = target - A target B``, by complex Schur
+    forms of ``A^m`` and ``B^m`` and one triangular solve per column.
+    """
+    A, B = bands_to_dense(A_bands), bands_to_dense(B_bands)
+    displacement = target - A @ target @ B
+    P = torch.linalg.matrix_power(A, nb_columns).numpy()
+    Q = torch.linalg.matrix_power(B, nb_columns).numpy()
+    T, U = scipy.linalg.schur(P, output="complex")
+    S, V = scipy.linalg.schur(Q, output="complex")
+    # Operators with a spectral radius far above 1 (a failed estimation) overflow: the
+    # non-finite solution is replaced below.
+    with np.errstate(over="ignore", invalid="ignore"):
+        C = U.conj().T @ displacement.numpy() @ V
+        X = np.zeros_like(C)
+        for j in range(C.shape[1]):
+            rhs = C[:, j] + T @ (X[:, :j] @ S[:j, j])
+            system = np.eye(C.shape[0]) - S[j, j] * T
+            X[:, j] = scipy.linalg.solve_triangular(system, rhs, check_finite=False)
+        solution = torch.from_numpy((U @ X @ V.conj().T).real)
+    if not torch.isfinite(solution).all():
+        solution = displacement
+    return truncated_factors(solution, rank)
+
+
+def truncated_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G, H)``, ``(rows, rank)`` and ``(cols, rank)``: the balanced truncated SVD
+    ``G H^T`` of ``matrix`` (missing ranks are zero)."""
+    G, H_T = balanced_truncated_svd(matrix, rank)
+    return G, H_T.T.contiguous()

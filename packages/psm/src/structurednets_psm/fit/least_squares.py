@@ -1,0 +1,98 @@
+"""Exact least squares on fixed supports, and filling supports left short of their size."""
+
+from __future__ import annotations
+
+import torch
+
+from structurednets.plugin import relative_error
+from structurednets_psm.fit.palm import DTYPE, PALMState, chain_product, identity
+from structurednets_psm.fit.projections import largest_entries_mask
+
+__all__ = ["fill_supports", "polish"]
+
+
+def _rows_least_squares(
+    target: torch.Tensor, right: torch.Tensor, support: torch.Tensor, max_row_nonzeros: int = 256
+) -> torch.Tensor | None:
+    """``S`` with the given support minimising ``||target - S @ right||_F`` (rows are
+    independent), or ``None`` when a row has more than ``max_row_nonzeros`` entries."""
+    counts = support.sum(1)
+    width = int(counts.max()) if counts.numel() else 0
+    if width == 0 or width > max_row_nonzeros:
+        return None
+    columns = torch.argsort(support.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
+    valid = torch.arange(width)[None, :] < counts[:, None]
+    gram = right @ right.T
+    products = target @ right.T
+    systems = gram[columns[:, :, None], columns[:, None, :]]
+    both = valid[:, :, None] & valid[:, None, :]
+    systems = torch.where(both, systems, torch.zeros((), dtype=DTYPE))
+    ridge = 1e-12 * float(gram.diagonal().mean().clamp_min(1e-300))
+    systems = systems + torch.diag_embed(torch.where(valid, ridge, 1.0).to(DTYPE))
+    rhs = torch.where(valid, products.gather(1, columns), torch.zeros((), dtype=DTYPE))
+    cholesky, info = torch.linalg.cholesky_ex(systems)
+    if bool((info != 0).any()):
+        return None
+    solution = torch.cholesky_solve(rhs.unsqueeze(2), cholesky).squeeze(2)
+    result = torch.zeros_like(support, dtype=DTYPE)
+    result.scatter_(1, columns, torch.where(valid, solution, torch.zeros((), dtype=DTYPE)))
+    return result
+
+
+def polish(state: PALMState, nb_sweeps: int) -> None:
+    """Alternate exact least-squares solves for the first and last factors' values (supports
+    fixed); keep the result only if it lowers the error."""
+    if nb_sweeps <= 0 or len(state.factors) < 1:
+        return
+    factors = [f.clone() for f in state.factors]
+    factors[0] = factors[0] * state.lam
+    target = state.target
+    before = state.error()
+    count = len(factors)
+    for _ in range(nb_sweeps):
+        right = chain_product(factors[1:])
+        right = right if right is not None else identity(factors[0].shape[1], factors[0].shape[1])
+        first = _rows_least_squares(target, right, state.supports[0])
+        if first is None:
+            return
+        factors[0] = first
+        if count > 1:
+            left = chain_product(factors[:-1])
+            last = _rows_least_squares(target.T, left.T, state.supports[-1].T)
+            if last is None:
+                return
+            factors[-1] = last.T
+    product = chain_product(factors)
+    after = relative_error(product, target)
+    if after < before:
+        state.factors[:] = factors
+        state.lam = 1.0
+        state.approximation = product
+
+
+def fill_supports(state: PALMState) -> None:
+    """Grow each support that holds fewer than its nonzeros (row/column projection, or a
+    target with few nonzeros) by the positions of the largest gradient entries, with value
+    0: the product is unchanged and the layer gets the capacity it was given."""
+    factors = state.factors
+    for j, support in enumerate(state.supports):
+        missing = state.nonzeros[j] - int(support.sum())
+        if missing <= 0:
+            continue
+        left, right = chain_product(factors[:j]), chain_product(factors[j + 1 :])
+        residual = state.lam * chain_product(factors) - state.target
+        gradient = residual if right is None else residual @ right.T
+        gradient = gradient if left is None else left.T @ gradient
+        rows, cols = support.shape
+        b = state.block
+        if b > 1:
+            gradient = gradient.reshape(rows // b, b, cols // b, b).square().sum((1, 3))
+            taken = support.reshape(rows // b, b, cols // b, b)[:, 0, :, 0]
+        else:
+            gradient, taken = gradient.abs(), support
+        ranked = torch.where(taken, torch.full_like(gradient, -1.0), gradient)
+        chosen = largest_entries_mask(ranked.reshape(1, -1), missing // (b * b))
+        chosen = chosen.reshape(ranked.shape)
+        if b > 1:
+            chosen = chosen.repeat_interleave(b, 0).repeat_interleave(b, 1)
+        support |= chosen
