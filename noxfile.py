@@ -187,3 +187,12 @@ def transformer(session: nox.Session) -> None:
     session.run(
         "python", str(PACKAGES / "core" / "benchmarks" / "transformer.py"), *session.posargs
     )
+
+
+@nox.session
+def scratch(session: nox.Session) -> None:
+    """Train from scratch with every structure: the digit classifier and a character language
+    model (one thread, about 15 minutes); not in the default list. Writes scratch_lm.png;
+    pass options after --, e.g. -- --steps 400 --no-digits."""
+    _install_everything(session, "[plot]")
+    session.run("structurednets", "scratch", "--plot", "scratch_lm.png", *session.posargs)

@@ -67,6 +67,11 @@ class DiagonalLayer(StructuredLayer):
     def layout_sizes(self):
         return {}
 
+    def lr_multipliers(self):
+        """The entries are sqrt(in * out / size) times a dense layer's; so is their rate."""
+        size = self.diagonal.numel()
+        return {"diagonal": math.sqrt(self.input_dim * self.output_dim / size)}
+
     def multiply(self, U):
         size = self.diagonal.numel()
         product = U[:, :size] * self.diagonal

@@ -92,6 +92,26 @@ class WrongExample(DiagonalLayer):
     """
 
 
+class TooQuiet(DiagonalLayer):
+    """Spreads no variance: the diagonal has a dense layer's scale, so W's outputs fade."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        with torch.no_grad():
+            size = self.diagonal.numel()
+            self.diagonal.mul_((size / (self.input_dim * self.output_dim)) ** 0.5)
+
+    def lr_multipliers(self):
+        return {}
+
+
+class NoMultipliers(DiagonalLayer):
+    """Right output scale, but its large entries move at a dense layer's rate."""
+
+    def lr_multipliers(self):
+        return {}
+
+
 def count_with_extra(input_dim, output_dim, share):
     return diagonal_nb_weight_parameters(input_dim, output_dim, share) + 1
 
@@ -106,6 +126,8 @@ def count_with_extra(input_dim, output_dim, share):
         (DeadParameter, count_with_extra, "gradients"),
         (ForgetsItsLayout, diagonal_nb_weight_parameters, "layout_round_trip"),
         (WrongExample, diagonal_nb_weight_parameters, "docstring_example"),
+        (TooQuiet, diagonal_nb_weight_parameters, "output_variance"),
+        (NoMultipliers, diagonal_nb_weight_parameters, "update_scale"),
     ],
 )
 def test_kit_catches_broken_structures(layer_class, count, failing_check):

@@ -30,6 +30,7 @@ from structurednets.registry import (
     register,
     unregister,
 )
+from structurednets.training_helpers import param_groups
 from structurednets.validation import BudgetTooSmallError
 
 __version__ = "0.1.0"
@@ -58,6 +59,7 @@ __all__ = [
     "load",
     "load_plugins",
     "nb_parameters",
+    "param_groups",
     "register",
     "save",
     "unregister",

@@ -282,6 +282,33 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             progress(f"wrote {args.plot}")
 
 
+def _cmd_scratch(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from structurednets import scratch
+
+    torch.set_num_threads(args.threads)
+    structures = _check_structures(args.structures)
+    if not (structures or available()):
+        raise CommandError("no structures installed; e.g. pip install structurednets-lowrank")
+    if args.plot:
+        _check_plot(args.plot)
+    progress = _progress(args.quiet)
+    if not args.no_digits:
+        rows = scratch.run_digits(structures, args.digits_shares, args.seed, progress)
+        print("digits, test accuracy (64-256-256-10, hidden layer structured):")
+        print(scratch.format_digits_table(rows) + "\n")
+    if not args.no_lm:
+        config = replace(scratch.LMConfig(), steps=args.steps, structure_attention=args.attention)
+        results = scratch.run_lm(structures, args.lm_shares, config, args.seed, progress=progress)
+        print(f"character language model, {args.steps} steps each:")
+        print(scratch.format_lm_table(results))
+        if args.plot:
+            scratch.plot_lm_curves(results, args.plot)
+            if progress:
+                progress(f"wrote {args.plot}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="structurednets",
@@ -358,6 +385,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(run=_cmd_demo)
+
+    scratch = commands.add_parser(
+        "scratch",
+        help="train a digit classifier and a character language model from scratch with "
+        "structured layers, against dense ones",
+    )
+    scratch.add_argument("--structures", nargs="+", metavar="NAME", help="default: all installed")
+    scratch.add_argument(
+        "--digits-shares", nargs="+", type=_share, default=[0.02, 0.05, 0.1, 0.25], metavar="S"
+    )
+    scratch.add_argument(
+        "--lm-shares", nargs="+", type=_share, default=[0.1, 0.25, 0.5], metavar="S"
+    )
+    scratch.add_argument(
+        "--steps", type=_positive_int, default=200, help="language-model steps (default: 200)"
+    )
+    scratch.add_argument(
+        "--attention", action="store_true", help="structure the attention projections too"
+    )
+    scratch.add_argument("--no-digits", action="store_true", help="skip the digit classifier")
+    scratch.add_argument("--no-lm", action="store_true", help="skip the language model")
+    scratch.add_argument("--seed", type=int, default=0)
+    scratch.add_argument(
+        "--threads", type=_positive_int, default=1, help="torch threads (default: 1)"
+    )
+    scratch.add_argument(
+        "--plot", metavar="FILE", help="draw the language models' curves (needs matplotlib)"
+    )
+    scratch.add_argument("--quiet", action="store_true", help="no progress lines")
+    scratch.set_defaults(run=_cmd_scratch)
 
     compare = commands.add_parser(
         "compare",

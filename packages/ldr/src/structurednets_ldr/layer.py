@@ -181,6 +181,15 @@ class LDRLayer(StructuredLayer):
             "krylov_columns": self.krylov_columns,
         }
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """Learning-rate factors for :func:`structurednets.param_groups`: ``1/m`` for the
+        operator bands, since a change of the bands enters ``W`` through up to ``m - 1``
+        powers, and ``1/sqrt(r)`` for the generators, whose ``r`` rank-one terms move
+        together; one Adam step then changes the outputs about as much as in ``nn.Linear``."""
+        operators = 1.0 / self.krylov_columns
+        generators = 1.0 / self.displacement_rank**0.5
+        return {"A_bands": operators, "B_bands": operators, "G": generators, "H": generators}
+
     @property
     def operators(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` as dense matrices (differentiable)."""

@@ -232,6 +232,14 @@ class PSMLayer(StructuredLayer):
             W = factor.matmul(W)
         return W
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """Learning-rate factors for :func:`structurednets.param_groups`: every factor's values
+        get ``sqrt(input_dim * output_dim / nb_weight_parameters)``, since Adam moves each of
+        the few values by about the rate; one step then changes the outputs about as much as
+        in ``nn.Linear`` at any share."""
+        factor = (self.input_dim * self.output_dim / self.nb_weight_parameters) ** 0.5
+        return {name: factor for name, _ in self.factors.named_parameters(prefix="factors")}
+
     @property
     def block_size(self) -> int:
         return getattr(self.factors[0], "block_size", 1)

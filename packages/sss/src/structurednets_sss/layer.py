@@ -13,7 +13,12 @@ from structurednets_sss.fit import fit_checked
 from structurednets_sss.kernels import PADDED_KINDS, SSSMultiply, padded_dense
 from structurednets_sss.layout import KINDS, SSSSizes, sizes_from_options
 from structurednets_sss.options import check_options
-from structurednets_sss.system import SSSSystem, check_system_fits, random_system
+from structurednets_sss.system import (
+    SSSSystem,
+    check_system_fits,
+    diagonal_gain,
+    random_system,
+)
 
 __all__ = ["SSSLayer"]
 
@@ -241,6 +246,13 @@ class SSSLayer(StructuredLayer):
         if self._input_positions is not None:
             dense = dense.index_select(1, self._input_positions)
         return dense
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """Learning-rate factors for :func:`structurednets.param_groups`: the ``D_k`` get
+        :func:`~structurednets_sss.system.diagonal_gain` (their entries are that much larger
+        than a dense layer's where no state reaches some blocks), so that one Adam step
+        changes the outputs about as much as in ``nn.Linear``."""
+        return {} if self.D is None else {"D": diagonal_gain(self.sizes)}
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.sizes.describe()}"

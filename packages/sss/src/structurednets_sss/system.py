@@ -9,7 +9,7 @@ import torch
 from structurednets.plugin import BudgetTooSmallError, as_matrix, weight_budget
 from structurednets_sss.layout import KINDS, SSSSizes
 
-__all__ = ["SSSSystem", "check_system_fits", "random_system"]
+__all__ = ["SSSSystem", "check_system_fits", "diagonal_gain", "random_system"]
 
 # Which stage's matrix of each kind may be ``None`` (it always has a zero-size dimension).
 _ENDS = {"A": (0, -1), "B": (-1,), "C": (0,), "E": (0, -1), "F": (0,), "G": (-1,)}
@@ -166,6 +166,23 @@ def _semi_orthogonal(rows: int, cols: int) -> torch.Tensor:
     return q if rows >= cols else q.T
 
 
+def diagonal_gain(sizes: SSSSizes) -> float:
+    """How much larger than a dense layer's the random ``D_k`` entries are:
+    ``sqrt((unreached + diagonal) / diagonal)``, where ``unreached`` counts the entries of
+    ``W`` outside the ``D_k`` blocks that no state reaches (they are zero), so that ``W``
+    keeps ``nn.Linear``'s total variance (1.0 when the states reach every block)."""
+    n, m, K = sizes.input_sizes, sizes.output_sizes, sizes.nb_stages
+    diagonal = sum(m[k] * n[k] for k in range(K))
+    reached = diagonal
+    for j in range(K):
+        for k in range(j + 1, K):
+            if min(sizes.causal_dims[j:k]) > 0:  # x crosses every boundary from j to k
+                reached += m[k] * n[j]
+            if min(sizes.anticausal_dims[j:k]) > 0:  # z crosses them backwards
+                reached += m[j] * n[k]
+    return ((sum(m) * sum(n) - reached + diagonal) / diagonal) ** 0.5
+
+
 def random_system(sizes: SSSSizes, std: float) -> dict[str, list[torch.Tensor]]:
     """Random stage matrices (float64, from torch's generator) whose ``W`` has entries of
     standard deviation about ``std``.
@@ -177,8 +194,9 @@ def random_system(sizes: SSSSizes, std: float) -> dict[str, list[torch.Tensor]]:
     """
     shapes = sizes.stage_shapes()
     matrices: dict[str, list[torch.Tensor]] = {kind: [] for kind in KINDS}
+    d_std = std * diagonal_gain(sizes)
     for k in range(sizes.nb_stages):
-        matrices["D"].append(torch.randn(shapes["D"][k], dtype=torch.float64) * std)
+        matrices["D"].append(torch.randn(shapes["D"][k], dtype=torch.float64) * d_std)
         for transition, inp, out in (("A", "B", "C"), ("E", "F", "G")):
             matrices[transition].append(_semi_orthogonal(*shapes[transition][k]))
             for kind, dim in ((inp, shapes[inp][k][0]), (out, shapes[out][k][1])):

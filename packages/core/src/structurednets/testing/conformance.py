@@ -35,6 +35,11 @@ from structurednets.testing.layout_checks import (
     check_layout_round_trip,
     check_save_and_load,
 )
+from structurednets.testing.scaling_checks import (
+    check_output_variance,
+    check_trains_from_scratch,
+    check_update_scale,
+)
 from structurednets.testing.setup_checks import (
     check_approximation_robustness,
     check_cuda,
@@ -65,6 +70,9 @@ _CHECKS = [
     check_initial_bias,
     check_initial_weight_matrix,
     check_random_init_scale,
+    check_output_variance,
+    check_update_scale,
+    check_trains_from_scratch,
     check_bad_constructor_arguments,
     check_bad_inputs,
     check_repr,
