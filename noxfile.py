@@ -196,3 +196,14 @@ def scratch(session: nox.Session) -> None:
     pass options after --, e.g. -- --steps 400 --no-digits."""
     _install_everything(session, "[plot]")
     session.run("structurednets", "scratch", "--plot", "scratch_lm.png", *session.posargs)
+
+
+@nox.session(name="gpu-check")
+def gpu_check(session: nox.Session) -> None:
+    """On a machine with a CUDA GPU: the kit on CUDA for every structure and bfloat16-autocast
+    timings against cuBLAS nn.Linear at 4096 x 4096 (one table, a few minutes); not in the
+    default sessions. It needs a CUDA build of torch, e.g. STRUCTUREDNETS_TORCH="torch==2.13.0"
+    with PIP_INDEX_URL=https://download.pytorch.org/whl/cu128; options after --."""
+    _install_everything(session, "[test]")
+    script = PACKAGES / "core" / "benchmarks" / "gpu_check.py"
+    session.run("python", str(script), *session.posargs)

@@ -112,6 +112,17 @@ class NoMultipliers(DiagonalLayer):
         return {}
 
 
+class UpcastsUnderAutocast(DiagonalLayer):
+    """Computes in float32 whatever the dtype it is given (returns float32 under autocast)."""
+
+    def multiply(self, U):
+        size = self.diagonal.numel()
+        product = U[:, :size].float() * self.diagonal.float()
+        return torch.nn.functional.pad(product, (0, self.output_dim - size)).to(
+            torch.promote_types(U.dtype, torch.float32)
+        )
+
+
 def count_with_extra(input_dim, output_dim, share):
     return diagonal_nb_weight_parameters(input_dim, output_dim, share) + 1
 
@@ -128,6 +139,7 @@ def count_with_extra(input_dim, output_dim, share):
         (WrongExample, diagonal_nb_weight_parameters, "docstring_example"),
         (TooQuiet, diagonal_nb_weight_parameters, "output_variance"),
         (NoMultipliers, diagonal_nb_weight_parameters, "update_scale"),
+        (UpcastsUnderAutocast, diagonal_nb_weight_parameters, "dtypes_and_autocast"),
     ],
 )
 def test_kit_catches_broken_structures(layer_class, count, failing_check):

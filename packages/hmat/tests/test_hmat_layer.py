@@ -122,8 +122,9 @@ def test_autocast_and_deepcopy():
     U = torch.randn(4, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = layer(U)
+    assert result.dtype == torch.bfloat16  # core's autocast policy: what nn.Linear returns
     with torch.no_grad():
-        torch.testing.assert_close(result.float(), layer(U), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result.float(), layer(U), rtol=2e-2, atol=2e-2)
     duplicate = copy.deepcopy(layer)
     assert duplicate.partition == layer.partition and duplicate.buckets == layer.buckets
 

@@ -237,3 +237,29 @@ def test_fitted_layer_trains_and_copies():
     with torch.no_grad():
         assert layer(U).pow(2).mean() < loss
         assert not torch.equal(layer(U), clone(U))
+
+
+def test_autocast_accumulates_long_state_recursions_in_float32():
+    # 128 stages: rounding the states to bfloat16 at every stage cost 5.8x nn.Linear's error;
+    # with A and E kept in float32 and the states accumulated in float32, 1.6x.
+    torch.manual_seed(0)
+    layer = SSSLayer(512, 512, 0.2, nb_states=128)
+    U = torch.randn(8, 512, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    dense = torch.nn.Linear(512, 512)
+    with torch.no_grad():
+        reference = copy.deepcopy(layer).double()(U.double())
+        dense.weight.copy_(layer.to_dense())
+        dense.bias.copy_(layer.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        Y = layer(U)
+        with torch.no_grad():
+            Y_dense = dense(U)
+
+    def error(Y):
+        return float((Y.detach().double() - reference).norm() / reference.norm())
+
+    assert Y.dtype == torch.bfloat16
+    assert error(Y) < 2 * error(Y_dense)
+    Y.float().square().sum().backward()
+    assert layer.A.grad.dtype == layer.E.grad.dtype == torch.float32
+    assert torch.isfinite(layer.A.grad).all() and torch.isfinite(U.grad).all()

@@ -4,7 +4,10 @@ A plugin subclasses :class:`StructuredLayer` (implementing ``multiply`` and
 ``layout_sizes``), registers it from a module named by an entry point in the group
 ``structurednets`` with :data:`hookimpl`, validates its arguments with the helpers below (so
 that every structure's messages read alike), and runs :mod:`structurednets.testing` in its
-tests. See the root README's "Writing a structure".
+tests. Under autocast, core's policy (:mod:`structurednets.precision`) runs ``multiply`` in
+the autocast dtype; a structure that needs more precision in a step lists the tensors to keep
+in ``autocast_full_precision``, and one that falls back to a slow path on some device says so
+once with :func:`warn_slow_fallback`. See the root README's "Writing a structure".
 """
 
 from structurednets.hookspecs import hookimpl
@@ -18,6 +21,13 @@ from structurednets.numerics import (
     relative_error,
     torch_threads,
 )
+from structurednets.precision import (
+    REDUCED_DTYPES,
+    SlowFallbackWarning,
+    accumulation_dtype,
+    autocast_off,
+    warn_slow_fallback,
+)
 from structurednets.validation import (
     BudgetTooSmallError,
     as_matrix,
@@ -30,11 +40,15 @@ from structurednets.validation import (
 )
 
 __all__ = [
+    "REDUCED_DTYPES",
     "BudgetTooSmallError",
     "Layout",
+    "SlowFallbackWarning",
     "StructuredLayer",
+    "accumulation_dtype",
     "as_matrix",
     "as_vector",
+    "autocast_off",
     "balanced_factors",
     "balanced_truncated_svd",
     "check_dim",
@@ -48,5 +62,6 @@ __all__ = [
     "relative_error",
     "smallest_share",
     "torch_threads",
+    "warn_slow_fallback",
     "weight_budget",
 ]

@@ -7,6 +7,11 @@ gradient is the transposed factor times the output gradient, and the values' gra
 output gradient times the input, sampled on the support only (an SDDMM). Both are custom
 operators as well, so ``torch.compile`` treats the whole thing as opaque calls on ordinary
 dense tensors.
+
+The sparse CSR kernels exist in float32 and float64 only (MKL on the CPU; on CUDA the sampled
+product has no reduced-precision version either): in float16 and bfloat16 both products run
+in float32 on operands cast from the reduced dtype and are rounded back to it, so that the
+result has the dtype of the operands, as ``nn.Linear`` would give.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 import warnings
 
 import torch
+
+from structurednets.precision import REDUCED_DTYPES, autocast_off, warn_slow_fallback
 
 __all__ = ["csr_matmul", "csr_matmul_no_grad", "sampled_product"]
 
@@ -26,6 +33,12 @@ def _csr(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shape: tup
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
+_CUDA_FALLBACK = (
+    "on CUDA its element-sparse factors multiply with cuSPARSE CSR kernels (in float32 for "
+    "float16 and bfloat16), usually much slower than a cuBLAS nn.Linear of the same shape; "
+    "block-sparse factors (block_size > 1) use batched dense products instead"
+)
+
 # On the CPU, a CSR matrix times a dense operand larger than the per-core cache runs faster
 # in slices of 32 columns (2048 x 2048 factor at 5%, 256 columns, one thread: 4.3 ms whole,
 # 3.4 ms in slices; no gain below 1 MB, where the operand stays in cache).
@@ -34,6 +47,15 @@ _SLICE_ABOVE_BYTES = 1_500_000
 
 
 def _spmm(values, crow, col, dense, nb_rows: int) -> torch.Tensor:
+    if dense.device.type == "cuda":
+        warn_slow_fallback("psm", _CUDA_FALLBACK)
+    if dense.dtype in REDUCED_DTYPES:
+        return _spmm(values.float(), crow, col, dense.float(), nb_rows).to(dense.dtype)
+    with autocast_off(dense.device.type):  # a backward pass may run under autocast
+        return _spmm_in_dtype(values, crow, col, dense, nb_rows)
+
+
+def _spmm_in_dtype(values, crow, col, dense, nb_rows: int) -> torch.Tensor:
     matrix = _csr(values, crow, col, (nb_rows, dense.shape[0]))
     columns = dense.shape[1]
     if (
@@ -75,11 +97,16 @@ def sampled_product(
 ) -> torch.Tensor:
     """``(left @ right.T)[r, c]`` for each stored entry ``(r, c)`` of the CSR pattern, in CSR
     order; ``left`` is (rows x batch), ``right`` is (cols x batch)."""
+    dtype = left.dtype
+    if dtype in REDUCED_DTYPES:
+        left, right = left.float(), right.float()
     nb_values = col_indices.shape[0]
     pattern = _csr(
         left.new_zeros(nb_values), crow_indices, col_indices, (left.shape[0], right.shape[0])
     )
-    return torch.sparse.sampled_addmm(pattern, left, right.T, beta=0.0).values().clone()
+    with autocast_off(left.device.type):  # a backward pass may run under autocast
+        product = torch.sparse.sampled_addmm(pattern, left, right.T, beta=0.0)
+    return product.values().clone().to(dtype)
 
 
 @sampled_product.register_fake
@@ -132,9 +159,3 @@ def _backward(ctx, grad_output):
 
 
 csr_matmul.register_autograd(_backward, setup_context=_setup_context)
-
-# The sparse kernels have no reduced-precision versions: under autocast they run in float32
-# (the output is float32 too), as autocast does for other precision-sensitive operations.
-for _operator in (csr_matmul, csr_matmul_no_grad):
-    for _device in ("cpu", "cuda"):
-        torch.library.register_autocast(_operator, _device, torch.float32)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from structurednets.precision import accumulation_dtype
+
 __all__ = ["PADDED_KINDS", "SSSMultiply", "padded_dense"]
 
 #: The argument order of :class:`SSSMultiply` after the input.
@@ -104,7 +106,18 @@ def _recursions(
     recursions advance together, one batched product of two per step (the backward one stored
     in reverse stage order): half the calls, for two copies of the states. Otherwise they run
     one after the other, in place. Returns the two results.
+
+    In float16 and bfloat16 the states accumulate in float32 (rounded once at the end):
+    rounded at every stage, their error grows with the number of stages (128 stages: 5.8x a
+    bfloat16 ``nn.Linear``'s error at 512 x 512, against 1.6x in float32).
     """
+    dtype = forward.dtype
+    if accumulation_dtype(dtype) != dtype:
+        wide = accumulation_dtype(dtype)
+        forward, backward = _recursions(
+            forward.to(wide), backward.to(wide), forward_steps.to(wide), backward_steps.to(wide)
+        )
+        return forward.to(dtype), backward.to(dtype)
     steps = forward_steps.shape[0]
     batch = forward.shape[1]
     if steps and batch <= _JOINT_MAX_BATCH and forward.shape[-1] == backward.shape[-1]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -87,6 +86,11 @@ class SSSLayer(StructuredLayer):
     """
 
     structure_name = "sss"
+
+    #: Under autocast the state transitions ``A`` and ``E`` keep their dtype and the state
+    #: recursions accumulate in float32 (see ``kernels._recursions``); the other products
+    #: run in the autocast dtype.
+    autocast_full_precision = ("A", "E")
 
     def __init__(
         self,
@@ -220,21 +224,12 @@ class SSSLayer(StructuredLayer):
         return self.sizes.layout_sizes()
 
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
-        device_type = U.device.type
-        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
-            device_type
-        )
-        # Under autocast, everything is cast to the autocast dtype up front: the kernel's
-        # in-place products need operands of one dtype.
-        dtype = torch.get_autocast_dtype(device_type) if autocast else None
-        if dtype is not None:
-            U = U.to(dtype)
-        stacks = self._padded_stacks(dtype)
+        # Under autocast, core's policy hands over U and the parameters in the autocast dtype.
+        stacks = self._padded_stacks()
         if self._input_positions is not None:
             K, _, nb = self._padded_shapes["D"]
             U = U.new_zeros(U.shape[0], K * nb).index_copy(1, self._input_positions, U)
-        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-            Y = SSSMultiply.apply(U.contiguous(), *stacks)
+        Y = SSSMultiply.apply(U.contiguous(), *stacks)
         if self._output_positions is not None:
             Y = Y.index_select(1, self._output_positions)
         return Y

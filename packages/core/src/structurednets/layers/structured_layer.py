@@ -11,6 +11,7 @@ from torch import nn
 
 from structurednets.layers.layer_helpers import get_nb_model_parameters
 from structurednets.layout import Layout, thaw
+from structurednets.precision import autocast_dtype, run_under_autocast
 from structurednets.validation import (
     BudgetTooSmallError,
     as_matrix,
@@ -41,6 +42,12 @@ class StructuredLayer(nn.Module, abc.ABC):
     They may override :meth:`to_dense` where they know a cheaper way than multiplying the
     identity, and :meth:`from_layout` where the layout's sizes are not constructor options.
 
+    Under ``torch.autocast`` the layer computes in the autocast dtype and returns it, as
+    ``nn.Linear`` does; parameters and gradients keep their dtype (see
+    :mod:`structurednets.precision`). ``multiply`` then runs with autocast off on the input and
+    the parameters cast to the autocast dtype, except those named in
+    :attr:`autocast_full_precision`.
+
     Args:
         input_dim: size of each input sample.
         output_dim: size of each output sample.
@@ -61,6 +68,13 @@ class StructuredLayer(nn.Module, abc.ABC):
 
     #: The name the structure is registered under (used in messages).
     structure_name: ClassVar[str] = "structured"
+
+    #: Parameters and buffers (names as in ``named_parameters``, or prefixes ending in ".")
+    #: that keep their own dtype under autocast, for a step that needs more precision (a
+    #: long recursion, a state update): ``multiply`` sees them in their dtype and the input
+    #: in the autocast dtype, runs that step in ``precision.accumulation_dtype`` and returns
+    #: the input's dtype.
+    autocast_full_precision: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -127,14 +141,20 @@ class StructuredLayer(nn.Module, abc.ABC):
         """``U @ W.T`` for ``U`` of shape ``(batch, input_dim)``; returns ``(batch, output_dim)``.
 
         The bias is not added here. ``U`` is already checked (floating, right width, the
-        layer's dtype unless autocast is on).
+        layer's dtype); autocast is off (under autocast, ``U`` and the parameters arrive cast
+        to the autocast dtype, see :attr:`autocast_full_precision`).
         """
 
     # -- the public contract --------------------------------------------------------------
 
     def forward(self, U: torch.Tensor) -> torch.Tensor:
         """``U @ W.T + b`` for ``U`` of shape ``(..., input_dim)``; returns ``(..., output_dim)``."""
-        self._check_input(U)
+        dtype = self._check_input(U)
+        if dtype is not None:
+            return run_under_autocast(self, U, dtype, self._forward)
+        return self._forward(U)
+
+    def _forward(self, U: torch.Tensor) -> torch.Tensor:
         batch_shape = U.shape[:-1]
         Y = self.multiply(U.reshape(-1, self.input_dim))
         if self.bias is not None:
@@ -268,7 +288,8 @@ class StructuredLayer(nn.Module, abc.ABC):
     def _reference_parameter(self) -> torch.Tensor:
         return next(self.parameters())
 
-    def _check_input(self, U: object) -> None:
+    def _check_input(self, U: object) -> torch.dtype | None:
+        """Raise on bad input; return the autocast dtype to compute in, or ``None``."""
         if not isinstance(U, torch.Tensor):
             raise TypeError(
                 f"input must be a torch.Tensor of shape (..., {self.input_dim}), "
@@ -285,12 +306,16 @@ class StructuredLayer(nn.Module, abc.ABC):
                 f"got shape {tuple(U.shape)}"
             )
         dtype = self._reference_parameter().dtype
-        if U.dtype != dtype and not torch.is_autocast_enabled(U.device.type):
+        compute = autocast_dtype(U.device.type)
+        if compute is not None and dtype != torch.float64:  # autocast leaves float64 alone
+            return compute
+        if U.dtype != dtype:
             raise TypeError(
                 f"input has dtype {U.dtype} but the layer's parameters are {dtype}; convert "
                 f"the input (U.to({dtype})) or the layer (layer.to({U.dtype})), "
                 "or run under torch.autocast"
             )
+        return None
 
 
 def _thawed(sizes: object) -> dict[str, object]:

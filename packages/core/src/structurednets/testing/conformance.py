@@ -35,6 +35,12 @@ from structurednets.testing.layout_checks import (
     check_layout_round_trip,
     check_save_and_load,
 )
+from structurednets.testing.precision_checks import (
+    check_autocast_compiles,
+    check_cuda_precision,
+    check_dtypes_and_autocast,
+    check_reduced_precision_layers,
+)
 from structurednets.testing.scaling_checks import (
     check_output_variance,
     check_trains_from_scratch,
@@ -45,7 +51,6 @@ from structurednets.testing.setup_checks import (
     check_cuda,
     check_distributed_training,
     check_divergence_is_reported,
-    check_dtypes_and_autocast,
     check_follows_module_device,
     check_random_invalid_arguments,
     check_random_valid_arguments,
@@ -82,9 +87,12 @@ _CHECKS = [
     check_layout_mismatch_is_refused,
     check_save_and_load,
     check_dtypes_and_autocast,
+    check_reduced_precision_layers,
     check_follows_module_device,
     check_cuda,
+    check_cuda_precision,
     check_torch_compile,
+    check_autocast_compiles,
     check_distributed_training,
     check_approximation_robustness,
     check_divergence_is_reported,

@@ -25,10 +25,6 @@ from structurednets.training_helpers import train_with_decreasing_lr
 from structurednets.validation import BudgetTooSmallError, weight_budget
 
 
-def _norm_error(result: torch.Tensor, reference: torch.Tensor) -> float:
-    return float(torch.linalg.norm(result.double() - reference) / torch.linalg.norm(reference))
-
-
 def check_torch_compile(case: ConformanceCase) -> None:
     """Forward and backward compile (``torch.compile``), agree with eager mode, and cause at
     most ``case.max_graph_breaks`` graph breaks (reported as a warning when there are any).
@@ -73,30 +69,6 @@ def check_torch_compile(case: ConformanceCase) -> None:
                 compiled_p.grad, eager_p.grad, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}"
             )
     torch._dynamo.reset()
-
-
-def check_dtypes_and_autocast(case: ConformanceCase) -> None:
-    """float32 and bfloat16 autocast (CPU) agree with the float64 result within their
-    precision; backward under autocast gives finite float32 gradients."""
-    layer64 = case.build(dtype=torch.float64)
-    U = inputs(layer64, 16)
-    with torch.no_grad():
-        reference = layer64(U)
-    layer32 = copy.deepcopy(layer64).float()
-    with torch.no_grad():
-        error32 = _norm_error(layer32(U.float()), reference)
-    assert error32 < 1e-5, f"float32 result differs from float64 by {error32:.2e} (relative)"
-    U32 = U.float().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        Y = layer32(U32)
-    assert torch.isfinite(Y).all(), "non-finite output under bfloat16 autocast"
-    error16 = _norm_error(Y.detach(), reference)
-    assert error16 < 5e-2, f"bfloat16 autocast result differs by {error16:.2e} (relative)"
-    Y.float().square().sum().backward()
-    for name, parameter in layer32.named_parameters():
-        assert parameter.grad is not None and parameter.grad.dtype == torch.float32, name
-        assert torch.isfinite(parameter.grad).all(), f"non-finite gradient of {name} under autocast"
-    assert torch.isfinite(U32.grad).all()
 
 
 def check_follows_module_device(case: ConformanceCase) -> None:
