@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from structurednets import StructuredLayer
+from structurednets.cost import Cost
 from structurednets.layers.structured_layer import dense_init_std
 from structurednets.validation import BudgetTooSmallError, weight_budget
 
@@ -63,6 +64,11 @@ class DiagonalLayer(StructuredLayer):
             )
             diagonal = torch.randn(size, dtype=torch.float64) * std
         self.diagonal = nn.Parameter(diagonal.to(torch.get_default_dtype()))
+
+    @classmethod
+    def layout_cost(cls, layout, batch_size):
+        size = min(layout.input_dim, layout.output_dim)
+        return Cost(batch_size * size, 2 * batch_size * size)
 
     def layout_sizes(self):
         return {}

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from structurednets import StructuredLayer
+from structurednets.cost import dense_cost
 from structurednets.layers.structured_layer import dense_init_std
 from structurednets.validation import BudgetTooSmallError, weight_budget
 
@@ -55,6 +56,10 @@ class FullLayer(StructuredLayer):
             shape = (self.output_dim, self.input_dim)
             target = torch.randn(shape, dtype=torch.float64) * dense_init_std(self.input_dim)
         self.weight = nn.Parameter(target.to(torch.get_default_dtype()))
+
+    @classmethod
+    def layout_cost(cls, layout, batch_size):
+        return dense_cost(layout.input_dim, layout.output_dim, batch_size)
 
     def layout_sizes(self):
         return {}

@@ -16,6 +16,7 @@ from structurednets.approximation import (
 )
 from structurednets.checkpoint import CheckpointError, load, save
 from structurednets.compression import CompressionReport, CompressionResult, compress
+from structurednets.cost import Cost
 from structurednets.hookspecs import hookimpl, hookspec
 from structurednets.layers import StructuredLayer, get_nb_model_parameters
 from structurednets.layout import Layout
@@ -41,6 +42,7 @@ __all__ = [
     "CheckpointError",
     "CompressionReport",
     "CompressionResult",
+    "Cost",
     "Layout",
     "NoStructureFitsError",
     "SkippedStructure",

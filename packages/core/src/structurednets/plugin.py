@@ -10,6 +10,7 @@ in ``autocast_full_precision``, and one that falls back to a slow path on some d
 once with :func:`warn_slow_fallback`. See the root README's "Writing a structure".
 """
 
+from structurednets.cost import Cost, dense_cost
 from structurednets.hookspecs import hookimpl
 from structurednets.layers.layer_helpers import default_dtype, get_nb_model_parameters
 from structurednets.layers.structured_layer import StructuredLayer, dense_init_std
@@ -42,6 +43,7 @@ from structurednets.validation import (
 __all__ = [
     "REDUCED_DTYPES",
     "BudgetTooSmallError",
+    "Cost",
     "Layout",
     "SlowFallbackWarning",
     "StructuredLayer",
@@ -55,6 +57,7 @@ __all__ = [
     "check_positive_int",
     "check_share",
     "default_dtype",
+    "dense_cost",
     "dense_init_std",
     "get_nb_model_parameters",
     "hookimpl",

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from structurednets import StructuredLayer
-from structurednets.layers.structured_layer import dense_init_std
-from structurednets.validation import (
+from structurednets.plugin import (
     BudgetTooSmallError,
+    Cost,
+    Layout,
+    StructuredLayer,
     as_matrix,
     check_positive_int,
+    dense_init_std,
     weight_budget,
 )
 
@@ -140,6 +142,13 @@ class LRLayer(StructuredLayer):
 
     def layout_sizes(self) -> dict[str, object]:
         return {"rank": self.rank}
+
+    @classmethod
+    def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
+        """``b r (in + out)`` forward (``U R^T``, then ``L``); backward twice that
+        (``dY L`` and ``dL``, then ``dU`` and ``dR``)."""
+        per_sample = layout.sizes["rank"] * (layout.input_dim + layout.output_dim)
+        return Cost(batch_size * per_sample, 2 * batch_size * per_sample)
 
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         return (U @ self.right.T) @ self.left.T

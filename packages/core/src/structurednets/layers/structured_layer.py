@@ -9,6 +9,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from structurednets.cost import DEFAULT_COST_BATCH_SIZE, Cost, dense_cost
 from structurednets.layers.layer_helpers import get_nb_model_parameters
 from structurednets.layout import Layout, thaw
 from structurednets.precision import autocast_dtype, run_under_autocast
@@ -17,6 +18,7 @@ from structurednets.validation import (
     as_matrix,
     as_vector,
     check_dim,
+    check_positive_int,
     check_share,
     weight_budget,
 )
@@ -189,6 +191,25 @@ class StructuredLayer(nn.Module, abc.ABC):
         )
         self.__dict__["_layout"] = layout
         return layout
+
+    @classmethod
+    def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
+        """Multiply-adds of a forward and a backward of a layer of ``layout`` for a batch of
+        ``batch_size`` inputs (see :mod:`structurednets.cost`): exact counts of what the
+        kernels do, from the layout alone. Every structure implements it."""
+        raise NotImplementedError(
+            f"{cls.__name__} does not report the cost of its layout; implement "
+            "layout_cost(layout, batch_size)"
+        )
+
+    def cost(self, batch_size: int = DEFAULT_COST_BATCH_SIZE) -> Cost:
+        """This layer's :meth:`layout_cost` for a batch of ``batch_size`` inputs."""
+        return type(self).layout_cost(self.layout, check_positive_int("batch_size", batch_size))
+
+    def cost_ratio(self, batch_size: int = DEFAULT_COST_BATCH_SIZE) -> float:
+        """Forward plus backward multiply-adds against ``nn.Linear`` of the same shape."""
+        dense = dense_cost(self.input_dim, self.output_dim, batch_size)
+        return self.cost(batch_size).ratio(dense)
 
     @classmethod
     def from_layout(cls, layout: Layout) -> StructuredLayer:

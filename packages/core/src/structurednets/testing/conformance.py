@@ -30,6 +30,7 @@ from structurednets.testing.contract_checks import (
     check_repr,
     check_state_dict_round_trip,
 )
+from structurednets.testing.cost_checks import check_cost_is_reported
 from structurednets.testing.layout_checks import (
     check_layout_mismatch_is_refused,
     check_layout_round_trip,
@@ -86,6 +87,7 @@ _CHECKS = [
     check_layout_round_trip,
     check_layout_mismatch_is_refused,
     check_save_and_load,
+    check_cost_is_reported,
     check_dtypes_and_autocast,
     check_reduced_precision_layers,
     check_follows_module_device,

@@ -21,7 +21,7 @@ from structurednets.testing.case import (
 from structurednets.validation import BudgetTooSmallError
 
 
-def _fitted_layers(case: ConformanceCase) -> list[structurednets.StructuredLayer]:
+def fitted_layers(case: ConformanceCase) -> list[structurednets.StructuredLayer]:
     """A random layer and layers fitted to noise and to a smooth kernel (fits decide shapes)."""
     input_dim, output_dim = case.shape
     rows, cols = np.linspace(0, 1, output_dim), np.linspace(0, 1, input_dim)
@@ -38,7 +38,7 @@ def check_layout_round_trip(case: ConformanceCase) -> None:
     """``layer.layout`` is frozen JSON; ``create(name, layout=...)`` builds exactly that shape:
     the same parameters and buffers, the parameter count ``nb_parameters(name, layout=...)``
     predicts, and the fitted layer's state dict loads into it with identical outputs."""
-    for layer in _fitted_layers(case):
+    for layer in fitted_layers(case):
         layout = layer.layout
         assert isinstance(layout, Layout), f"layer.layout is a {type(layout).__name__}"
         assert layout.structure == structurednets.get_structure(case.structure).name
@@ -93,7 +93,7 @@ def check_save_and_load(case: ConformanceCase) -> None:
     torch.manual_seed(0)
     with default_dtype(torch.float64):
         model = architecture()
-        for layer in _fitted_layers(case)[1:]:
+        for layer in fitted_layers(case)[1:]:
             model[0] = layer
             with tempfile.TemporaryDirectory() as folder:
                 path = Path(folder) / "model.safetensors"
