@@ -255,3 +255,23 @@ def test_options_are_checked():
         fit_monarch(torch.zeros(10, 10), 19)
     with pytest.raises(ValueError, match=r"\(6, 5\)"):
         monarch_project(torch.zeros(5, 6), MonarchShape(5, 6, 1, 1, 1))
+
+
+@pytest.mark.parametrize(("input_dim", "output_dim", "k", "q", "rank"), SHAPES[1:7])
+def test_cost_counts_the_multiply_adds_torch_counts(input_dim, output_dim, k, q, rank):
+    """``layout_cost`` against torch's own FLOP counter over forward and backward (every
+    multiply-add is in a ``bmm``; the counter reports 2 FLOPs per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = MonarchLayer(input_dim, output_dim, 1.0, nb_blocks=(k, q), rank=rank)
+    U = torch.randn(8, input_dim, requires_grad=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        Y = layer(U)
+    forward = counter.get_total_flops() // 2
+    with counter:
+        Y.backward(torch.randn_like(Y))
+    backward = counter.get_total_flops() // 2
+    cost = layer.cost(8)
+    assert (cost.forward, cost.backward) == (forward, backward)
+    assert forward == 8 * layer.nb_weight_parameters

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from structurednets.plugin import StructuredLayer, dense_init_std
+from structurednets.plugin import Cost, Layout, StructuredLayer, dense_init_std
 from structurednets_monarch.fit import MonarchFactors, fit_monarch
 from structurednets_monarch.kernels import monarch_dense, monarch_multiply
 from structurednets_monarch.layout import MonarchShape, plan_monarch
@@ -98,6 +98,15 @@ class MonarchLayer(StructuredLayer):
     def layout_sizes(self) -> dict[str, object]:
         """The keyword options that rebuild this layer's shape: ``nb_blocks`` and ``rank``."""
         return self.monarch_shape.sizes()
+
+    @classmethod
+    def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
+        """``b r (q in + k out)`` forward (the two batched products); backward twice that
+        (each product's input and factor gradients). The permuting copies are not counted."""
+        k, q = layout.sizes["nb_blocks"]
+        shape = MonarchShape(layout.input_dim, layout.output_dim, k, q, layout.sizes["rank"])
+        forward = batch_size * shape.nb_weight_parameters
+        return Cost(forward, 2 * forward)
 
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         return monarch_multiply(
