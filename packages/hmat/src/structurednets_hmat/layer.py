@@ -9,14 +9,23 @@ from functools import partial
 import torch
 from torch import nn
 
-from structurednets.plugin import StructuredLayer, dense_init_std
+from structurednets.plugin import Cost, Layout, StructuredLayer, dense_init_std
 from structurednets_hmat.buckets import make_buckets
+from structurednets_hmat.cost import partition_cost
 from structurednets_hmat.fit import fit_hmat
 from structurednets_hmat.hmatrix import HMatrix
-from structurednets_hmat.kernels import DenseOperands, LowRankOperands, multiply_buckets
+from structurednets_hmat.kernels import (
+    DenseOperands,
+    LowRankOperands,
+    leaf_by_leaf,
+    leaf_operands,
+    multiply_buckets,
+    multiply_leaves,
+)
 from structurednets_hmat.layout import (
     block_partition,
     layer_partition,
+    partition_from_json,
     partition_to_json,
     require_one_block,
 )
@@ -135,6 +144,9 @@ class HMatLayer(StructuredLayer):
             ranked = hmatrix.partition
         self.partition = ranked
         self.buckets = make_buckets(ranked.leaves)
+        self._leaf_operands = (
+            leaf_operands(self.buckets, ranked.leaves) if leaf_by_leaf(self.buckets) else None
+        )
         factors = (
             hmatrix.factors if hmatrix is not None else _random_factors(ranked, self.input_dim)
         )
@@ -144,6 +156,14 @@ class HMatLayer(StructuredLayer):
         """``{"partition": ...}``: the blocks with every leaf's kind and rank (see
         :mod:`structurednets_hmat.layout`); the buckets and index buffers follow from it."""
         return {"partition": partition_to_json(self.partition)}
+
+    @classmethod
+    def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
+        """Multiply-adds of the products the kernels run (see :mod:`structurednets_hmat.cost`):
+        leaf by leaf for few leaves, ``batch * rank * (rows + cols)`` per low-rank leaf and
+        ``batch * rows * cols`` per dense one; else bucket by bucket, padding included.
+        The backward (input and factor gradients) is twice the forward."""
+        return partition_cost(partition_from_json(layout.sizes["partition"]), batch_size)
 
     # -- parameters -------------------------------------------------------------------------
 
@@ -210,6 +230,8 @@ class HMatLayer(StructuredLayer):
         factors = self._stacked_factors()
         if not factors:  # every leaf at rank 0
             return U.new_zeros(U.shape[0], self.output_dim)
+        if self._leaf_operands is not None:
+            return multiply_leaves(self._leaf_operands, self.output_dim, U, factors)
         Yt = multiply_buckets(self._operands(), self.output_dim, U.t(), factors)
         return Yt.t()
 
