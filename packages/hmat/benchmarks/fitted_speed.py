@@ -117,11 +117,16 @@ def row(name: str, weight: np.ndarray, share: float, repeats: int) -> str:
     )
     error = relative_error(layer.to_dense().detach().double(), weight)
     forward, train = measure(layer, dense, repeats)
-    cost, reference = layer.cost(BATCH), dense_cost(input_dim, output_dim, BATCH)
+    reference = dense_cost(input_dim, output_dim, BATCH)
+    try:
+        cost = layer.cost(BATCH)
+        predicted = (f"{cost.forward_ratio(reference):>6.2f}", f"{cost.ratio(reference):>6.2f}")
+    except NotImplementedError:  # a version of the plugin without costs
+        predicted = (f"{'-':>6}", f"{'-':>6}")
     text = (
         f"{name:<20} {output_dim:>4}x{input_dim:<4} {share:<5g} {len(layer.partition.leaves):>6} "
-        f"{len(layer.buckets):>7} {error:>7.4f} {forward:>6.2f} {cost.forward_ratio(reference):>6.2f}"
-        f" {train:>6.2f} {cost.ratio(reference):>6.2f}"
+        f"{len(layer.buckets):>7} {error:>7.4f} {forward:>6.2f} {predicted[0]} {train:>6.2f} "
+        f"{predicted[1]}"
     )
     if "lowrank" in structurednets.available():
         lowrank = structurednets.create(

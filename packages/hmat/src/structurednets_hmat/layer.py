@@ -147,6 +147,9 @@ class HMatLayer(StructuredLayer):
         self._leaf_operands = (
             leaf_operands(self.buckets, ranked.leaves) if leaf_by_leaf(self.buckets) else None
         )
+        # One low-rank block for the whole matrix (what the fit keeps for most trained layers):
+        # the two products of plain low rank, nothing else.
+        self._one_block = ranked.leaves[0].rank if _is_one_block(ranked) else 0
         factors = (
             hmatrix.factors if hmatrix is not None else _random_factors(ranked, self.input_dim)
         )
@@ -227,6 +230,10 @@ class HMatLayer(StructuredLayer):
     # -- the layer --------------------------------------------------------------------------
 
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
+        if self._one_block:
+            rank = self._one_block
+            right = self.right_factors[0].view(rank, self.input_dim)
+            return (U @ right.T) @ self.left_factors[0].view(self.output_dim, rank).T
         factors = self._stacked_factors()
         if not factors:  # every leaf at rank 0
             return U.new_zeros(U.shape[0], self.output_dim)
@@ -285,6 +292,12 @@ class HMatLayer(StructuredLayer):
             f"min_block_size={partition.min_block_size}, leaves={len(partition.leaves)}, "
             f"buckets={len(self.buckets)}"
         )
+
+
+def _is_one_block(partition: HMatrixPartition) -> bool:
+    """Whether the partition is the whole matrix as one low-rank leaf of rank >= 1."""
+    leaf = partition.leaves[0]
+    return len(partition.leaves) == 1 and not leaf.dense and leaf.rank > 0
 
 
 def _random_factors(
