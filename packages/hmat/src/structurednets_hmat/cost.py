@@ -18,12 +18,16 @@ Cost(forward=2880, backward=5760)
 
 from __future__ import annotations
 
-from structurednets.plugin import Cost
+import math
+import numbers
+
+from structurednets.cost import DEFAULT_COST_BATCH_SIZE
+from structurednets.plugin import Cost, dense_cost
 from structurednets_hmat.buckets import make_buckets
 from structurednets_hmat.kernels import leaf_by_leaf
 from structurednets_hmat.partition import HMatrixPartition
 
-__all__ = ["buckets_forward_cost", "partition_cost"]
+__all__ = ["buckets_forward_cost", "check_max_cost_ratio", "cost_ratio", "partition_cost"]
 
 
 def buckets_forward_cost(buckets, leaves) -> int:
@@ -46,3 +50,24 @@ def partition_cost(partition: HMatrixPartition, batch_size: int) -> Cost:
     the forward's multiply-adds, and twice that for the backward (see the module)."""
     per_input = buckets_forward_cost(make_buckets(partition.leaves), partition.leaves)
     return Cost(batch_size * per_input, 2 * batch_size * per_input)
+
+
+def cost_ratio(partition: HMatrixPartition) -> float:
+    """``layer.cost_ratio()`` of a layer of this partition: forward plus backward
+    multiply-adds at batch 256 against ``nn.Linear``'s (:func:`~structurednets.dense_cost`)."""
+    dense = dense_cost(partition.input_dim, partition.output_dim, DEFAULT_COST_BATCH_SIZE)
+    return partition_cost(partition, DEFAULT_COST_BATCH_SIZE).ratio(dense)
+
+
+def check_max_cost_ratio(value: object) -> float | None:
+    """``max_cost_ratio``: ``None`` or a positive finite number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"max_cost_ratio must be None or a positive number, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if not (float(value) > 0.0 and math.isfinite(float(value))):
+        raise ValueError(f"max_cost_ratio must be a positive finite number, got {value!r}")
+    return float(value)

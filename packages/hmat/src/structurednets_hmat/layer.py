@@ -11,7 +11,7 @@ from torch import nn
 
 from structurednets.plugin import Cost, Layout, StructuredLayer, dense_init_std
 from structurednets_hmat.buckets import make_buckets
-from structurednets_hmat.cost import partition_cost
+from structurednets_hmat.cost import check_max_cost_ratio, partition_cost
 from structurednets_hmat.fit import fit_hmat
 from structurednets_hmat.hmatrix import HMatrix
 from structurednets_hmat.kernels import (
@@ -64,6 +64,11 @@ class HMatLayer(StructuredLayer):
             whole, up to the whole matrix as one low-rank block (see
             :func:`~structurednets_hmat.fit_hmat`): never worse than plain low rank, slower
             to fit. Default ``False``, or searched when fitting (see above).
+        max_cost_ratio: when fitting ``initial_weight_matrix``, a bound on the result's
+            :meth:`cost_ratio` (forward plus backward multiply-adds at batch 256 against
+            ``nn.Linear``): the fit's candidates are allocated within it, and ``ValueError``
+            names the smallest reachable ratio if none can be. A fit control, not part of
+            the layout; checked but otherwise unused without a matrix.
 
     Without ``initial_weight_matrix``, ``hmatrix`` or ``partition``, every leaf starts at rank 1
     and ranks grow evenly (by ``rank / min(rows, cols)``) until the budget is full; factors are
@@ -97,6 +102,7 @@ class HMatLayer(StructuredLayer):
     """
 
     structure_name = "hmat"
+    accepts_max_cost_ratio = True
 
     def __init__(
         self,
@@ -112,9 +118,11 @@ class HMatLayer(StructuredLayer):
         hmatrix: HMatrix | None = None,
         partition: HMatrixPartition | Mapping[str, object] | None = None,
         merge_blocks: bool | None = None,
+        max_cost_ratio: float | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
+        check_max_cost_ratio(max_cost_ratio)
         if target is not None and (hmatrix is not None or partition is not None):
             raise ValueError(
                 "pass either initial_weight_matrix or hmatrix/partition, not both "
@@ -140,6 +148,7 @@ class HMatLayer(StructuredLayer):
                 eta=blocks.eta,
                 min_block_size=min_block_size,
                 merge_blocks=merge_blocks,
+                max_cost_ratio=max_cost_ratio,
             )
             ranked = hmatrix.partition
         self.partition = ranked
