@@ -11,7 +11,8 @@ forward + backward with the input gradient. Batch 256, float32, one thread, medi
 rounds that time both layers back to back. Low rank at the same share, when
 ``structurednets-lowrank`` is installed, is the reference. Run from the repository root::
 
-    .venv/bin/python packages/hmat/benchmarks/fitted_speed.py [--shares 0.1 0.25] [--repeats 15]
+    .venv/bin/python packages/hmat/benchmarks/fitted_speed.py [--shares 0.1 0.25] [--repeats 15] \\
+        [--max-cost-ratio R]
 """
 
 from __future__ import annotations
@@ -109,11 +110,11 @@ def measure(layer: nn.Module, dense: nn.Linear, repeats: int) -> tuple[float, fl
     )
 
 
-def row(name: str, weight: np.ndarray, share: float, repeats: int) -> str:
+def row(name: str, weight: np.ndarray, share: float, repeats: int, options: dict) -> str:
     output_dim, input_dim = weight.shape
     dense = nn.Linear(input_dim, output_dim)
     layer = structurednets.create(
-        "hmat", input_dim, output_dim, share, initial_weight_matrix=weight
+        "hmat", input_dim, output_dim, share, initial_weight_matrix=weight, **options
     )
     error = relative_error(layer.to_dense().detach().double(), weight)
     forward, train = measure(layer, dense, repeats)
@@ -142,7 +143,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.25])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--max-cost-ratio", type=float, default=None, help="bound on the fit")
     args = parser.parse_args()
+    options = {} if args.max_cost_ratio is None else {"max_cost_ratio": args.max_cost_ratio}
     torch.set_num_threads(1)
     torch.manual_seed(0)
     weights = {"digit MLP hidden": digit_mlp_weight(), **minilm_weights()}
@@ -153,7 +156,7 @@ def main() -> None:
     )
     for name, weight in weights.items():
         for share in args.shares:
-            print(row(name, weight, share, args.repeats), flush=True)
+            print(row(name, weight, share, args.repeats, options), flush=True)
 
 
 if __name__ == "__main__":
