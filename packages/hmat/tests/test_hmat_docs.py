@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import structurednets
-from structurednets_hmat import HMatLayer, fit, layer, layout, partition
+from structurednets_hmat import HMatLayer, cost, fit, layer, layout, partition
 
 
-@pytest.mark.parametrize("module", [fit, layer, layout, partition], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [cost, fit, layer, layout, partition], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     # The globals the kit gives a layer's Example: torch, structurednets and the class.
     names = {"torch": torch, "structurednets": structurednets, "HMatLayer": HMatLayer}

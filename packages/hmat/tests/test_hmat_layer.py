@@ -14,6 +14,7 @@ from structurednets_hmat import (
     fit_hmat,
     hmat_nb_weight_parameters,
 )
+from structurednets_hmat.kernels import leaf_by_leaf
 
 
 def smooth_matrix(rows, cols, seed=0):
@@ -215,3 +216,41 @@ def test_fitted_layer_searches_but_random_layer_does_not_change():
     random_layer = structurednets.create("hmat", 128, 128, 0.25)
     assert random_layer.partition == HMatLayer(128, 128, 0.25, min_block_size=16).partition
     assert random_layer.nb_weight_parameters == hmat_nb_weight_parameters(128, 128, 0.25)
+
+
+def few_leaf_layers():
+    """Layers that run leaf by leaf: fitted with a dense bucket, a padded bucket of ragged
+    ranks (and a zero leaf), and the whole matrix as one low-rank block."""
+    with default_dtype(torch.float64):
+        torch.manual_seed(1)
+        ragged = HMatrixPartition.build(64, 64, min_block_size=32).with_ranks([3, 1, 2, 0])
+        return [
+            fitted_layer(48, 40, 0.9, min_block_size=16),
+            HMatLayer(64, 64, 0.5, partition=ragged),
+            fitted_layer(48, 40, 0.3, min_block_size=64),
+        ]
+
+
+@pytest.mark.parametrize("number", range(3))
+def test_few_leaves_run_leaf_by_leaf(number):
+    layer = few_leaf_layers()[number]
+    assert leaf_by_leaf(layer.buckets)
+    if number == 1:
+        assert any(not b.dense and b.padded for b in layer.buckets)
+    dense = layer.to_hmatrix().to_dense()
+    U = torch.randn(5, layer.input_dim, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(U), U @ dense.T + layer.bias, rtol=1e-12, atol=1e-12)
+        strided = torch.randn(4, 2 * layer.input_dim, dtype=torch.float64)[:, ::2]
+        expected = strided @ dense.T + layer.bias
+        torch.testing.assert_close(layer(strided), expected, rtol=1e-12, atol=1e-12)
+    names = [name for name, _ in layer.named_parameters()]
+    values = [p.detach().clone().requires_grad_(True) for _, p in layer.named_parameters()]
+
+    def function(U, *values):
+        return torch.func.functional_call(layer, dict(zip(names, values, strict=True)), (U,))
+
+    assert torch.autograd.gradcheck(function, (U, *values), eps=1e-6, atol=1e-6, rtol=1e-4)
+    empty = torch.zeros(0, layer.input_dim, dtype=torch.float64, requires_grad=True)
+    layer(empty).sum().backward()
+    assert empty.grad.shape == (0, layer.input_dim)

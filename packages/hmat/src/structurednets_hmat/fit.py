@@ -10,6 +10,7 @@ factor is built, and only the kept candidate's factors are.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from structurednets.plugin import as_matrix, balanced_factors, check_positive_int
 from structurednets_hmat.allocation import LeafSpectrum, allocate_greedy
+from structurednets_hmat.cost import check_max_cost_ratio, cost_ratio, partition_cost
 from structurednets_hmat.hmatrix import HMatrix
 from structurednets_hmat.partition import (
     DEFAULT_ETA,
@@ -53,6 +55,7 @@ def fit_hmat(
     min_block_size: int | None = None,
     partition: HMatrixPartition | None = None,
     merge_blocks: bool | None = None,
+    max_cost_ratio: float | None = None,
 ) -> HMatrix:
     """The H-matrix of at most ``budget`` scalars closest to ``matrix`` that the greedy
     allocation finds, on the partition built with ``eta`` and ``min_block_size`` (or on the
@@ -79,6 +82,16 @@ def fit_hmat(
             minimise error plus a price per parameter, then the greedy fill on that cut. Never
             worse than plain low rank; costs the singular values of every split block.
             ``None`` searches (above).
+        max_cost_ratio: a bound on the layer's ``cost_ratio()`` (forward plus backward
+            multiply-adds at batch 256 against ``nn.Linear``; see
+            :mod:`structurednets_hmat.cost`). Each candidate's allocation is limited to what
+            the bound allows (fewer parameters where the buckets' padding costs extra); a
+            candidate that cannot meet it is skipped. Raises ``ValueError`` naming the
+            smallest ratio reachable (one block at rank 1) when none can.
+
+    The search keeps the most accurate candidate as above, then, among the candidates whose
+    error is within :data:`SEARCH_MARGIN` of it, the cheapest: the fewest multiply-adds, then
+    the fewest leaves (one block runs as plain low rank).
 
     >>> from structurednets.numerics import relative_error
     >>> W = 1.0 / (1.0 + abs(np.subtract.outer(np.arange(256), np.arange(256))))
@@ -96,6 +109,9 @@ def fit_hmat(
     if merge_blocks is not None and not isinstance(merge_blocks, bool):
         raise TypeError(f"merge_blocks must be True or False, got {merge_blocks!r}")
     search = partition is None and min_block_size is None and merge_blocks is None
+    bound = check_max_cost_ratio(max_cost_ratio)
+    if bound is not None:  # a layer's multiply-adds per input are at least its parameters
+        budget = max(1, min(budget, int(bound * output_dim * input_dim)))
     if min_block_size is None:
         min_block_size = DEFAULT_MIN_BLOCK_SIZE
     cache: SpectrumCache = {}
@@ -110,21 +126,26 @@ def fit_hmat(
                 f"partition is for a {partition.shape} matrix, but matrix has shape "
                 f"{tuple(target.shape)}"
             )
-        chosen = _standard_candidate(target, partition, budget, cache)
+        candidates = [_standard_candidate(target, partition, budget, cache)]
+        factor = 1.0
     elif search:
         tree = block_cluster_tree(output_dim, input_dim, eta, SEARCH_MIN_BLOCK_SIZES[0])
         candidates = _merged_candidates(target, tree, budget, cache)
         for size in SEARCH_MIN_BLOCK_SIZES[1:]:
             blocks = HMatrixPartition.build(output_dim, input_dim, eta, size)
             candidates.append(_standard_candidate(target, blocks, budget, cache))
-        chosen = _choose(candidates, (1 - SEARCH_MARGIN) ** 2)
+        factor = (1 - SEARCH_MARGIN) ** 2
     elif merge_blocks:
         tree = block_cluster_tree(output_dim, input_dim, eta, min_block_size)
-        chosen = _choose(_merged_candidates(target, tree, budget, cache), 1 - 1e-12)
+        candidates = _merged_candidates(target, tree, budget, cache)
+        factor = 1 - 1e-12
     else:
         blocks = HMatrixPartition.build(output_dim, input_dim, eta, min_block_size)
-        chosen = _standard_candidate(target, blocks, budget, cache)
-    return _build(target, chosen)
+        candidates = [_standard_candidate(target, blocks, budget, cache)]
+        factor = 1.0
+    if bound is not None:
+        candidates = _within_cost(candidates, bound, budget)
+    return _build(target, _choose(candidates, factor))
 
 
 @dataclass(frozen=True)
@@ -141,12 +162,54 @@ class _Candidate:
 
 def _choose(candidates: list[_Candidate], factor: float) -> _Candidate:
     """The first candidate, replaced by each later one whose squared error is below ``factor``
-    times the kept one's."""
+    times the kept one's; then, of those whose squared error is below the kept one's divided
+    by ``factor`` (as accurate, within the margin), the cheapest: fewest multiply-adds per
+    input, then fewest leaves, then the earliest."""
     best = candidates[0]
     for candidate in candidates[1:]:
         if candidate.error < best.error * factor:
             best = candidate
-    return best
+    if len(candidates) == 1:
+        return best
+    close = [c for c in candidates if c is best or c.error * factor <= best.error]
+    return min(close, key=lambda c: (partition_cost(c.ranked, 1).forward, len(c.ranked.leaves)))
+
+
+def _within_cost(candidates: list[_Candidate], bound: float, budget: int) -> list[_Candidate]:
+    """The candidates whose cost ratio is at most ``bound``: one that costs more is allocated
+    again on its blocks with a budget smaller by the cost above the bound, until it fits.
+    Raises ``ValueError`` when none fits, naming the cheapest ratio any could reach."""
+    kept = []
+    for candidate in candidates:
+        ranked, limit = candidate.ranked, budget
+        blocks = ranked.with_ranks([0] * len(ranked.leaves))
+        dims = ranked.output_dim * ranked.input_dim
+        for _ in range(32):
+            if ranked.nb_parameters == 0:  # the bound leaves no room for any block
+                break
+            ratio = cost_ratio(ranked)
+            if ratio <= bound:
+                if ranked is not candidate.ranked:
+                    error = _discarded_energy(ranked, list(candidate.spectra))
+                    candidate = _Candidate(error, ranked, candidate.spectra, candidate.vectors)
+                kept.append(candidate)
+                break
+            limit -= max(1, math.ceil((ratio - bound) * dims))
+            if limit <= 0:
+                break
+            ranked = allocate_greedy(blocks, list(candidate.spectra), limit)
+    if kept:
+        return kept
+    # One leaf runs leaf by leaf: its multiply-adds per input are its parameters.
+    smallest = min(
+        min(leaf.nb_rows + leaf.nb_cols, leaf.nb_rows * leaf.nb_cols) / dims
+        for candidate in candidates
+        for leaf in candidate.ranked.leaves
+    )
+    raise ValueError(
+        f"max_cost_ratio must be at least {smallest:.4g} for this fit (its cheapest block "
+        f"at rank 1), got {bound:g}"
+    )
 
 
 def _standard_candidate(

@@ -21,7 +21,25 @@ import torch
 
 from structurednets_hmat.buckets import BlockRange, DenseBucket, LowRankBucket
 
-__all__ = ["DenseOperands", "LowRankOperands", "multiply_buckets"]
+__all__ = [
+    "LEAF_BY_LEAF_MAX_LEAVES",
+    "DenseOperands",
+    "LeafOperands",
+    "LowRankOperands",
+    "leaf_by_leaf",
+    "leaf_operands",
+    "multiply_buckets",
+    "multiply_leaves",
+]
+
+LEAF_BY_LEAF_MAX_LEAVES = 8
+"""Partitions with at most this many leaves that hold parameters run leaf by leaf (two plain
+products per low-rank leaf, on the input and output as they are); larger ones bucket by bucket."""
+
+
+def leaf_by_leaf(buckets: Sequence[DenseBucket | LowRankBucket]) -> bool:
+    """Whether the product over these buckets runs leaf by leaf (few leaves)."""
+    return sum(bucket.nb_leaves for bucket in buckets) <= LEAF_BY_LEAF_MAX_LEAVES
 
 
 def _blocks(matrix: torch.Tensor, blocks: BlockRange, index: torch.Tensor | None) -> torch.Tensor:
@@ -155,6 +173,136 @@ class _HMatrixProduct(torch.autograd.Function):
             )
             position += count
         return (None, None, dXt, *gradients)
+
+
+@dataclass(frozen=True)
+class LeafOperands:
+    """One leaf of the leaf-by-leaf product: where its factors lie in the stacked factors.
+
+    ``left``, ``right`` are positions in the list of stacked factors (``right`` is ``-1`` for a
+    dense leaf, whose block is ``factors[left][block]``); a low-rank leaf's ``L`` is
+    ``factors[left][block_row, :, left_first : left_first + rank]`` and its ``R``
+    ``factors[right][block_col, right_first : right_first + rank]``.
+    """
+
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    left: int
+    right: int
+    block_row: int
+    left_first: int
+    block_col: int
+    right_first: int
+    rank: int
+
+    def factors(self, factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``(D,)`` or ``(L, R)``: views into the stacked factors."""
+        if self.right < 0:
+            return (factors[self.left][self.block_row],)
+        first, last = self.left_first, self.left_first + self.rank
+        left = factors[self.left][self.block_row, :, first:last]
+        first, last = self.right_first, self.right_first + self.rank
+        return left, factors[self.right][self.block_col, first:last]
+
+
+def leaf_operands(
+    buckets: Sequence[DenseBucket | LowRankBucket], leaves: Sequence
+) -> tuple[LeafOperands, ...]:
+    """Every leaf of the buckets, with its factors' place in the stacked factors."""
+    operands = []
+    position = 0
+    for bucket in buckets:
+        for g, index in enumerate(bucket.leaves):
+            leaf = leaves[index]
+            spans = ((leaf.row_start, leaf.row_stop), (leaf.col_start, leaf.col_stop))
+            if bucket.dense:
+                operands.append(LeafOperands(*spans, position, -1, g, 0, 0, 0, 0))
+                continue
+            operands.append(
+                LeafOperands(
+                    *spans,
+                    position,
+                    position + 1,
+                    bucket.row_of[g],
+                    bucket.row_slot[g] * bucket.rank,
+                    bucket.col_of[g],
+                    bucket.col_slot[g] * bucket.rank,
+                    bucket.ranks[g],
+                )
+            )
+        position += 1 if bucket.dense else 2
+    return tuple(operands)
+
+
+class _LeafProduct(torch.autograd.Function):
+    """``Y = X @ W.T`` for ``X`` of shape ``(batch, input_dim)``, leaf by leaf: each low-rank
+    leaf adds ``(X[:, cols] @ R.T) @ L.T`` into ``Y[:, rows]`` in place (column slices of a
+    row-major matrix are plain strided operands of ``addmm``: nothing is copied)."""
+
+    @staticmethod
+    def forward(ctx, operands, output_dim, X, *factors):
+        X = X.to(factors[0].dtype).contiguous()
+        Y = X.new_zeros(X.shape[0], output_dim)
+        saved = []
+        for operand in operands:
+            (r0, r1), (c0, c1) = operand.rows, operand.cols
+            pieces = operand.factors(factors)
+            if len(pieces) == 1:
+                Y[:, r0:r1].addmm_(X[:, c0:c1], pieces[0].T)
+                saved.append(None)
+            else:
+                T = X[:, c0:c1] @ pieces[1].T  # (batch, rank)
+                Y[:, r0:r1].addmm_(T, pieces[0].T)
+                saved.append(T)
+        ctx.operands = operands
+        ctx.intermediates = saved
+        ctx.save_for_backward(X, *factors)
+        return Y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dY):
+        X, *factors = ctx.saved_tensors
+        dY = dY.contiguous()
+        dX = torch.zeros_like(X) if ctx.needs_input_grad[2] else None
+        needs = ctx.needs_input_grad[3:]
+        grads = [
+            torch.zeros_like(f) if need else None for f, need in zip(factors, needs, strict=True)
+        ]
+        for operand, T in zip(ctx.operands, ctx.intermediates, strict=True):
+            (r0, r1), (c0, c1) = operand.rows, operand.cols
+            pieces = operand.factors(factors)
+            dY_rows, X_cols = dY[:, r0:r1], X[:, c0:c1]
+            if T is None:
+                if grads[operand.left] is not None:
+                    grads[operand.left][operand.block_row].addmm_(dY_rows.T, X_cols)
+                if dX is not None:
+                    dX[:, c0:c1].addmm_(dY_rows, pieces[0])
+                continue
+            dT = dY_rows @ pieces[0]  # (batch, rank)
+            left_grad, right_grad = grads[operand.left], grads[operand.right]
+            if left_grad is not None:
+                first, last = operand.left_first, operand.left_first + operand.rank
+                left_grad[operand.block_row, :, first:last].addmm_(dY_rows.T, T)
+            if right_grad is not None:
+                first, last = operand.right_first, operand.right_first + operand.rank
+                right_grad[operand.block_col, first:last].addmm_(dT.T, X_cols)
+            if dX is not None:
+                dX[:, c0:c1].addmm_(dT, pieces[1])
+        return (None, None, dX, *grads)
+
+
+def multiply_leaves(
+    operands: Sequence[LeafOperands],
+    output_dim: int,
+    X: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """``X @ W.T`` (shape ``(batch, output_dim)``) for ``X`` of shape ``(batch, input_dim)``,
+    leaf by leaf (see :func:`leaf_by_leaf`)."""
+    autocast = torch.autocast(X.device.type, enabled=False) if _autocasting(X) else nullcontext()
+    with autocast:
+        return _LeafProduct.apply(tuple(operands), output_dim, X, *factors)
 
 
 def multiply_buckets(

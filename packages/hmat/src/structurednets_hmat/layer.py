@@ -9,14 +9,23 @@ from functools import partial
 import torch
 from torch import nn
 
-from structurednets.plugin import StructuredLayer, dense_init_std
+from structurednets.plugin import Cost, Layout, StructuredLayer, dense_init_std
 from structurednets_hmat.buckets import make_buckets
+from structurednets_hmat.cost import check_max_cost_ratio, partition_cost
 from structurednets_hmat.fit import fit_hmat
 from structurednets_hmat.hmatrix import HMatrix
-from structurednets_hmat.kernels import DenseOperands, LowRankOperands, multiply_buckets
+from structurednets_hmat.kernels import (
+    DenseOperands,
+    LowRankOperands,
+    leaf_by_leaf,
+    leaf_operands,
+    multiply_buckets,
+    multiply_leaves,
+)
 from structurednets_hmat.layout import (
     block_partition,
     layer_partition,
+    partition_from_json,
     partition_to_json,
     require_one_block,
 )
@@ -55,6 +64,11 @@ class HMatLayer(StructuredLayer):
             whole, up to the whole matrix as one low-rank block (see
             :func:`~structurednets_hmat.fit_hmat`): never worse than plain low rank, slower
             to fit. Default ``False``, or searched when fitting (see above).
+        max_cost_ratio: when fitting ``initial_weight_matrix``, a bound on the result's
+            :meth:`cost_ratio` (forward plus backward multiply-adds at batch 256 against
+            ``nn.Linear``): the fit's candidates are allocated within it, and ``ValueError``
+            names the smallest reachable ratio if none can be. A fit control, not part of
+            the layout; checked but otherwise unused without a matrix.
 
     Without ``initial_weight_matrix``, ``hmatrix`` or ``partition``, every leaf starts at rank 1
     and ranks grow evenly (by ``rank / min(rows, cols)``) until the budget is full; factors are
@@ -88,6 +102,7 @@ class HMatLayer(StructuredLayer):
     """
 
     structure_name = "hmat"
+    accepts_max_cost_ratio = True
 
     def __init__(
         self,
@@ -103,9 +118,11 @@ class HMatLayer(StructuredLayer):
         hmatrix: HMatrix | None = None,
         partition: HMatrixPartition | Mapping[str, object] | None = None,
         merge_blocks: bool | None = None,
+        max_cost_ratio: float | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
+        check_max_cost_ratio(max_cost_ratio)
         if target is not None and (hmatrix is not None or partition is not None):
             raise ValueError(
                 "pass either initial_weight_matrix or hmatrix/partition, not both "
@@ -131,10 +148,17 @@ class HMatLayer(StructuredLayer):
                 eta=blocks.eta,
                 min_block_size=min_block_size,
                 merge_blocks=merge_blocks,
+                max_cost_ratio=max_cost_ratio,
             )
             ranked = hmatrix.partition
         self.partition = ranked
         self.buckets = make_buckets(ranked.leaves)
+        self._leaf_operands = (
+            leaf_operands(self.buckets, ranked.leaves) if leaf_by_leaf(self.buckets) else None
+        )
+        # One low-rank block for the whole matrix (what the fit keeps for most trained layers):
+        # the two products of plain low rank, nothing else.
+        self._one_block = ranked.leaves[0].rank if _is_one_block(ranked) else 0
         factors = (
             hmatrix.factors if hmatrix is not None else _random_factors(ranked, self.input_dim)
         )
@@ -144,6 +168,14 @@ class HMatLayer(StructuredLayer):
         """``{"partition": ...}``: the blocks with every leaf's kind and rank (see
         :mod:`structurednets_hmat.layout`); the buckets and index buffers follow from it."""
         return {"partition": partition_to_json(self.partition)}
+
+    @classmethod
+    def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
+        """Multiply-adds of the products the kernels run (see :mod:`structurednets_hmat.cost`):
+        leaf by leaf for few leaves, ``batch * rank * (rows + cols)`` per low-rank leaf and
+        ``batch * rows * cols`` per dense one; else bucket by bucket, padding included.
+        The backward (input and factor gradients) is twice the forward."""
+        return partition_cost(partition_from_json(layout.sizes["partition"]), batch_size)
 
     # -- parameters -------------------------------------------------------------------------
 
@@ -207,9 +239,15 @@ class HMatLayer(StructuredLayer):
     # -- the layer --------------------------------------------------------------------------
 
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
+        if self._one_block:
+            rank = self._one_block
+            right = self.right_factors[0].view(rank, self.input_dim)
+            return (U @ right.T) @ self.left_factors[0].view(self.output_dim, rank).T
         factors = self._stacked_factors()
         if not factors:  # every leaf at rank 0
             return U.new_zeros(U.shape[0], self.output_dim)
+        if self._leaf_operands is not None:
+            return multiply_leaves(self._leaf_operands, self.output_dim, U, factors)
         Yt = multiply_buckets(self._operands(), self.output_dim, U.t(), factors)
         return Yt.t()
 
@@ -263,6 +301,12 @@ class HMatLayer(StructuredLayer):
             f"min_block_size={partition.min_block_size}, leaves={len(partition.leaves)}, "
             f"buckets={len(self.buckets)}"
         )
+
+
+def _is_one_block(partition: HMatrixPartition) -> bool:
+    """Whether the partition is the whole matrix as one low-rank leaf of rank >= 1."""
+    leaf = partition.leaves[0]
+    return len(partition.leaves) == 1 and not leaf.dense and leaf.rank > 0
 
 
 def _random_factors(

@@ -268,9 +268,11 @@ def hmat_nb_weight_parameters(
     hmatrix: HMatrix | None = None,
     partition: HMatrixPartition | Mapping[str, object] | None = None,
     merge_blocks: bool | None = None,
+    max_cost_ratio: float | None = None,
 ) -> int:
     """Weight scalars of an :class:`HMatLayer` built with these arguments and no weight
-    matrix; exact for a fitted layer's ``partition`` (or its layout)."""
+    matrix; exact for a fitted layer's ``partition`` (or its layout). ``max_cost_ratio`` (a
+    fit control) is accepted and ignored."""
     return layer_partition(
         input_dim,
         output_dim,
