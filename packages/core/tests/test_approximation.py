@@ -200,3 +200,27 @@ def test_format_error():
     assert format_error(0.0) == "    0.0000"
     assert format_error(8.5419e-5) == "  8.54e-05"
     assert format_error(float("inf")) == "       inf"
+
+
+def test_max_cost_ratio_bounds_the_choice(diagonal_structure, full_structure):
+    W = np.random.default_rng(0).standard_normal((12, 12))
+    unbounded = structurednets.approximate(W, ["diagonal", "full"], 1.0)
+    assert unbounded.structure == "full" and unbounded.cost_ratio == 1.0
+    diagonal = next(each for each in unbounded.tried if each.structure == "diagonal")
+    assert diagonal.cost_ratio == pytest.approx(12 / 144)
+    bounded = structurednets.approximate(W, ["diagonal", "full"], 1.0, max_cost_ratio=0.5)
+    assert bounded.structure == "diagonal"
+    assert "over max_cost_ratio=0.5" in bounded.skipped[0].reason
+    with pytest.raises(structurednets.approximation.CostTooHighError, match="costs 1x"):
+        structurednets.approximate(W, "full", 1.0, max_cost_ratio=0.5)
+    for bad, error in ((0, ValueError), (-1.0, ValueError), ("0.5", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="max_cost_ratio must be a positive number"):
+            structurednets.approximate(W, "diagonal", 1.0, max_cost_ratio=bad)
+
+
+def test_compress_never_makes_a_layer_costlier_by_default(diagonal_structure, full_structure):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    small, report = structurednets.compress(model, "full", 1.0)
+    assert isinstance(small[0], FullLayer) and report.layers[0].cost_ratio == 1.0
+    _, report = structurednets.compress(model, "full", 1.0, max_cost_ratio=0.5)
+    assert not report.layers and "over max_cost_ratio=0.5" in report.skipped[0].reason

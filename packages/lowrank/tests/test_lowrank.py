@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import structurednets
+import structurednets.testing
 from structurednets import BudgetTooSmallError
 from structurednets.training_helpers import train_with_decreasing_lr
 from structurednets_lowrank import LRLayer, lowrank_nb_weight_parameters
@@ -105,3 +106,32 @@ def test_learns_low_rank_teacher():
     )
     assert result.best_val_loss < 1e-5
     assert relative < 1e-2
+
+
+def test_cost_is_what_the_products_do():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    layer = LRLayer(48, 40, 0.25, use_bias=False)
+    U = torch.randn(16, 48, requires_grad=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        layer(U).sum().backward()
+    cost = layer.cost(16)
+    assert cost.forward == 16 * layer.rank * (48 + 40)
+    assert 2 * cost.total == counter.get_total_flops()  # FlopCounterMode counts 2 per multiply-add
+    assert abs(layer.cost_ratio() - layer.rank * 88 / (48 * 40)) < 1e-12
+
+
+def test_max_cost_ratio_caps_the_rank():
+    layer = LRLayer(100, 60, 0.5, max_cost_ratio=0.1)
+    assert layer.rank == 3 and layer.cost_ratio() <= 0.1  # 3 * 160 / 6000 = 0.08
+    assert lowrank_nb_weight_parameters(100, 60, 0.5, max_cost_ratio=0.1) == 3 * 160
+    assert "max_cost_ratio" not in layer.layout.sizes
+    with pytest.raises(ValueError, match="max_cost_ratio must be at least 0.0267"):
+        LRLayer(100, 60, 0.5, max_cost_ratio=0.01)
+    with pytest.raises(ValueError, match="rank=10 costs 0.267x.*largest rank within it is 3"):
+        LRLayer(100, 60, 0.5, rank=10, max_cost_ratio=0.1)
+    W = np.random.default_rng(0).standard_normal((60, 100))
+    fitted = structurednets.approximate(W, "lowrank", 0.5, max_cost_ratio=0.1)
+    assert fitted.layer.rank == 3 and fitted.cost_ratio == pytest.approx(0.08)
+    assert "cost 0.08x dense" in str(fitted)

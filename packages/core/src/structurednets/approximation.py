@@ -35,6 +35,7 @@ from structurednets.validation import BudgetTooSmallError, as_matrix, as_vector,
 
 __all__ = [
     "Approximation",
+    "CostTooHighError",
     "NoStructureFitsError",
     "SkippedStructure",
     "approximate",
@@ -88,6 +89,8 @@ class Approximation:
         output_relative_error: with calibration, ``||(W - W~) X^T||_F / ||W X^T||_F`` for the
             calibration inputs ``X`` (or the same under the given ``input_covariance``, undamped);
             ``None`` without calibration.
+        cost_ratio: the layer's forward plus backward multiply-adds for a batch of 256
+            against ``nn.Linear`` of the same shape (:meth:`StructuredLayer.cost_ratio`).
     """
 
     structure: str
@@ -98,6 +101,7 @@ class Approximation:
     seconds: float
     tried: tuple[Approximation | SkippedStructure, ...] = ()
     output_relative_error: float | None = None
+    cost_ratio: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -113,9 +117,10 @@ class Approximation:
         output = ""
         if self.output_relative_error is not None:
             output = f", output error {self.output_relative_error:.4g}"
+        cost = "" if self.cost_ratio is None else f", cost {self.cost_ratio:.2f}x dense"
         return (
             f"{self.structure} at share {self.nb_params_share:g}: relative error "
-            f"{self.relative_error:.4g}{output}, {self.nb_parameters} parameters, "
+            f"{self.relative_error:.4g}{output}, {self.nb_parameters} parameters{cost}, "
             f"{self.seconds:.3g} s"
         )
 
@@ -176,13 +181,17 @@ def _fit(
     options: Mapping[str, Any],
     statistics: InputStatistics | None = None,
     refinement_iterations: int = DEFAULT_REFINEMENT_ITERATIONS,
+    max_cost_ratio: float | None = None,
 ) -> Approximation:
     output_dim, input_dim = target.shape
+    layer_class = get_structure(name).layer_class
     # Parameters are created in the default dtype; float32 and float64 are built directly
     # so that a float64 layer keeps the float64 fit, other dtypes are converted afterwards.
     build_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     weighting = None if statistics is None else input_weighting(get_structure(name).layer_class)
     extra = {} if weighting is None else {"input_statistics": statistics}
+    if max_cost_ratio is not None and getattr(layer_class, "accepts_max_cost_ratio", False):
+        extra["max_cost_ratio"] = max_cost_ratio  # its own layout search respects the bound
     start = time.perf_counter()
     with default_dtype(build_dtype):
         layer = create(
@@ -204,6 +213,12 @@ def _fit(
         dense = layer.to_dense()
         error = relative_error(dense, target)
         output_error = None if statistics is None else statistics.output_error(dense, target)
+    cost_ratio = _cost_ratio(layer)
+    if max_cost_ratio is not None and cost_ratio is not None and cost_ratio > max_cost_ratio:
+        raise CostTooHighError(
+            f"the fitted {name} layer costs {cost_ratio:.3g}x the multiply-adds of nn.Linear, "
+            f"over max_cost_ratio={max_cost_ratio:g}"
+        )
     return Approximation(
         structure=name,
         nb_params_share=nb_params_share,
@@ -212,7 +227,32 @@ def _fit(
         nb_parameters=layer.get_nb_parameters(),
         seconds=seconds,
         output_relative_error=output_error,
+        cost_ratio=cost_ratio,
     )
+
+
+def _cost_ratio(layer: StructuredLayer) -> float | None:
+    try:
+        return layer.cost_ratio()
+    except NotImplementedError:  # a third-party structure that does not count its cost
+        return None
+
+
+class CostTooHighError(ValueError):
+    """A fitted layer costs more multiply-adds than ``max_cost_ratio`` allows."""
+
+
+def check_cost_ratio(max_cost_ratio: object) -> float | None:
+    """``max_cost_ratio``: ``None`` or a positive number."""
+    if max_cost_ratio is None:
+        return None
+    if isinstance(max_cost_ratio, bool) or not isinstance(max_cost_ratio, (int, float)):
+        raise TypeError(f"max_cost_ratio must be a positive number or None, got {max_cost_ratio!r}")
+    if not max_cost_ratio > 0:
+        raise ValueError(
+            f"max_cost_ratio must be a positive number or None, got {max_cost_ratio!r}"
+        )
+    return float(max_cost_ratio)
 
 
 def structure_names(structure: str | Sequence[str]) -> tuple[list[str], bool]:
@@ -258,6 +298,7 @@ def approximate(
     input_covariance: object = None,
     damping: float = DEFAULT_DAMPING,
     refinement_iterations: int = DEFAULT_REFINEMENT_ITERATIONS,
+    max_cost_ratio: float | None = None,
     **options: Any,
 ) -> Approximation:
     """Fit a layer of ``structure`` to ``matrix`` within ``nb_params_share`` of its size.
@@ -293,6 +334,11 @@ def approximate(
         damping: relative damping of the second moment for the fit (``0.01`` adds 1% of its
             mean eigenvalue); ignored when ``inputs`` is an ``InputStatistics`` (it has its own).
         refinement_iterations: L-BFGS iterations of the calibrated refinement (0: none).
+        max_cost_ratio: a bound on the layer's forward plus backward multiply-adds (batch
+            256) against ``nn.Linear``'s (:attr:`Approximation.cost_ratio`). Structures whose
+            layout search takes the bound (``accepts_max_cost_ratio``) search within it; a
+            fitted layer over it is skipped when choosing (``CostTooHighError`` for a single
+            structure). ``"best"`` is then the most accurate layer within the bound.
         **options: the structure's own options (only for a single structure).
 
     Returns:
@@ -306,6 +352,7 @@ def approximate(
     """
     target = as_weight_matrix(matrix)
     nb_params_share = check_share(nb_params_share)
+    max_cost_ratio = check_cost_ratio(max_cost_ratio)
     statistics = as_input_statistics(target.shape[1], inputs, input_covariance, damping)
     if isinstance(refinement_iterations, bool) or not isinstance(refinement_iterations, int):
         raise TypeError(
@@ -353,6 +400,7 @@ def approximate(
                 per_structure.get(name, {}),
                 statistics,
                 refinement_iterations,
+                max_cost_ratio,
             )
         except BudgetTooSmallError as error:
             if not choose:

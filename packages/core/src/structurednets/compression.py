@@ -21,8 +21,10 @@ from torch import nn
 
 from structurednets.approximation import (
     BEST,
+    CostTooHighError,
     NoStructureFitsError,
     approximate,
+    check_cost_ratio,
     format_error,
     structure_names,
 )
@@ -56,6 +58,8 @@ class CompressedLayer:
         seconds: wall-clock time of the fit.
         output_relative_error: with calibration, ``||(W - W_structured) X^T||_F / ||W X^T||_F``
             on the inputs ``X`` the layer saw; ``None`` without calibration.
+        cost_ratio: forward plus backward multiply-adds (batch 256) against the dense layer's;
+            ``None`` for a structure that does not count its cost.
     """
 
     name: str
@@ -67,6 +71,7 @@ class CompressedLayer:
     relative_error: float
     seconds: float
     output_relative_error: float | None = None
+    cost_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,7 @@ class CompressionReport:
         calibrated = any(layer.output_relative_error is not None for layer in self.layers)
         header = (
             f"{'layer':<{width}} {'out x in':>11} {'structure':<10} {'params before':>13} "
-            f"{'params after':>12} {'rel. error':>10}"
+            f"{'params after':>12} {'cost':>5} {'rel. error':>10}"
         )
         if calibrated:
             header += f" {'out error':>10}"
@@ -122,6 +127,7 @@ class CompressionReport:
             line = (
                 f"{name:<{width}} {shape:>11} {layer.structure:<10} "
                 f"{layer.nb_parameters_before:>13} {layer.nb_parameters_after:>12} "
+                f"{'-' if layer.cost_ratio is None else f'{layer.cost_ratio:.2f}':>5} "
                 f"{format_error(layer.relative_error)}"
             )
             if calibrated:
@@ -249,6 +255,7 @@ def compress(
     sequential: bool = False,
     damping: float = DEFAULT_DAMPING,
     refinement_iterations: int = DEFAULT_REFINEMENT_ITERATIONS,
+    max_cost_ratio: float | None = 1.0,
     **options: Any,
 ) -> CompressionResult:
     """Replace ``nn.Linear`` modules of ``model`` by structured layers fitted to their weights.
@@ -287,6 +294,10 @@ def compress(
         damping: relative damping of each layer's input second moment (see
             :mod:`structurednets.calibration`).
         refinement_iterations: L-BFGS iterations of the calibrated refinement.
+        max_cost_ratio: a bound on each new layer's forward plus backward multiply-adds
+            (batch 256) against the dense layer's (see ``approximate``). By default 1: no
+            layer is made costlier than the one it replaces; a layer that cannot be fitted
+            within the bound stays dense (``report.skipped``). ``None``: no bound.
         **options: the structure's own options (single structure only).
 
     Returns:
@@ -304,6 +315,7 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     nb_params_share = check_share(nb_params_share)
+    max_cost_ratio = check_cost_ratio(max_cost_ratio)
     if min_size is not None:
         min_size = check_positive_int("min_size", min_size)
     if not isinstance(inplace, bool):
@@ -364,10 +376,11 @@ def compress(
                 device=weight.device,
                 structure_options=structure_options,
                 progress=say_tried,
+                max_cost_ratio=max_cost_ratio,
                 **calibrated,
                 **options,
             )
-        except (BudgetTooSmallError, NoStructureFitsError) as error:
+        except (BudgetTooSmallError, NoStructureFitsError, CostTooHighError) as error:
             skipped.append(SkippedLayer(name, view.input_dim, view.output_dim, str(error)))
             say(f"[{index}/{len(selected)}] {label} ({shape}): kept dense, {error}")
             continue
@@ -387,6 +400,7 @@ def compress(
                 relative_error=result.relative_error,
                 seconds=result.seconds,
                 output_relative_error=result.output_relative_error,
+                cost_ratio=result.cost_ratio,
             )
         )
         output = ""

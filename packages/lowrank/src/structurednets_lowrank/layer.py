@@ -6,65 +6,11 @@ import torch
 from torch import nn
 
 from structurednets.calibration import InputStatistics
-from structurednets.plugin import (
-    BudgetTooSmallError,
-    Cost,
-    Layout,
-    StructuredLayer,
-    as_matrix,
-    check_positive_int,
-    dense_init_std,
-    weight_budget,
-)
+from structurednets.plugin import Cost, Layout, StructuredLayer, as_matrix, dense_init_std
+from structurednets_lowrank.fit import fit_lowrank
+from structurednets_lowrank.layout import factor_rank, layer_rank, lowrank_cost
 
-__all__ = ["LRLayer", "lowrank_nb_weight_parameters", "plan_rank", "weighted_svd_factors"]
-
-
-def plan_rank(
-    input_dim: int, output_dim: int, nb_params_share: float, rank: int | None = None
-) -> int:
-    """The rank of a low-rank layer: ``rank`` if given and within budget, else the largest
-    rank whose ``rank * (input_dim + output_dim)`` scalars fit the budget."""
-    budget = weight_budget(input_dim, output_dim, nb_params_share)
-    per_rank = input_dim + output_dim
-    if rank is None:
-        if budget < per_rank:
-            raise BudgetTooSmallError(
-                "lowrank", input_dim, output_dim, nb_params_share, per_rank, "rank 1"
-            )
-        return budget // per_rank
-    rank = check_positive_int("rank", rank)
-    if rank * per_rank > budget:
-        raise BudgetTooSmallError(
-            "lowrank", input_dim, output_dim, nb_params_share, rank * per_rank, f"rank {rank}"
-        )
-    return rank
-
-
-def lowrank_nb_weight_parameters(
-    input_dim: int,
-    output_dim: int,
-    nb_params_share: float,
-    *,
-    rank: int | None = None,
-    factors: tuple[object, object] | None = None,
-) -> int:
-    """Weight scalars of an :class:`LRLayer` built with these arguments: ``rank * (in + out)``."""
-    if factors is not None:
-        rank = _factor_rank(factors)
-    return plan_rank(input_dim, output_dim, nb_params_share, rank) * (input_dim + output_dim)
-
-
-def _factor_rank(factors: object) -> int:
-    if not isinstance(factors, (tuple, list)) or len(factors) != 2:
-        raise TypeError(
-            "factors must be a pair (L, R) with L of shape (output_dim, rank) and R of "
-            f"shape (rank, input_dim), got {type(factors).__name__}"
-        )
-    left = factors[0]
-    if not hasattr(left, "shape") or len(left.shape) != 2:
-        raise TypeError(f"factors[0] (L) must be a 2-D array or tensor, got {type(left).__name__}")
-    return int(left.shape[1])
+__all__ = ["LRLayer"]
 
 
 class LRLayer(StructuredLayer):
@@ -84,6 +30,8 @@ class LRLayer(StructuredLayer):
         rank: the rank; by default the largest the budget allows,
             ``floor(nb_params_share * input_dim * output_dim / (input_dim + output_dim))``.
         factors: ``(L, R)`` to start from (arrays or tensors); their rank is the layer's rank.
+        max_cost_ratio: caps the default rank so that forward plus backward multiply-adds stay
+            within this share of ``nn.Linear``'s (for low rank the same share as the weights).
 
     Shape:
         input ``(..., input_dim)``, output ``(..., output_dim)``.
@@ -104,6 +52,7 @@ class LRLayer(StructuredLayer):
     structure_name = "lowrank"
     #: The constructor's ``input_statistics=`` fit is the weighted optimum (no refinement).
     input_weighting = "optimal"
+    accepts_max_cost_ratio = True
 
     def __init__(
         self,
@@ -117,6 +66,7 @@ class LRLayer(StructuredLayer):
         rank: int | None = None,
         factors: tuple[object, object] | None = None,
         input_statistics: InputStatistics | None = None,
+        max_cost_ratio: float | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
@@ -136,13 +86,13 @@ class LRLayer(StructuredLayer):
         if factors is not None:
             if target is not None:
                 raise ValueError("pass either initial_weight_matrix or factors, not both")
-            factor_rank = _factor_rank(factors)
-            if rank is not None and rank != factor_rank:
-                raise ValueError(
-                    f"rank={rank!r} disagrees with the rank of factors ({factor_rank})"
-                )
-            rank = factor_rank
-        self.rank = plan_rank(self.input_dim, self.output_dim, self.nb_params_share, rank)
+            given_rank = factor_rank(factors)
+            if rank is not None and rank != given_rank:
+                raise ValueError(f"rank={rank!r} disagrees with the rank of factors ({given_rank})")
+            rank = given_rank
+        self.rank = layer_rank(
+            self.input_dim, self.output_dim, self.nb_params_share, rank, max_cost_ratio
+        )
         dtype = torch.get_default_dtype()
         if factors is not None:
             left = as_matrix(
@@ -151,10 +101,8 @@ class LRLayer(StructuredLayer):
             right = as_matrix(
                 "factors[1] (R)", factors[1], self.rank, self.input_dim, "rank x input_dim"
             )
-        elif target is not None and input_statistics is not None:
-            left, right = weighted_svd_factors(target, self.rank, input_statistics)
         elif target is not None:
-            left, right = truncated_svd_factors(target, self.rank)
+            left, right = fit_lowrank(target, self.rank, input_statistics)
         else:
             # Entries of L and R ~ N(0, s^2) with rank * s^4 = std^2 give W entries of std.
             scale = (dense_init_std(self.input_dim) ** 2 / self.rank) ** 0.25
@@ -168,10 +116,7 @@ class LRLayer(StructuredLayer):
 
     @classmethod
     def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
-        """``b r (in + out)`` forward (``U R^T``, then ``L``); backward twice that
-        (``dY L`` and ``dL``, then ``dU`` and ``dR``)."""
-        per_sample = layout.sizes["rank"] * (layout.input_dim + layout.output_dim)
-        return Cost(batch_size * per_sample, 2 * batch_size * per_sample)
+        return lowrank_cost(layout, batch_size)
 
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         return (U @ self.right.T) @ self.left.T
@@ -181,37 +126,3 @@ class LRLayer(StructuredLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}"
-
-
-def truncated_svd_factors(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, R)`` with ``L @ R`` the best rank-``rank`` approximation of ``matrix``.
-
-    The singular values are split evenly (``L = U sqrt(S)``, ``R = sqrt(S) V^T``) so that both
-    factors have the same scale, which keeps gradient steps balanced. Ranks above
-    ``min(matrix.shape)`` are padded with zero columns/rows.
-    """
-    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
-    keep = min(rank, S.numel())
-    root = S[:keep].sqrt()
-    left = torch.zeros(matrix.shape[0], rank, dtype=matrix.dtype)
-    right = torch.zeros(rank, matrix.shape[1], dtype=matrix.dtype)
-    left[:, :keep] = U[:, :keep] * root
-    right[:keep] = root[:, None] * Vh[:keep]
-    return left, right
-
-
-def weighted_svd_factors(
-    matrix: torch.Tensor, rank: int, statistics: InputStatistics
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(L, R)`` minimising ``||(matrix - L @ R) S||_F`` over rank ``rank``, where
-    ``S = statistics.whitening_factor()`` (symmetric, invertible).
-
-    ``L R = [matrix S]_rank S^{-1}``: the truncated SVD of the whitened matrix, mapped back
-    (Eckart-Young in the whitened space, as ``A -> A S`` is a bijection on rank-``rank``
-    matrices). ``L = U sqrt(Sigma)``, ``R = sqrt(Sigma) V^T S^{-1}``; shapes as for
-    :func:`truncated_svd_factors`.
-    """
-    factor = statistics.whitening_factor().to(matrix.dtype)
-    inverse = statistics.inverse_whitening_factor().to(matrix.dtype)
-    left, right = truncated_svd_factors(matrix @ factor, rank)
-    return left, right @ inverse

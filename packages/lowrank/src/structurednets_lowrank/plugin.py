@@ -1,7 +1,8 @@
 """Entry point of the low-rank plugin (group ``structurednets``)."""
 
-from structurednets import hookimpl
-from structurednets_lowrank.layer import LRLayer, lowrank_nb_weight_parameters
+from structurednets.plugin import hookimpl
+from structurednets_lowrank.layer import LRLayer
+from structurednets_lowrank.layout import lowrank_nb_weight_parameters
 
 
 @hookimpl
