@@ -52,9 +52,11 @@ def test_compare_structures_rows(diagonal_structure, full_structure):
     table = format_comparison_table(rows).splitlines()
     assert table[0].split() == [
         "structure", "share", "params", "rel.", "error", "fit", "s", "fwd", "ms", "dense", "ms",
-        "fwd", "ratio",
+        "fwd", "ratio", "fwd", "cost",
     ]  # fmt: skip
-    assert table[2].split() == ["full", "0.5", "-", "-", "-", "-", "-", "-"]
+    assert table[2].split() == ["full", "0.5", "-", "-", "-", "-", "-", "-", "-"]
+    assert diagonal.forward_cost_ratio == 8 / 80  # 8 multiply-adds per row against 80
+    assert table[4].split()[-1] == "0.100"
     assert table[4].split()[:4] == [
         "diagonal",
         "0.5",
@@ -94,7 +96,8 @@ def test_compare_command_reads_a_state_dict(diagonal_structure, tmp_path, capsys
     captured = capsys.readouterr()
     row = captured.out.splitlines()[2].split()
     expected = structurednets.approximate(linear.weight, "diagonal", 1.0)
-    assert row == ["diagonal", "1", "5", format_error(expected.relative_error).strip(), row[4]]
+    error = format_error(expected.relative_error).strip()
+    assert row == ["diagonal", "1", "5", error, row[4], "0.167"]  # fwd cost: 5 of 30
     assert captured.err.startswith("comparing on a 5 x 6 matrix; forward timed against")
 
 

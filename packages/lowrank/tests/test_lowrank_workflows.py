@@ -75,7 +75,7 @@ def test_compare_command_prints_what_the_library_computes(tmp_path):
     lines = out.splitlines()
     assert lines[0].split()[:5] == ["structure", "share", "params", "rel.", "error"]
     table = {line.split()[1]: line.split() for line in lines[2:5]}
-    assert table["0.01"][2:] == ["-"] * 6
+    assert table["0.01"][2:] == ["-"] * 7
     for row in (tenth, half):
         cells = table[f"{row['nb_params_share']:g}"]
         assert cells[:4] == [

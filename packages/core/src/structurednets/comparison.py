@@ -19,6 +19,8 @@ from structurednets.approximation import (
 )
 from structurednets.benchmark import time_against_dense
 from structurednets.calibration import as_input_statistics
+from structurednets.cost import dense_cost
+from structurednets.layers.structured_layer import StructuredLayer
 from structurednets.registry import available, get_structure
 
 __all__ = ["ComparisonRow", "compare_structures", "format_comparison_table"]
@@ -40,6 +42,9 @@ class ComparisonRow:
             or not timed.
         forward_ratio: median of the per-round ratios ``forward_ms / dense_forward_ms``
             (below 1: faster than ``nn.Linear``).
+        forward_cost_ratio: the forward multiply-adds the layer's layout promises at
+            ``batch_size`` against ``nn.Linear``'s (``layer.cost``), to set beside
+            ``forward_ratio``.
         batch_size: rows of the timed input.
         skipped: why no layer was built (budget too small, or the fit failed); else ``None``.
         output_relative_error: with ``inputs``, ``||(W - W~) X^T||_F / ||W X^T||_F`` of the
@@ -60,6 +65,7 @@ class ComparisonRow:
     batch_size: int
     skipped: str | None = None
     output_relative_error: float | None = None
+    forward_cost_ratio: float | None = None
 
 
 def _time_forward(
@@ -178,7 +184,17 @@ def _row(
         dense_forward_ms=dense_forward,
         forward_ratio=ratio,
         output_relative_error=result.output_relative_error,
+        forward_cost_ratio=_forward_cost_ratio(result.layer, batch_size),
     )
+
+
+def _forward_cost_ratio(layer: StructuredLayer, batch_size: int) -> float | None:
+    """The forward multiply-adds the layer's layout promises, against ``nn.Linear``'s."""
+    try:
+        cost = layer.cost(batch_size)
+    except NotImplementedError:
+        return None
+    return cost.forward_ratio(dense_cost(layer.input_dim, layer.output_dim, batch_size))
 
 
 def _progress_line(row: ComparisonRow) -> str:
@@ -209,6 +225,7 @@ def format_comparison_table(rows: Iterable[ComparisonRow]) -> str:
     row was calibrated."""
     rows = list(rows)
     timed = any(row.forward_ratio is not None for row in rows)
+    costed = any(row.forward_cost_ratio is not None for row in rows)
     calibrated = any(row.output_relative_error is not None for row in rows)
     header = f"{'structure':<10} {'share':>6} {'params':>9} {'rel. error':>10}"
     if calibrated:
@@ -216,6 +233,8 @@ def format_comparison_table(rows: Iterable[ComparisonRow]) -> str:
     header += f" {'fit s':>7}"
     if timed:
         header += f" {'fwd ms':>8} {'dense ms':>8} {'fwd ratio':>9}"
+    if costed:
+        header += f" {'fwd cost':>8}"
     lines = [header, "-" * len(header)]
     notes = []
     for row in rows:
@@ -231,6 +250,8 @@ def format_comparison_table(rows: Iterable[ComparisonRow]) -> str:
                 f" {_number(row.forward_ms, '.3f', 8)} {_number(row.dense_forward_ms, '.3f', 8)} "
                 f"{_number(row.forward_ratio, '.3f', 9)}"
             )
+        if costed:
+            line += f" {_number(row.forward_cost_ratio, '.3f', 8)}"
         lines.append(line)
         if row.skipped is not None:
             notes.append(f"{row.structure} at share {row.nb_params_share:g}: {row.skipped}")
