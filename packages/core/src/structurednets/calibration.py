@@ -280,3 +280,24 @@ def as_input_statistics(
             f"{input_dim}), got shape ({stats.input_dim}, {stats.input_dim})"
         )
     return stats
+
+
+def check_input_statistics(
+    input_statistics: object, input_dim: int, target: torch.Tensor | None
+) -> InputStatistics | None:
+    """A layer constructor's ``input_statistics=`` argument, checked: ``None``, or an
+    :class:`InputStatistics` of ``input_dim`` inputs given with the matrix to fit."""
+    if input_statistics is None:
+        return None
+    if not isinstance(input_statistics, InputStatistics):
+        raise TypeError(
+            "input_statistics must be a structurednets.calibration.InputStatistics, "
+            f"got {type(input_statistics).__name__}"
+        )
+    if input_statistics.input_dim != input_dim:
+        raise ValueError(
+            f"input_statistics has input_dim={input_statistics.input_dim}, the layer {input_dim}"
+        )
+    if target is None:
+        raise ValueError("input_statistics needs an initial_weight_matrix to fit")
+    return input_statistics

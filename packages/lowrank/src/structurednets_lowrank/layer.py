@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from structurednets.calibration import InputStatistics
+from structurednets.calibration import InputStatistics, check_input_statistics
 from structurednets.plugin import Cost, Layout, StructuredLayer, as_matrix, dense_init_std
 from structurednets_lowrank.fit import fit_lowrank
 from structurednets_lowrank.layout import factor_rank, layer_rank, lowrank_cost
@@ -70,19 +70,7 @@ class LRLayer(StructuredLayer):
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
-        if input_statistics is not None:
-            if not isinstance(input_statistics, InputStatistics):
-                raise TypeError(
-                    "input_statistics must be a structurednets.calibration.InputStatistics, "
-                    f"got {type(input_statistics).__name__}"
-                )
-            if input_statistics.input_dim != self.input_dim:
-                raise ValueError(
-                    f"input_statistics has input_dim={input_statistics.input_dim}, "
-                    f"the layer {self.input_dim}"
-                )
-            if target is None:
-                raise ValueError("input_statistics needs an initial_weight_matrix to fit")
+        check_input_statistics(input_statistics, self.input_dim, target)
         if factors is not None:
             if target is not None:
                 raise ValueError("pass either initial_weight_matrix or factors, not both")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from structurednets.calibration import InputStatistics
+from structurednets.calibration import InputStatistics, check_input_statistics
 from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
 from structurednets_psm.fit import Factorization, PALMSettings, fit_psm
@@ -158,17 +158,7 @@ class PSMLayer(StructuredLayer):
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
-        if input_statistics is not None:
-            if not isinstance(input_statistics, InputStatistics):
-                raise TypeError(
-                    "input_statistics must be a structurednets.calibration.InputStatistics, "
-                    f"got {type(input_statistics).__name__}"
-                )
-            if input_statistics.input_dim != self.input_dim or target is None:
-                raise ValueError(
-                    "input_statistics needs an initial_weight_matrix and statistics of "
-                    f"input_dim={self.input_dim}, got {input_statistics!r}"
-                )
+        check_input_statistics(input_statistics, self.input_dim, target)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise TypeError(f"seed must be a non-negative integer, got {seed!r}")
         if palm_settings is not None and not isinstance(palm_settings, PALMSettings):
