@@ -7,10 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from structurednets.cost import Cost
+from structurednets.layout import Layout
 from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_sss.fit import fit_checked
 from structurednets_sss.kernels import PADDED_KINDS, SSSMultiply, padded_dense
-from structurednets_sss.layout import KINDS, SSSSizes, sizes_from_options
+from structurednets_sss.layout import KINDS, SSSSizes, sizes_cost, sizes_from_options
 from structurednets_sss.options import check_options
 from structurednets_sss.system import (
     SSSSystem,
@@ -222,6 +224,22 @@ class SSSLayer(StructuredLayer):
     def layout_sizes(self) -> dict[str, object]:
         """``input_sizes``, ``output_sizes``, ``causal_dims`` and ``anticausal_dims``."""
         return self.sizes.layout_sizes()
+
+    @classmethod
+    def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
+        """Multiply-adds of the padded stage-stack kernel
+        (:func:`~structurednets_sss.layout.sizes_cost`): ``batch`` times the padded stacks'
+        scalars forward, twice that backward."""
+        sizes = layout.sizes
+        return sizes_cost(
+            SSSSizes(
+                tuple(sizes["input_sizes"]),
+                tuple(sizes["output_sizes"]),
+                tuple(sizes["causal_dims"]),
+                tuple(sizes["anticausal_dims"]),
+            ),
+            batch_size,
+        )
 
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         # Under autocast, core's policy hands over U and the parameters in the autocast dtype.

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from structurednets.cost import Cost
 from structurednets.plugin import BudgetTooSmallError, weight_budget
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ __all__ = [
     "block_sizes",
     "default_nb_stages",
     "even_sizes",
+    "sizes_cost",
     "sizes_from_options",
 ]
 
@@ -103,6 +105,25 @@ class SSSSizes:
         """Scalars of all stage matrices together."""
         return sum(r * c for shapes in self.stage_shapes().values() for r, c in shapes)
 
+    def padded_dims(self) -> tuple[int, int, int, int]:
+        """``(mb, nb, dx, dz)``: the block and state sizes every stage is padded to in the
+        kernel's stage stacks (the largest of each)."""
+        return (
+            max(self.output_sizes),
+            max(self.input_sizes),
+            max(self.causal_dims, default=0),
+            max(self.anticausal_dims, default=0),
+        )
+
+    @property
+    def padded_nb_parameters(self) -> int:
+        """Scalars of the padded stage stacks the kernel multiplies (zeros included)."""
+        K = self.nb_stages
+        mb, nb, dx, dz = self.padded_dims()
+        if K == 1:
+            return mb * nb
+        return K * mb * nb + (K - 1) * (mb + nb) * (dx + dz) + (K - 2) * (dx * dx + dz * dz)
+
     def layout_sizes(self) -> dict[str, list[int]]:
         """The sizes as JSON values, keyed by the constructor options that rebuild them."""
         return {
@@ -119,6 +140,19 @@ class SSSSizes:
             f"{stages}, state dims {_describe_dims(self.causal_dims)} (causal) "
             f"and {_describe_dims(self.anticausal_dims)} (anticausal)"
         )
+
+
+def sizes_cost(sizes: SSSSizes, batch_size: int) -> Cost:
+    """The multiply-adds of :class:`~structurednets_sss.kernels.SSSMultiply` for a batch.
+
+    The kernel multiplies padded stage stacks, so every product counts the padded sizes
+    (:meth:`SSSSizes.padded_nb_parameters`): forward is one multiply-add per padded stage
+    scalar and sample (``D``, ``B``, ``F``, the two recursions through ``A`` and ``E``, then
+    ``C`` and ``G``); backward twice that (the input's gradient through the transposed
+    products and adjoint recursions, and one product per parameter gradient).
+    """
+    forward = batch_size * sizes.padded_nb_parameters
+    return Cost(forward, 2 * forward)
 
 
 def _describe_dims(dims: Sequence[int]) -> str:
