@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -11,8 +12,14 @@ from structurednets.cost import Cost
 from structurednets.layout import Layout
 from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_sss.fit import fit_checked
-from structurednets_sss.kernels import PADDED_KINDS, SSSMultiply, padded_dense
-from structurednets_sss.layout import KINDS, SSSSizes, sizes_cost, sizes_from_options
+from structurednets_sss.kernels import SSSMultiply, padded_dense, split_stacks
+from structurednets_sss.layout import (
+    KINDS,
+    SSSSizes,
+    sizes_cost,
+    sizes_from_options,
+    stack_layout,
+)
 from structurednets_sss.options import check_options
 from structurednets_sss.system import (
     SSSSystem,
@@ -90,7 +97,7 @@ class SSSLayer(StructuredLayer):
     structure_name = "sss"
 
     #: Under autocast the state transitions ``A`` and ``E`` keep their dtype and the state
-    #: recursions accumulate in float32 (see ``kernels._recursions``); the other products
+    #: recursions accumulate in float32 (see ``kernels._in_accumulation_dtype``); the other products
     #: run in the autocast dtype.
     autocast_full_precision = ("A", "E")
 
@@ -151,44 +158,18 @@ class SSSLayer(StructuredLayer):
         self.sizes = sizes
         self._build(sizes, matrices)
 
-    # -- padded stacks ----------------------------------------------------------------------
+    # -- stage stacks -----------------------------------------------------------------------
 
     def _build(self, sizes: SSSSizes, matrices: dict[str, list[torch.Tensor]]) -> None:
-        """Create one flat parameter per kind, and the masks and positions (derived from the
-        sizes, not saved) that pad it into stacks."""
+        """Create one flat parameter per kind, and the gather index (derived from the sizes,
+        not saved) that places them, padded, into the kernel's stage stacks."""
         dtype = torch.get_default_dtype()
-        K = sizes.nb_stages
-        shapes = sizes.stage_shapes()
-        dx = max(sizes.causal_dims, default=0)
-        dz = max(sizes.anticausal_dims, default=0)
-        mb, nb = max(sizes.output_sizes), max(sizes.input_sizes)
-        # Per kind: the stages it is stacked over and the padded matrix shape.
-        stacks = {
-            "D": (range(0, K), (mb, nb)),
-            "A": (range(1, K - 1), (dx, dx)),
-            "B": (range(0, K - 1), (dx, nb)),
-            "C": (range(1, K), (mb, dx)),
-            "E": (range(1, K - 1), (dz, dz)),
-            "F": (range(1, K), (dz, nb)),
-            "G": (range(0, K - 1), (mb, dz)),
-        }
-        self._padded_shapes: dict[str, tuple[int, int, int]] = {}
-        self._ragged: set[str] = set()
         for kind in KINDS:
-            stages, (rows, cols) = stacks[kind]
-            self._padded_shapes[kind] = (len(stages), rows, cols)
             flat = torch.cat([m.reshape(-1) for m in matrices[kind]]).to(dtype)
-            if flat.numel():
-                self.register_parameter(kind, nn.Parameter(flat))
-            else:
-                self.register_parameter(kind, None)
-            mask = torch.zeros(len(stages), rows, cols, dtype=torch.bool)
-            for j, k in enumerate(stages):
-                r, c = shapes[kind][k]
-                mask[j, :r, :c] = True
-            if not bool(mask.all()):
-                self._ragged.add(kind)
-                self.register_buffer(f"_{kind}_mask", mask, persistent=False)
+            self.register_parameter(kind, nn.Parameter(flat) if flat.numel() else None)
+        self._stack_shapes, index = stack_layout(sizes)
+        self.register_buffer("_stack_index", index, persistent=False)
+        mb, nb = self._stack_shapes[1][1], self._stack_shapes[0][2]
         # Where the input/output entries sit in the padded stacks (None: nothing padded).
         self.register_buffer(
             "_input_positions",
@@ -201,22 +182,20 @@ class SSSLayer(StructuredLayer):
             persistent=False,
         )
 
-    def _padded(self, kind: str) -> torch.Tensor:
-        """The stack of ``kind`` matrices, ``(stages, rows, cols)``, zero-padded."""
-        flat = getattr(self, kind)
-        shape = self._padded_shapes[kind]
-        if flat is None:
-            reference = self._reference_parameter()
-            return reference.new_zeros(shape)
-        if kind in self._ragged:
-            mask = getattr(self, f"_{kind}_mask")
-            return flat.new_zeros(shape).masked_scatter(mask, flat)
-        return flat.view(shape)
-
-    def _padded_stacks(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        stacks = [self._padded(kind) for kind in PADDED_KINDS]
-        if dtype is not None:
-            stacks = [stack.to(dtype) for stack in stacks]
+    def _stacks(self) -> list[torch.Tensor]:
+        """``S_in``, ``S_out``, ``A``, ``E`` (see :mod:`structurednets_sss.kernels`), gathered
+        from the parameters in one indexing (position 0 is a zero)."""
+        present = [getattr(self, kind) for kind in KINDS if getattr(self, kind) is not None]
+        reference = self.D if self.D is not None else self._reference_parameter()
+        # Under autocast A and E stay in float32 (cat promotes); the other stacks go back to
+        # the autocast dtype.
+        flat = torch.cat([reference.new_zeros(1), *present])[self._stack_index]
+        sizes = [math.prod(shape) for shape in self._stack_shapes]
+        stacks = [
+            piece.view(shape)
+            for piece, shape in zip(flat.split(sizes), self._stack_shapes, strict=True)
+        ]
+        stacks[0], stacks[1] = stacks[0].to(reference.dtype), stacks[1].to(reference.dtype)
         return stacks
 
     # -- the contract ---------------------------------------------------------------------
@@ -243,17 +222,17 @@ class SSSLayer(StructuredLayer):
 
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         # Under autocast, core's policy hands over U and the parameters in the autocast dtype.
-        stacks = self._padded_stacks()
+        stacks = self._stacks()
         if self._input_positions is not None:
-            K, _, nb = self._padded_shapes["D"]
+            K, _, nb = self._stack_shapes[0]
             U = U.new_zeros(U.shape[0], K * nb).index_copy(1, self._input_positions, U)
-        Y = SSSMultiply.apply(U.contiguous(), *stacks)
+        Y = SSSMultiply.apply(U.contiguous(), *stacks, self._padded_causal_dim)
         if self._output_positions is not None:
             Y = Y.index_select(1, self._output_positions)
         return Y
 
     def to_dense(self) -> torch.Tensor:
-        dense = padded_dense(*self._padded_stacks())
+        dense = padded_dense(*split_stacks(*self._stacks(), self._padded_causal_dim))
         if self._output_positions is not None:
             dense = dense.index_select(0, self._output_positions)
         if self._input_positions is not None:
@@ -271,6 +250,10 @@ class SSSLayer(StructuredLayer):
         return f"{super().extra_repr()}, {self.sizes.describe()}"
 
     # -- inspection -----------------------------------------------------------------------
+
+    @property
+    def _padded_causal_dim(self) -> int:
+        return self.sizes.padded_dims()[2]
 
     @property
     def nb_stages(self) -> int:

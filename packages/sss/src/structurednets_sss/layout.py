@@ -18,9 +18,12 @@ is ``x_{p+1}`` and the anticausal one ``z_p``.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import torch
 
 from structurednets.cost import Cost
 from structurednets.plugin import BudgetTooSmallError, weight_budget
@@ -36,6 +39,7 @@ __all__ = [
     "even_sizes",
     "sizes_cost",
     "sizes_from_options",
+    "stack_layout",
 ]
 
 #: The seven kinds of stage matrices, in the order the layer stores them.
@@ -117,12 +121,13 @@ class SSSSizes:
 
     @property
     def padded_nb_parameters(self) -> int:
-        """Scalars of the padded stage stacks the kernel multiplies (zeros included)."""
+        """Scalars of the padded stage stacks the kernel multiplies (zeros included):
+        ``K (mb + dx + dz) nb + K mb (dx + dz) + (K - 2)(dx^2 + dz^2)``."""
         K = self.nb_stages
         mb, nb, dx, dz = self.padded_dims()
         if K == 1:
             return mb * nb
-        return K * mb * nb + (K - 1) * (mb + nb) * (dx + dz) + (K - 2) * (dx * dx + dz * dz)
+        return K * (mb + dx + dz) * nb + K * mb * (dx + dz) + (K - 2) * (dx * dx + dz * dz)
 
     def layout_sizes(self) -> dict[str, list[int]]:
         """The sizes as JSON values, keyed by the constructor options that rebuild them."""
@@ -153,6 +158,42 @@ def sizes_cost(sizes: SSSSizes, batch_size: int) -> Cost:
     """
     forward = batch_size * sizes.padded_nb_parameters
     return Cost(forward, 2 * forward)
+
+
+def stack_layout(sizes: SSSSizes) -> tuple[list[tuple[int, ...]], torch.Tensor]:
+    """The shapes of the kernel's stacks ``S_in``, ``S_out``, ``A``, ``E`` (see
+    :mod:`structurednets_sss.kernels`) and, for every entry of them in that order, its
+    position in ``[0, *D, *A, *B, *C, *E, *F, *G]`` (the flat parameters after a zero; 0 for
+    padding)."""
+    K = sizes.nb_stages
+    mb, nb, dx, dz = sizes.padded_dims()
+    if K == 1:
+        dx = dz = 0
+    transitions = max(K - 2, 0)
+    shapes = [(K, mb + dx + dz, nb), (K, mb, dx + dz), (transitions, dx, dx), (transitions, dz, dz)]
+    starts = list(itertools.accumulate((math.prod(shape) for shape in shapes), initial=0))
+    index = torch.zeros(starts[-1], dtype=torch.long)
+    # Per kind: (stack, stage -> stack entry, row offset, column offset).
+    places = {
+        "D": (0, lambda k: k, 0, 0),
+        "B": (0, lambda k: k, mb, 0),
+        "F": (0, lambda k: k, mb + dx, 0),
+        "C": (1, lambda k: k, 0, 0),
+        "G": (1, lambda k: k, 0, dx),
+        "A": (2, lambda k: k - 1, 0, 0),
+        "E": (3, lambda k: k - 1, 0, 0),
+    }
+    offset = 1
+    for kind, stage_shapes in sizes.stage_shapes().items():
+        stack, entry, row0, col0 = places[kind]
+        _, height, width = shapes[stack]
+        for k, (rows, cols) in enumerate(stage_shapes):
+            if rows * cols:
+                grid = (torch.arange(rows)[:, None] + row0) * width + torch.arange(cols) + col0
+                where = starts[stack] + entry(k) * height * width + grid.reshape(-1)
+                index[where] = torch.arange(offset, offset + rows * cols)
+            offset += rows * cols
+    return shapes, index
 
 
 def _describe_dims(dims: Sequence[int]) -> str:
