@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from structurednets.cost import Cost
 from structurednets.testing import default_dtype
-from structurednets_sss import SSSLayer, SSSSystem
+from structurednets_sss import SSSLayer, SSSSizes, SSSSystem, fit_sss, sss_nb_weight_parameters
 
 # Ragged blocks and states of different dimensions: every stack is padded.
 RAGGED = ((6, 2, 8, 5), (4, 6, 4, 3), (7, 1, 2), (1, 3, 0))
@@ -66,3 +66,54 @@ def test_cost_counted_by_hand_on_a_small_layout(random_stage_matrices):
     one_stage = SSSLayer(12, 10, 1.0, nb_stages=1)
     assert one_stage.cost(7) == Cost(7 * 120, 14 * 120)
     assert one_stage.cost_ratio() == pytest.approx(1.0)
+
+
+def _trained_like(m, n, seed=0):
+    """A matrix with a decaying spectrum and a strong diagonal band, as trained weights have."""
+    generator = torch.Generator().manual_seed(seed)
+    left = torch.randn(m, m, generator=generator, dtype=torch.float64)
+    right = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    spectrum = 1.0 / (1.0 + torch.arange(min(m, n), dtype=torch.float64))
+    low = (left[:, : len(spectrum)] * spectrum) @ right[: len(spectrum)]
+    return low / low.norm() + torch.eye(m, n, dtype=torch.float64) / 4
+
+
+def test_fit_respects_max_cost_ratio_and_trades_error_for_it():
+    target = _trained_like(96, 80)
+    unbounded = SSSLayer(80, 96, 0.3, initial_weight_matrix=target)
+    errors = []
+    for bound in (0.3, 0.2, 0.1):
+        layer = SSSLayer(80, 96, 0.3, initial_weight_matrix=target, max_cost_ratio=bound)
+        assert layer.cost_ratio() <= bound
+        assert "max_cost_ratio" not in layer.layout.sizes
+        errors.append(float((layer.to_dense().detach().double() - target).norm()))
+    assert errors == sorted(errors)  # a tighter bound cannot fit better
+    loose = SSSLayer(80, 96, 0.3, initial_weight_matrix=target, max_cost_ratio=10.0)
+    assert loose.layout == unbounded.layout
+    assert (
+        fit_sss(target, 2304, max_cost_ratio=0.2).sizes
+        == SSSLayer(80, 96, 0.3, initial_weight_matrix=target, max_cost_ratio=0.2).sizes
+    )
+
+
+def test_an_unreachable_cost_bound_names_the_smallest_ratio():
+    target = _trained_like(48, 48)
+    cheapest = SSSSizes((1,) * 48, (1,) * 48, (0,) * 47, (0,) * 47)  # 48 scalar stages
+    smallest = cheapest.padded_nb_parameters / 48**2
+    with pytest.raises(ValueError, match=f"smallest cost ratio .* {smallest:.4f}"):
+        SSSLayer(48, 48, 0.5, initial_weight_matrix=target, max_cost_ratio=smallest / 2)
+    layer = SSSLayer(48, 48, 0.5, initial_weight_matrix=target, max_cost_ratio=smallest)
+    assert layer.cost_ratio() == pytest.approx(smallest)
+    with pytest.raises(ValueError, match="max_cost_ratio=0.01 is below the cost ratio"):
+        SSSLayer(48, 48, 0.5, nb_stages=4, max_cost_ratio=0.01)
+
+
+def test_max_cost_ratio_is_a_fit_control():
+    assert SSSLayer.accepts_max_cost_ratio is True
+    assert sss_nb_weight_parameters(64, 64, 0.3, max_cost_ratio=0.1) == sss_nb_weight_parameters(
+        64, 64, 0.3
+    )
+    with pytest.raises(ValueError, match="max_cost_ratio must be > 0, got -1"):
+        SSSLayer(64, 64, 0.3, max_cost_ratio=-1)
+    with pytest.raises(TypeError, match="max_cost_ratio must be a positive number"):
+        fit_sss(torch.eye(8), 40, max_cost_ratio="fast")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from structurednets.cost import DEFAULT_COST_BATCH_SIZE, dense_cost
 from structurednets.plugin import (
     BudgetTooSmallError,
     as_matrix,
@@ -48,20 +49,51 @@ from structurednets_sss.layout import (
     even_sizes,
     largest_uniform_state_dim,
     requested_sizes,
+    sizes_cost,
     stage_candidates,
 )
 from structurednets_sss.options import StageOptions, check_options
 from structurednets_sss.system import SSSSystem
 
-__all__ = ["SSSFit", "fit_sss"]
+__all__ = ["SSSFit", "check_max_cost_ratio", "cost_ratio", "fit_sss"]
 
 # A candidate number of stages must beat the best so far by this relative margin (of the
 # squared error) to be preferred: fewer stages are faster, so near-ties go to them.
 _IMPROVEMENT = 2e-2
 # Stop the search over numbers of stages after this many candidates without improvement.
 _PATIENCE = 3
+# Steps of the bisection that fits a state allocation under a cost bound.
+_BISECTIONS = 16
 # A relative error below this counts as exact: the search stops there.
 _EXACT = 1e-12
+
+
+def check_max_cost_ratio(value: object) -> float | None:
+    """Check the ``max_cost_ratio`` option: ``None`` or a positive real number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"max_cost_ratio must be a positive number or None, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"max_cost_ratio must be > 0, got {value!r}")
+    return float(value)
+
+
+def cost_ratio(sizes: SSSSizes) -> float:
+    """Forward plus backward multiply-adds of a layer of ``sizes`` against ``nn.Linear``, at
+    the batch size of ``layer.cost_ratio()``."""
+    batch = DEFAULT_COST_BATCH_SIZE
+    n, m = sum(sizes.input_sizes), sum(sizes.output_sizes)
+    return sizes_cost(sizes, batch).ratio(dense_cost(n, m, batch))
+
+
+def check_cost_bound(sizes: SSSSizes, max_cost_ratio: float | None, what: str) -> None:
+    """Raise ``ValueError`` when ``sizes`` cost more than ``max_cost_ratio``."""
+    if max_cost_ratio is not None and cost_ratio(sizes) > max_cost_ratio:
+        raise ValueError(
+            f"max_cost_ratio={max_cost_ratio:g} is below the cost ratio of {what} "
+            f"({sizes.describe()}), {cost_ratio(sizes):.4f}"
+        )
 
 
 @dataclass(frozen=True)
@@ -251,6 +283,14 @@ class _Candidate:
     def squared_error(self) -> float:
         return self.causal.squared_error + self.anticausal.squared_error
 
+    @property
+    def sizes(self) -> SSSSizes:
+        dims = (
+            [len(b) for b in self.causal.inputs[:-1]],
+            [len(f) for f in self.anticausal.inputs[1:]],
+        )
+        return SSSSizes(self.input_sizes, self.output_sizes, tuple(dims[0]), tuple(dims[1]))
+
 
 def _realise(
     W: torch.Tensor,
@@ -270,21 +310,31 @@ def _realise(
 
 
 def _best_for_stages(
-    W: torch.Tensor, W_flipped: torch.Tensor, nb_stages: int, budget: int, options: StageOptions
+    W: torch.Tensor,
+    W_flipped: torch.Tensor,
+    nb_stages: int,
+    budget: int,
+    options: StageOptions,
+    max_cost_ratio: float | None = None,
 ) -> _Candidate | None:
-    """The best realisation with ``nb_stages`` stages within ``budget``, or ``None``."""
+    """The best realisation with ``nb_stages`` stages within ``budget`` and the cost bound,
+    or ``None``."""
     m, n = W.shape
     input_sizes = block_sizes(n, nb_stages)
     output_sizes = block_sizes(m, nb_stages)
+
+    def affordable(sizes: SSSSizes) -> bool:
+        return max_cost_ratio is None or cost_ratio(sizes) <= max_cost_ratio
+
     if options.causal_dims is not None or options.anticausal_dims is not None:
         sizes = requested_sizes(n, m, nb_stages, options)
-        if sizes.nb_weight_parameters > budget:
+        if sizes.nb_weight_parameters > budget or not affordable(sizes):
             return None
         return _realise(
             W, W_flipped, input_sizes, output_sizes, sizes.causal_dims, sizes.anticausal_dims
         )
     uniform = largest_uniform_state_dim(n, m, nb_stages, budget)
-    if uniform < 0:
+    if uniform < 0 or not affordable(even_sizes(n, m, nb_stages, 0)):
         return None
     if nb_stages == 1:
         return _realise(W, W_flipped, input_sizes, output_sizes, (), ())
@@ -295,8 +345,19 @@ def _best_for_stages(
         W_flipped, output_sizes, input_sizes, caps, realise=False
     ).singular_values
     tolerance = 1e-13 * float(torch.linalg.norm(W))
+
+    def allocate(start, allowed: int) -> tuple[list[int], list[int]]:
+        allocation = _Allocation(
+            (causal_spectra, anticausal_spectra), input_sizes, output_sizes, start, tolerance
+        )
+        return allocation.run(allowed)
+
+    def sizes_of(dims) -> SSSSizes:
+        return SSSSizes(input_sizes, output_sizes, tuple(dims[0]), tuple(dims[1]))
+
+    zero = ([0] * (nb_stages - 1), [0] * (nb_stages - 1))
     starts = [
-        ([0] * (nb_stages - 1), [0] * (nb_stages - 1)),
+        zero,
         (
             clip_causal_dims([uniform] * (nb_stages - 1), input_sizes, output_sizes),
             clip_anticausal_dims([uniform] * (nb_stages - 1), input_sizes, output_sizes),
@@ -304,14 +365,36 @@ def _best_for_stages(
     ]
     best = None
     for start in starts:
-        allocation = _Allocation(
-            (causal_spectra, anticausal_spectra), input_sizes, output_sizes, start, tolerance
-        )
-        causal, anticausal = allocation.run(budget)
-        candidate = _realise(W, W_flipped, input_sizes, output_sizes, causal, anticausal)
-        if best is None or candidate.squared_error < best.squared_error:
+        dims = allocate(start, budget)
+        if not affordable(sizes_of(dims)):
+            if start is not zero:
+                continue  # the uniform start alone may be too costly; the greedy one adapts
+            # The largest parameter budget whose allocation the bound affords (bisection).
+            low, high = even_sizes(n, m, nb_stages, 0).nb_weight_parameters, budget
+            dims = allocate(start, low)
+            for _ in range(_BISECTIONS):
+                if high - low <= 1:
+                    break
+                middle = (low + high) // 2
+                trial = allocate(start, middle)
+                if affordable(sizes_of(trial)):
+                    low, dims = middle, trial
+                else:
+                    high = middle
+        candidate = _realise(W, W_flipped, input_sizes, output_sizes, *dims)
+        if best is None or _better(candidate, best):
             best = candidate
     return best
+
+
+def _better(candidate: _Candidate, best: _Candidate) -> bool:
+    """Whether ``candidate`` beats ``best``: a smaller squared error, or one within the
+    improvement margin at a smaller padded cost (the kernel's speed)."""
+    if candidate.squared_error < best.squared_error * (1 - _IMPROVEMENT):
+        return True
+    if candidate.squared_error > best.squared_error * (1 + _IMPROVEMENT):
+        return False
+    return candidate.sizes.padded_nb_parameters < best.sizes.padded_nb_parameters
 
 
 def fit_sss(
@@ -326,6 +409,7 @@ def fit_sss(
     output_sizes: Sequence[int] | None = None,
     causal_dims: Sequence[int] | None = None,
     anticausal_dims: Sequence[int] | None = None,
+    max_cost_ratio: float | None = None,
 ) -> SSSFit:
     """An SSS approximation of ``matrix`` (array or tensor, ``(output_dim, input_dim)``) with
     at most ``budget`` stage-matrix scalars.
@@ -333,7 +417,10 @@ def fit_sss(
     The options are those of :class:`~structurednets_sss.SSSLayer`; what they leave open (the
     number of stages, the state dimensions) is chosen to minimise the Frobenius error. With
     the exact sizes of a layout (``input_sizes`` .. ``anticausal_dims``) the fit has exactly
-    those sizes. Raises :class:`BudgetTooSmallError` when nothing fits.
+    those sizes. ``max_cost_ratio`` bounds the layer's ``cost_ratio()`` (forward and
+    backward multiply-adds at batch 256 against ``nn.Linear``): layouts above it are not
+    considered. Raises :class:`BudgetTooSmallError` when nothing fits the budget, and
+    ``ValueError`` naming the smallest ratio reachable when nothing fits the bound.
 
     >>> fitted = fit_sss(torch.eye(64), 409)
     >>> fitted.sizes.nb_stages, fitted.squared_error
@@ -357,28 +444,45 @@ def fit_sss(
         causal_dims=causal_dims,
         anticausal_dims=anticausal_dims,
     )
-    return fit_checked(W, budget, options, budget / (input_dim * output_dim))
+    return fit_checked(
+        W,
+        budget,
+        options,
+        budget / (input_dim * output_dim),
+        check_max_cost_ratio(max_cost_ratio),
+    )
 
 
 def fit_checked(
-    W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: float
+    W: torch.Tensor,
+    budget: int,
+    options: StageOptions,
+    nb_params_share: float,
+    max_cost_ratio: float | None = None,
 ) -> SSSFit:
     """:func:`fit_sss` for a checked float64 CPU matrix, budget and options
-    (``nb_params_share`` only for the messages).
+    (``nb_params_share`` only for the messages) and a checked ``max_cost_ratio``.
 
     The sweeps are many small SVDs, which gain nothing from threads; on a machine whose cores
     are busy, multithreaded LAPACK waits for them and was measured 10 to 50 times slower. So
     the fit runs on one torch thread, and restores the setting afterwards.
     """
     with torch_threads(1):
-        return _fit(W, budget, options, nb_params_share)
+        return _fit(W, budget, options, nb_params_share, max_cost_ratio)
 
 
-def _fit(W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: float) -> SSSFit:
+def _fit(
+    W: torch.Tensor,
+    budget: int,
+    options: StageOptions,
+    nb_params_share: float,
+    max_cost_ratio: float | None,
+) -> SSSFit:
     m, n = W.shape
     W = W.detach().to(device="cpu", dtype=torch.float64).contiguous()
     W_flipped = W.flip(0, 1)
     if options.exact is not None:
+        check_cost_bound(options.exact, max_cost_ratio, "the given sizes")
         return _fit_exact(W, W_flipped, options.exact, budget, nb_params_share)
     if options.nb_stages is not None:
         candidates = [options.nb_stages]
@@ -388,7 +492,7 @@ def _fit(W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: f
     best: _Candidate | None = None
     misses = 0
     for nb_stages in candidates:
-        candidate = _best_for_stages(W, W_flipped, nb_stages, budget, options)
+        candidate = _best_for_stages(W, W_flipped, nb_stages, budget, options, max_cost_ratio)
         if candidate is None:
             continue
         if best is None or candidate.squared_error < best.squared_error * (1 - _IMPROVEMENT):
@@ -398,7 +502,10 @@ def _fit(W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: f
         if misses >= _PATIENCE or best.squared_error <= exact:
             break
     if best is None:
-        raise _too_small(n, m, budget, options, nb_params_share, candidates)
+        error = _too_small(n, m, budget, options, nb_params_share, candidates)
+        if max_cost_ratio is None or error.needed > budget:
+            raise error
+        raise _too_costly(n, m, budget, options, candidates, max_cost_ratio)
     return SSSFit(SSSSystem(**_stage_matrices(best, W)), best.squared_error)
 
 
@@ -451,6 +558,28 @@ def _too_small(
     assert cheapest is not None
     return BudgetTooSmallError(
         "sss", n, m, nb_params_share, cheapest.nb_weight_parameters, cheapest.describe()
+    )
+
+
+def _too_costly(
+    n: int, m: int, budget: int, options: StageOptions, candidates: list[int], max_cost_ratio: float
+) -> ValueError:
+    """The error for a cost bound that no candidate meets, naming the cheapest candidate."""
+    cheapest = None
+    for nb_stages in candidates:
+        if options.causal_dims is None and options.anticausal_dims is None:
+            sizes = even_sizes(n, m, nb_stages, 0)
+        else:
+            sizes = requested_sizes(n, m, nb_stages, options)
+        if sizes.nb_weight_parameters > budget:
+            continue
+        if cheapest is None or cost_ratio(sizes) < cost_ratio(cheapest):
+            cheapest = sizes
+    assert cheapest is not None
+    return ValueError(
+        f"max_cost_ratio={max_cost_ratio:g} is below the smallest cost ratio an SSS layer of "
+        f"this shape reaches within the budget, {cost_ratio(cheapest):.4f} "
+        f"({cheapest.describe()})"
     )
 
 

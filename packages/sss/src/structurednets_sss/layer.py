@@ -11,7 +11,7 @@ from torch import nn
 from structurednets.cost import Cost
 from structurednets.layout import Layout
 from structurednets.plugin import StructuredLayer, dense_init_std
-from structurednets_sss.fit import fit_checked
+from structurednets_sss.fit import check_cost_bound, check_max_cost_ratio, fit_checked
 from structurednets_sss.kernels import SSSMultiply, padded_dense, split_stacks
 from structurednets_sss.layout import (
     KINDS,
@@ -69,6 +69,10 @@ class SSSLayer(StructuredLayer):
             and the ``K - 1`` state dimensions of each part, used as given (not capped).
         system: an :class:`~structurednets_sss.SSSSystem` to start from; it fixes the stages,
             block sizes (any, not only even) and state dimensions.
+        max_cost_ratio: a bound on :meth:`cost_ratio` (forward and backward multiply-adds at
+            batch 256 against ``nn.Linear``): the fit only considers layouts within it, and a
+            layout built otherwise that exceeds it is a ``ValueError``. A fit control, not a
+            shape: it is not part of ``layout.sizes``.
 
     Shape:
         input: ``(..., input_dim)``; output: ``(..., output_dim)``.
@@ -96,6 +100,9 @@ class SSSLayer(StructuredLayer):
 
     structure_name = "sss"
 
+    #: The fit takes ``max_cost_ratio`` (a bound on ``cost_ratio()``), which core may pass.
+    accepts_max_cost_ratio = True
+
     #: Under autocast the state transitions ``A`` and ``E`` keep their dtype and the state
     #: recursions accumulate in float32 (see ``kernels._in_accumulation_dtype``); the other products
     #: run in the autocast dtype.
@@ -119,9 +126,11 @@ class SSSLayer(StructuredLayer):
         causal_dims: Sequence[int] | None = None,
         anticausal_dims: Sequence[int] | None = None,
         system: SSSSystem | None = None,
+        max_cost_ratio: float | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
+        max_cost_ratio = check_max_cost_ratio(max_cost_ratio)
         options = {
             "nb_stages": nb_stages,
             "nb_states": nb_states,
@@ -143,16 +152,20 @@ class SSSLayer(StructuredLayer):
                     f"system fixes the whole layer; do not pass {', '.join(given)} with it"
                 )
             sizes = check_system_fits(system, self.input_dim, self.output_dim, self.nb_params_share)
+            check_cost_bound(sizes, max_cost_ratio, "the system")
             matrices = system.checked()[1]
         else:
             checked = check_options(self.input_dim, self.output_dim, **options)
             if target is not None:
-                fitted = fit_checked(target, self.weight_budget, checked, self.nb_params_share)
+                fitted = fit_checked(
+                    target, self.weight_budget, checked, self.nb_params_share, max_cost_ratio
+                )
                 sizes, matrices = fitted.system.checked()
             else:
                 sizes = sizes_from_options(
                     self.input_dim, self.output_dim, self.nb_params_share, checked
                 )
+                check_cost_bound(sizes, max_cost_ratio, "the layout these options give")
                 matrices = random_system(sizes, dense_init_std(self.input_dim))
         self.require_budget(sizes.nb_weight_parameters, sizes.describe())
         self.sizes = sizes
