@@ -117,3 +117,25 @@ def test_max_cost_ratio_is_a_fit_control():
         SSSLayer(64, 64, 0.3, max_cost_ratio=-1)
     with pytest.raises(TypeError, match="max_cost_ratio must be a positive number"):
         fit_sss(torch.eye(8), 40, max_cost_ratio="fast")
+
+
+def test_inference_stacks_follow_parameter_changes():
+    torch.manual_seed(0)
+    layer = SSSLayer(30, 20, 0.5, nb_stages=4)
+    U = torch.randn(3, 30)
+
+    def check():
+        expected = (U @ layer.to_dense().T + layer.bias).detach()  # gathered afresh (autograd)
+        with torch.no_grad():
+            assert torch.allclose(layer(U), expected, atol=1e-5)
+
+    check()
+    with torch.no_grad():
+        layer.A.mul_(3.0)  # in place: a new version
+    check()
+    twin = SSSLayer(30, 20, 0.5, nb_stages=4)
+    layer.load_state_dict(twin.state_dict())
+    check()
+    layer.double()
+    U = U.double()
+    check()

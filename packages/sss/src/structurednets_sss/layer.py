@@ -197,8 +197,23 @@ class SSSLayer(StructuredLayer):
 
     def _stacks(self) -> list[torch.Tensor]:
         """``S_in``, ``S_out``, ``A``, ``E`` (see :mod:`structurednets_sss.kernels`), gathered
-        from the parameters in one indexing (position 0 is a zero)."""
+        from the parameters in one indexing (position 0 is a zero).
+
+        Without autograd (inference) the stacks are kept and gathered again only when a
+        parameter changes (its version, storage, dtype or device): padding once, not per call.
+        """
         present = [getattr(self, kind) for kind in KINDS if getattr(self, kind) is not None]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in present):
+            return self._gathered(present)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in present)
+        cached = self.__dict__.get("_stack_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self._gathered(present))
+            self.__dict__["_stack_cache"] = cached
+        return cached[1]
+
+    def _gathered(self, present: list[torch.Tensor]) -> list[torch.Tensor]:
         reference = self.D if self.D is not None else self._reference_parameter()
         # Under autocast A and E stay in float32 (cat promotes); the other stacks go back to
         # the autocast dtype.
