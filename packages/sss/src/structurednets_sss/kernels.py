@@ -43,9 +43,11 @@ class SSSMultiply(torch.autograd.Function):
         Q = None
         if K > 1:
             # Q[k] = [x_k, z_k]: x_{k+1} = A_k x_k + B_k u_k, z_{k-1} = E_k z_k + F_k u_k.
-            Q = P.new_zeros(K, batch, rows - mb)
+            Q = P.new_empty(K, batch, rows - mb)  # written once each below, not zeroed first
+            Q[0, :, :dx] = 0
             Q[1:, :, :dx] = P[:-1, :, mb : mb + dx]
             Q[:-1, :, dx:] = P[1:, :, mb + dx :]
+            Q[-1, :, dx:] = 0
             _recursions(Q, dx, A.transpose(1, 2), E.transpose(1, 2))
             Y = torch.baddbmm(P[:, :, :mb], Q, S_out.transpose(1, 2))
         else:
@@ -76,10 +78,12 @@ class SSSMultiply(torch.autograd.Function):
                 gA = torch.bmm(R[2:, :, :dx].transpose(1, 2), Q[1:-1, :, :dx])
             if need[4]:
                 gE = torch.bmm(R[:-2, :, dx:].transpose(1, 2), Q[1:-1, :, dx:])
-            gP = gY.new_zeros(K, batch, rows)
+            gP = gY.new_empty(K, batch, rows)
             gP[:, :, :mb] = gY
             gP[:-1, :, mb : mb + dx] = R[1:, :, :dx]
+            gP[-1, :, mb : mb + dx] = 0
             gP[1:, :, mb + dx :] = R[:-1, :, dx:]
+            gP[0, :, mb + dx :] = 0
         else:
             gP = gY
         gU = torch.bmm(gP, S_in).transpose(0, 1).reshape(batch, K * nb) if need[0] else None

@@ -182,13 +182,23 @@ class SSSLayer(StructuredLayer):
             self.register_parameter(kind, nn.Parameter(flat) if flat.numel() else None)
         self._stack_shapes, index = stack_layout(sizes)
         self.register_buffer("_stack_index", index, persistent=False)
-        mb, nb = self._stack_shapes[1][1], self._stack_shapes[0][2]
+        # Where each parameter entry (in the order of the concatenated parameters) sits.
+        inverse = torch.empty(sizes.nb_weight_parameters, dtype=torch.long)
+        placed = torch.nonzero(index).squeeze(1)
+        inverse[index[placed] - 1] = placed
+        self.register_buffer("_stack_inverse", inverse, persistent=False)
+        K, mb, nb = sizes.nb_stages, self._stack_shapes[1][1], self._stack_shapes[0][2]
         # Where the input/output entries sit in the padded stacks (None: nothing padded).
         self.register_buffer(
             "_input_positions",
             _positions(sizes.input_sizes, nb) if min(sizes.input_sizes) != nb else None,
             persistent=False,
         )
+        gather = None
+        if self._input_positions is not None:
+            gather = torch.full((K * nb,), self.input_dim, dtype=torch.long)
+            gather[self._input_positions] = torch.arange(self.input_dim)
+        self.register_buffer("_input_gather", gather, persistent=False)
         self.register_buffer(
             "_output_positions",
             _positions(sizes.output_sizes, mb) if min(sizes.output_sizes) != mb else None,
@@ -217,7 +227,7 @@ class SSSLayer(StructuredLayer):
         reference = self.D if self.D is not None else self._reference_parameter()
         # Under autocast A and E stay in float32 (cat promotes); the other stacks go back to
         # the autocast dtype.
-        flat = torch.cat([reference.new_zeros(1), *present])[self._stack_index]
+        flat = _Gather.apply(self._stack_index, self._stack_inverse, reference.dtype, *present)
         sizes = [math.prod(shape) for shape in self._stack_shapes]
         stacks = [
             piece.view(shape)
@@ -251,9 +261,9 @@ class SSSLayer(StructuredLayer):
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         # Under autocast, core's policy hands over U and the parameters in the autocast dtype.
         stacks = self._stacks()
-        if self._input_positions is not None:
-            K, _, nb = self._stack_shapes[0]
-            U = U.new_zeros(U.shape[0], K * nb).index_copy(1, self._input_positions, U)
+        if self._input_positions is not None:  # a zero column, then gathered into blocks
+            U = torch.cat([U, U.new_zeros(U.shape[0], 1)], dim=1)
+            U = U.index_select(1, self._input_gather)
         Y = SSSMultiply.apply(U.contiguous(), *stacks, self._padded_causal_dim)
         if self._output_positions is not None:
             Y = Y.index_select(1, self._output_positions)
@@ -320,6 +330,25 @@ class SSSLayer(StructuredLayer):
                 for piece, shape in zip(pieces, shapes[kind], strict=True)
             ]
         return SSSSystem(**matrices)
+
+
+class _Gather(torch.autograd.Function):
+    """``cat([0, *flats])[index]`` whose backward gathers too (``grad[inverse]``, each entry
+    of a parameter placed once) instead of scattering into zeros."""
+
+    @staticmethod
+    def forward(ctx, index, inverse, dtype, *flats):
+        ctx.save_for_backward(inverse)
+        ctx.dtypes = [flat.dtype for flat in flats]
+        ctx.sizes = [flat.numel() for flat in flats]
+        return torch.cat([flats[0].new_zeros(1, dtype=dtype), *flats])[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        pieces = grad.index_select(0, inverse).split(ctx.sizes)
+        grads = [piece.to(dtype) for piece, dtype in zip(pieces, ctx.dtypes, strict=True)]
+        return (None, None, None, *grads)
 
 
 def _positions(sizes: Sequence[int], padded: int) -> torch.Tensor:
