@@ -76,10 +76,10 @@ def report(name: str, weight: torch.Tensor, share: float, repeats: int, **option
     bound = options.get("max_cost_ratio")
     label = f"{name} {share:g}" + ("" if bound is None else f" <={bound:g}")
     print(
-        f"{label:<26} {m:>4}x{n:<4} err {error:.4f}  fwd {forward:5.2f} ({cost.forward_ratio(reference):.2f})"
-        f"  f+b {both:5.2f} ({cost.ratio(reference):.2f})  K={layer.nb_stages:<3}"
-        f" params {layer.sizes.nb_weight_parameters} padded {layer.sizes.padded_nb_parameters}"
-        f"  fit {seconds:.1f}s",
+        f"{label:<30} {m:>4}x{n:<4} err {error:.4f}  fwd {forward:5.2f} "
+        f"({cost.forward_ratio(reference):.2f})  f+b {both:5.2f} ({cost.ratio(reference):.2f})"
+        f"  K={layer.nb_stages:<3} params {layer.sizes.nb_weight_parameters}"
+        f" padded {layer.sizes.padded_nb_parameters}  fit {seconds:.1f}s",
         flush=True,
     )
 
@@ -101,6 +101,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--minilm", default=None, help="an extracted all-MiniLM-L6-v2 folder")
     parser.add_argument("--shares", type=float, nargs="+", default=[0.1, 0.25])
+    parser.add_argument(
+        "--bounds", type=float, nargs="*", default=[0.2], help="max_cost_ratio values to fit with"
+    )
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -111,6 +114,8 @@ def main() -> None:
     for name, weight in weights.items():
         for share in arguments.shares:
             report(name, weight, share, arguments.repeats)
+            for bound in arguments.bounds:
+                report(name, weight, share, arguments.repeats, max_cost_ratio=bound)
 
 
 if __name__ == "__main__":
