@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from structurednets.precision import accumulation_dtype
 
-__all__ = ["SSSMultiply", "padded_dense", "split_stacks"]
+__all__ = ["SSSMultiply", "padded_dense", "split_stacks", "sss_product"]
 
 
 class SSSMultiply(torch.autograd.Function):
@@ -35,26 +35,10 @@ class SSSMultiply(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, U, S_in, S_out, A, E, dx):
-        K, rows, nb = S_in.shape
-        mb = S_out.shape[1]
-        batch = U.shape[0]
-        Ub = U.view(batch, K, nb).transpose(0, 1)  # (K, batch, nb)
-        P = torch.bmm(Ub, S_in.transpose(1, 2))  # (K, batch, mb + dx + dz)
-        Q = None
-        if K > 1:
-            # Q[k] = [x_k, z_k]: x_{k+1} = A_k x_k + B_k u_k, z_{k-1} = E_k z_k + F_k u_k.
-            Q = P.new_empty(K, batch, rows - mb)  # written once each below, not zeroed first
-            Q[0, :, :dx] = 0
-            Q[1:, :, :dx] = P[:-1, :, mb : mb + dx]
-            Q[:-1, :, dx:] = P[1:, :, mb + dx :]
-            Q[-1, :, dx:] = 0
-            _recursions(Q, dx, A.transpose(1, 2), E.transpose(1, 2))
-            Y = torch.baddbmm(P[:, :, :mb], Q, S_out.transpose(1, 2))
-        else:
-            Y = P
+        Y, Q = sss_product(U, S_in, S_out, A, E, dx)
         ctx.save_for_backward(U, S_in, S_out, A, E, Q)
         ctx.dx = dx
-        return Y.transpose(0, 1).reshape(batch, K * mb)
+        return Y
 
     @staticmethod
     @once_differentiable
@@ -89,6 +73,27 @@ class SSSMultiply(torch.autograd.Function):
         gU = torch.bmm(gP, S_in).transpose(0, 1).reshape(batch, K * nb) if need[0] else None
         gS_in = torch.bmm(gP.transpose(1, 2), Ub) if need[1] else None
         return gU, gS_in, gS_out, gA, gE, None
+
+
+def sss_product(U, S_in, S_out, A, E, dx):
+    """The forward of :class:`SSSMultiply` without autograd: ``(Y, Q)``, ``Q`` the states
+    ``[x_k, z_k]`` of every stage ``(K, batch, dx + dz)`` (``None`` for one stage)."""
+    K, rows, nb = S_in.shape
+    mb = S_out.shape[1]
+    batch = U.shape[0]
+    Ub = U.view(batch, K, nb).transpose(0, 1)  # (K, batch, nb)
+    P = torch.bmm(Ub, S_in.transpose(1, 2))  # (K, batch, mb + dx + dz)
+    if K == 1:
+        return P.transpose(0, 1).reshape(batch, mb), None
+    # Q[k] = [x_k, z_k]: x_{k+1} = A_k x_k + B_k u_k, z_{k-1} = E_k z_k + F_k u_k.
+    Q = P.new_empty(K, batch, rows - mb)  # written once each below, not zeroed first
+    Q[0, :, :dx] = 0
+    Q[1:, :, :dx] = P[:-1, :, mb : mb + dx]
+    Q[:-1, :, dx:] = P[1:, :, mb + dx :]
+    Q[-1, :, dx:] = 0
+    _recursions(Q, dx, A.transpose(1, 2), E.transpose(1, 2))
+    Y = torch.baddbmm(P[:, :, :mb], Q, S_out.transpose(1, 2))
+    return Y.transpose(0, 1).reshape(batch, K * mb), Q
 
 
 def _in_accumulation_dtype(run):

@@ -12,7 +12,7 @@ from structurednets.cost import Cost
 from structurednets.layout import Layout
 from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_sss.fit import check_cost_bound, check_max_cost_ratio, fit_checked
-from structurednets_sss.kernels import SSSMultiply, padded_dense, split_stacks
+from structurednets_sss.kernels import SSSMultiply, padded_dense, split_stacks, sss_product
 from structurednets_sss.layout import (
     KINDS,
     SSSSizes,
@@ -264,7 +264,11 @@ class SSSLayer(StructuredLayer):
         if self._input_positions is not None:  # a zero column, then gathered into blocks
             U = torch.cat([U, U.new_zeros(U.shape[0], 1)], dim=1)
             U = U.index_select(1, self._input_gather)
-        Y = SSSMultiply.apply(U.contiguous(), *stacks, self._padded_causal_dim)
+        U = U.contiguous()
+        if torch.is_grad_enabled() and (U.requires_grad or stacks[0].requires_grad):
+            Y = SSSMultiply.apply(U, *stacks, self._padded_causal_dim)
+        else:  # inference: the same product without autograd's bookkeeping
+            Y = sss_product(U, *stacks, self._padded_causal_dim)[0]
         if self._output_positions is not None:
             Y = Y.index_select(1, self._output_positions)
         return Y
