@@ -26,13 +26,11 @@ improving.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from structurednets.cost import DEFAULT_COST_BATCH_SIZE, dense_cost
 from structurednets.plugin import (
     BudgetTooSmallError,
     as_matrix,
@@ -40,22 +38,24 @@ from structurednets.plugin import (
     check_positive_int,
     torch_threads,
 )
+from structurednets_sss.allocation import StateAllocation
 from structurednets_sss.layout import (
     SSSSizes,
     block_sizes,
-    capped_sizes,
+    check_cost_bound,
+    check_max_cost_ratio,
     clip_anticausal_dims,
     clip_causal_dims,
+    cost_ratio,
     even_sizes,
     largest_uniform_state_dim,
     requested_sizes,
-    sizes_cost,
     stage_candidates,
 )
 from structurednets_sss.options import StageOptions, check_options
 from structurednets_sss.system import SSSSystem
 
-__all__ = ["SSSFit", "check_max_cost_ratio", "cost_ratio", "fit_sss"]
+__all__ = ["SSSFit", "fit_sss"]
 
 # A candidate number of stages must beat the best so far by this relative margin (of the
 # squared error) to be preferred: fewer stages are faster, so near-ties go to them.
@@ -66,34 +66,6 @@ _PATIENCE = 3
 _BISECTIONS = 16
 # A relative error below this counts as exact: the search stops there.
 _EXACT = 1e-12
-
-
-def check_max_cost_ratio(value: object) -> float | None:
-    """Check the ``max_cost_ratio`` option: ``None`` or a positive real number."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"max_cost_ratio must be a positive number or None, got {value!r}")
-    if not value > 0:
-        raise ValueError(f"max_cost_ratio must be > 0, got {value!r}")
-    return float(value)
-
-
-def cost_ratio(sizes: SSSSizes) -> float:
-    """Forward plus backward multiply-adds of a layer of ``sizes`` against ``nn.Linear``, at
-    the batch size of ``layer.cost_ratio()``."""
-    batch = DEFAULT_COST_BATCH_SIZE
-    n, m = sum(sizes.input_sizes), sum(sizes.output_sizes)
-    return sizes_cost(sizes, batch).ratio(dense_cost(n, m, batch))
-
-
-def check_cost_bound(sizes: SSSSizes, max_cost_ratio: float | None, what: str) -> None:
-    """Raise ``ValueError`` when ``sizes`` cost more than ``max_cost_ratio``."""
-    if max_cost_ratio is not None and cost_ratio(sizes) > max_cost_ratio:
-        raise ValueError(
-            f"max_cost_ratio={max_cost_ratio:g} is below the cost ratio of {what} "
-            f"({sizes.describe()}), {cost_ratio(sizes):.4f}"
-        )
 
 
 @dataclass(frozen=True)
@@ -192,85 +164,6 @@ def _flipped_sweep(
     )
 
 
-class _Allocation:
-    """Greedy state dimensions: add, one at a time, the state that removes the most squared
-    singular value per parameter, while the budget lasts (:meth:`run`).
-
-    A causal state at boundary ``p`` is limited by ``d_{p-1} + n_p`` (what the sweep can
-    keep) and by the spectrum's length; singular values below ``tolerance`` are not worth a
-    state. Dimensions start from ``starts`` (causal, anticausal); side 0 is causal, 1 anticausal.
-    """
-
-    def __init__(
-        self,
-        spectra: tuple[list[torch.Tensor], list[torch.Tensor]],
-        input_sizes: Sequence[int],
-        output_sizes: Sequence[int],
-        starts: tuple[Sequence[int], Sequence[int]],
-        tolerance: float,
-    ) -> None:
-        self.spectra = spectra
-        self.input_sizes, self.output_sizes = input_sizes, output_sizes
-        self.dims = (list(starts[0]), list(starts[1]))
-        self.tolerance = tolerance
-        self.nb_boundaries = len(input_sizes) - 1
-        # Entries: (-gain per parameter, side, boundary, dimension it would grow, its cost).
-        self.heap: list[tuple[float, int, int, int, int]] = []
-
-    def _neighbours(self, side: int, p: int) -> int:
-        d = self.dims[side]
-        return (d[p - 1] if p > 0 else 0) + (d[p + 1] if p < self.nb_boundaries - 1 else 0)
-
-    def _cost(self, side: int, p: int) -> int:
-        """Parameters one more state at boundary ``p`` costs: its rows of ``B``/``F``, its
-        columns of ``C``/``G`` and its entries in the neighbouring transitions."""
-        if side == 0:
-            own = self.input_sizes[p] + self.output_sizes[p + 1]
-        else:
-            own = self.input_sizes[p + 1] + self.output_sizes[p]
-        return own + self._neighbours(side, p)
-
-    def _limit(self, side: int, p: int) -> int:
-        d = self.dims[side]
-        if side == 0:
-            reachable = (d[p - 1] if p > 0 else 0) + self.input_sizes[p]
-        else:
-            reachable = (d[p + 1] if p < self.nb_boundaries - 1 else 0) + self.input_sizes[p + 1]
-        return min(reachable, self.spectra[side][p].numel())
-
-    def _push(self, side: int, p: int) -> None:
-        d = self.dims[side][p]
-        if d < self._limit(side, p):
-            sigma = float(self.spectra[side][p][d])
-            if sigma > self.tolerance:
-                cost = self._cost(side, p)
-                heapq.heappush(self.heap, (-(sigma**2) / cost, side, p, d, cost))
-
-    def run(self, budget: int) -> tuple[list[int], list[int]]:
-        """Grow the states within ``budget``; returns the causal and anticausal dimensions."""
-        used = capped_sizes(self.input_sizes, self.output_sizes, *self.dims).nb_weight_parameters
-        for p in range(self.nb_boundaries):
-            self._push(0, p)
-            self._push(1, p)
-        while self.heap:
-            _, side, p, d, cost = heapq.heappop(self.heap)
-            if d != self.dims[side][p]:
-                continue  # stale: this state grew since the entry was pushed
-            if cost != self._cost(side, p):
-                self._push(side, p)  # stale: the neighbours grew, so the state costs more now
-                continue
-            if used + cost > budget:
-                continue
-            self.dims[side][p] += 1
-            used += cost
-            self._push(side, p)
-            # A neighbour's limit may have grown with this state.
-            for q in (p - 1, p + 1):
-                if 0 <= q < self.nb_boundaries:
-                    self._push(side, q)
-        return self.dims[0], self.dims[1]
-
-
 @dataclass
 class _Candidate:
     nb_stages: int
@@ -347,7 +240,7 @@ def _best_for_stages(
     tolerance = 1e-13 * float(torch.linalg.norm(W))
 
     def allocate(start, allowed: int) -> tuple[list[int], list[int]]:
-        allocation = _Allocation(
+        allocation = StateAllocation(
             (causal_spectra, anticausal_spectra), input_sizes, output_sizes, start, tolerance
         )
         return allocation.run(allowed)

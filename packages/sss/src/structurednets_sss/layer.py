@@ -11,11 +11,13 @@ from torch import nn
 from structurednets.cost import Cost
 from structurednets.layout import Layout
 from structurednets.plugin import StructuredLayer, dense_init_std
-from structurednets_sss.fit import check_cost_bound, check_max_cost_ratio, fit_checked
+from structurednets_sss.fit import fit_checked
 from structurednets_sss.kernels import SSSMultiply, padded_dense, split_stacks, sss_product
 from structurednets_sss.layout import (
     KINDS,
     SSSSizes,
+    check_cost_bound,
+    check_max_cost_ratio,
     sizes_cost,
     sizes_from_options,
     stack_layout,

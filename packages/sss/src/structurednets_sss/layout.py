@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from structurednets.cost import Cost
+from structurednets.cost import DEFAULT_COST_BATCH_SIZE, Cost, dense_cost
 from structurednets.plugin import BudgetTooSmallError, weight_budget
 
 if TYPE_CHECKING:
@@ -35,6 +35,9 @@ __all__ = [
     "KINDS",
     "SSSSizes",
     "block_sizes",
+    "check_cost_bound",
+    "check_max_cost_ratio",
+    "cost_ratio",
     "default_nb_stages",
     "even_sizes",
     "sizes_cost",
@@ -158,6 +161,34 @@ def sizes_cost(sizes: SSSSizes, batch_size: int) -> Cost:
     """
     forward = batch_size * sizes.padded_nb_parameters
     return Cost(forward, 2 * forward)
+
+
+def check_max_cost_ratio(value: object) -> float | None:
+    """Check the ``max_cost_ratio`` option: ``None`` or a positive real number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"max_cost_ratio must be a positive number or None, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"max_cost_ratio must be > 0, got {value!r}")
+    return float(value)
+
+
+def cost_ratio(sizes: SSSSizes) -> float:
+    """Forward plus backward multiply-adds of a layer of ``sizes`` against ``nn.Linear``, at
+    the batch size of ``layer.cost_ratio()``."""
+    batch = DEFAULT_COST_BATCH_SIZE
+    n, m = sum(sizes.input_sizes), sum(sizes.output_sizes)
+    return sizes_cost(sizes, batch).ratio(dense_cost(n, m, batch))
+
+
+def check_cost_bound(sizes: SSSSizes, max_cost_ratio: float | None, what: str) -> None:
+    """Raise ``ValueError`` when ``sizes`` cost more than ``max_cost_ratio``."""
+    if max_cost_ratio is not None and cost_ratio(sizes) > max_cost_ratio:
+        raise ValueError(
+            f"max_cost_ratio={max_cost_ratio:g} is below the cost ratio of {what} "
+            f"({sizes.describe()}), {cost_ratio(sizes):.4f}"
+        )
 
 
 def stack_layout(sizes: SSSSizes) -> tuple[list[tuple[int, ...]], torch.Tensor]:
