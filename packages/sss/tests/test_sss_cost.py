@@ -48,7 +48,7 @@ def _counted(layer, batch, backward):
     return backward_counter.count
 
 
-@pytest.mark.parametrize("batch", [3, 100])  # joint recursions up to 64 rows, separate above
+@pytest.mark.parametrize("batch", [1, 100])
 def test_cost_is_what_the_kernel_multiplies(random_stage_matrices, batch):
     with default_dtype(torch.float64):
         layer = SSSLayer(21, 17, 1.0, system=SSSSystem(**random_stage_matrices(*RAGGED)))

@@ -50,7 +50,7 @@ SYSTEMS = {
 
 
 @pytest.mark.parametrize("name", sorted(SYSTEMS))
-@pytest.mark.parametrize("batch", [3, 70])  # joint and separate state recursions
+@pytest.mark.parametrize("batch", [1, 70])
 def test_forward_matches_the_literal_recursions(name, batch, random_stage_matrices):
     matrices = random_stage_matrices(*SYSTEMS[name])
     system = SSSSystem(**matrices)

@@ -45,8 +45,9 @@ class SSSLayer(StructuredLayer):
 
     The state dimensions bound the ranks of the Hankel blocks (``W[rows after a boundary,
     columns before it]`` and its mirror above the diagonal) and set the parameter count.
-    Forward and backward cost ``O(batch * nb_parameters)``: one batched product per kind of
-    stage matrix, and ``K - 2`` small products for each state recursion.
+    Forward and backward cost ``O(batch * nb_parameters)`` (:meth:`layout_cost` counts them):
+    two batched products over merged, padded stage stacks, and ``K - 2`` small products for
+    each state recursion.
 
     Args:
         input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:

@@ -153,11 +153,12 @@ class SSSSizes:
 def sizes_cost(sizes: SSSSizes, batch_size: int) -> Cost:
     """The multiply-adds of :class:`~structurednets_sss.kernels.SSSMultiply` for a batch.
 
-    The kernel multiplies padded stage stacks, so every product counts the padded sizes
-    (:meth:`SSSSizes.padded_nb_parameters`): forward is one multiply-add per padded stage
-    scalar and sample (``D``, ``B``, ``F``, the two recursions through ``A`` and ``E``, then
-    ``C`` and ``G``); backward twice that (the input's gradient through the transposed
-    products and adjoint recursions, and one product per parameter gradient).
+    The kernel multiplies padded, merged stage stacks, so every product counts the padded
+    sizes (:meth:`SSSSizes.padded_nb_parameters`): forward is one multiply-add per stacked
+    scalar and sample (``[D; B; F]`` on the input blocks, the two recursions through ``A``
+    and ``E``, then ``[C, G]`` on the states); backward twice that (the input's gradient
+    through the transposed products and adjoint recursions, and one product per stack for
+    the parameters' gradients). The bias is not counted, as for ``nn.Linear``.
     """
     forward = batch_size * sizes.padded_nb_parameters
     return Cost(forward, 2 * forward)
