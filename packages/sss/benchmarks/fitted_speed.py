@@ -5,7 +5,7 @@ bound ``max_cost_ratio`` where given) and times it against ``nn.Linear`` of the 
 the same run: one thread, batch 256, float32, medians of interleaved repeats, forward without
 gradients and forward+backward with the input's gradient. Run from the repository root::
 
-    .venv/bin/python packages/sss/benchmarks/fitted_speed.py [--repeats N] [--minilm DIR]
+    .venv/bin/python packages/sss/benchmarks/fitted_speed.py [--minilm DIR] [--clock cpu]
 
 The matrices: the 256 x 256 hidden layer of the digit MLP of ``trained_weights.py``, and,
 when ``--minilm`` names an extracted all-MiniLM-L6-v2 folder (needs ``transformers``), its
@@ -26,14 +26,18 @@ from structurednets.cost import dense_cost
 from structurednets_sss import SSSLayer
 
 BATCH = 256
+#: The clock: wall time, or this thread's CPU time (steadier on a shared machine, and the
+#: same thing for one torch thread when nothing else competes for the core).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = time.perf_counter
 
 
 def _median_time(step, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         step()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -104,13 +108,19 @@ def main() -> None:
     parser.add_argument(
         "--bounds", type=float, nargs="*", default=[0.2], help="max_cost_ratio values to fit with"
     )
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     arguments = parser.parse_args()
+    global clock
+    clock = CLOCKS[arguments.clock]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     weights = {"digit MLP hidden": train_mlp(256)[2].weight.detach().float()}
     if arguments.minilm:
         weights.update(minilm_weights(arguments.minilm))
-    print("time ratio to nn.Linear (predicted cost ratio in parentheses), batch 256, 1 thread")
+    print(
+        f"{arguments.clock} time ratio to nn.Linear (predicted cost ratio in parentheses), "
+        "batch 256, 1 thread"
+    )
     for name, weight in weights.items():
         for share in arguments.shares:
             report(name, weight, share, arguments.repeats)
