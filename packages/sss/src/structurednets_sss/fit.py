@@ -26,7 +26,6 @@ improving.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,12 +38,15 @@ from structurednets.plugin import (
     check_positive_int,
     torch_threads,
 )
+from structurednets_sss.allocation import StateAllocation
 from structurednets_sss.layout import (
     SSSSizes,
     block_sizes,
-    capped_sizes,
+    check_cost_bound,
+    check_max_cost_ratio,
     clip_anticausal_dims,
     clip_causal_dims,
+    cost_ratio,
     even_sizes,
     largest_uniform_state_dim,
     requested_sizes,
@@ -60,6 +62,8 @@ __all__ = ["SSSFit", "fit_sss"]
 _IMPROVEMENT = 2e-2
 # Stop the search over numbers of stages after this many candidates without improvement.
 _PATIENCE = 3
+# Steps of the bisection that fits a state allocation under a cost bound.
+_BISECTIONS = 16
 # A relative error below this counts as exact: the search stops there.
 _EXACT = 1e-12
 
@@ -160,85 +164,6 @@ def _flipped_sweep(
     )
 
 
-class _Allocation:
-    """Greedy state dimensions: add, one at a time, the state that removes the most squared
-    singular value per parameter, while the budget lasts (:meth:`run`).
-
-    A causal state at boundary ``p`` is limited by ``d_{p-1} + n_p`` (what the sweep can
-    keep) and by the spectrum's length; singular values below ``tolerance`` are not worth a
-    state. Dimensions start from ``starts`` (causal, anticausal); side 0 is causal, 1 anticausal.
-    """
-
-    def __init__(
-        self,
-        spectra: tuple[list[torch.Tensor], list[torch.Tensor]],
-        input_sizes: Sequence[int],
-        output_sizes: Sequence[int],
-        starts: tuple[Sequence[int], Sequence[int]],
-        tolerance: float,
-    ) -> None:
-        self.spectra = spectra
-        self.input_sizes, self.output_sizes = input_sizes, output_sizes
-        self.dims = (list(starts[0]), list(starts[1]))
-        self.tolerance = tolerance
-        self.nb_boundaries = len(input_sizes) - 1
-        # Entries: (-gain per parameter, side, boundary, dimension it would grow, its cost).
-        self.heap: list[tuple[float, int, int, int, int]] = []
-
-    def _neighbours(self, side: int, p: int) -> int:
-        d = self.dims[side]
-        return (d[p - 1] if p > 0 else 0) + (d[p + 1] if p < self.nb_boundaries - 1 else 0)
-
-    def _cost(self, side: int, p: int) -> int:
-        """Parameters one more state at boundary ``p`` costs: its rows of ``B``/``F``, its
-        columns of ``C``/``G`` and its entries in the neighbouring transitions."""
-        if side == 0:
-            own = self.input_sizes[p] + self.output_sizes[p + 1]
-        else:
-            own = self.input_sizes[p + 1] + self.output_sizes[p]
-        return own + self._neighbours(side, p)
-
-    def _limit(self, side: int, p: int) -> int:
-        d = self.dims[side]
-        if side == 0:
-            reachable = (d[p - 1] if p > 0 else 0) + self.input_sizes[p]
-        else:
-            reachable = (d[p + 1] if p < self.nb_boundaries - 1 else 0) + self.input_sizes[p + 1]
-        return min(reachable, self.spectra[side][p].numel())
-
-    def _push(self, side: int, p: int) -> None:
-        d = self.dims[side][p]
-        if d < self._limit(side, p):
-            sigma = float(self.spectra[side][p][d])
-            if sigma > self.tolerance:
-                cost = self._cost(side, p)
-                heapq.heappush(self.heap, (-(sigma**2) / cost, side, p, d, cost))
-
-    def run(self, budget: int) -> tuple[list[int], list[int]]:
-        """Grow the states within ``budget``; returns the causal and anticausal dimensions."""
-        used = capped_sizes(self.input_sizes, self.output_sizes, *self.dims).nb_weight_parameters
-        for p in range(self.nb_boundaries):
-            self._push(0, p)
-            self._push(1, p)
-        while self.heap:
-            _, side, p, d, cost = heapq.heappop(self.heap)
-            if d != self.dims[side][p]:
-                continue  # stale: this state grew since the entry was pushed
-            if cost != self._cost(side, p):
-                self._push(side, p)  # stale: the neighbours grew, so the state costs more now
-                continue
-            if used + cost > budget:
-                continue
-            self.dims[side][p] += 1
-            used += cost
-            self._push(side, p)
-            # A neighbour's limit may have grown with this state.
-            for q in (p - 1, p + 1):
-                if 0 <= q < self.nb_boundaries:
-                    self._push(side, q)
-        return self.dims[0], self.dims[1]
-
-
 @dataclass
 class _Candidate:
     nb_stages: int
@@ -250,6 +175,14 @@ class _Candidate:
     @property
     def squared_error(self) -> float:
         return self.causal.squared_error + self.anticausal.squared_error
+
+    @property
+    def sizes(self) -> SSSSizes:
+        dims = (
+            [len(b) for b in self.causal.inputs[:-1]],
+            [len(f) for f in self.anticausal.inputs[1:]],
+        )
+        return SSSSizes(self.input_sizes, self.output_sizes, tuple(dims[0]), tuple(dims[1]))
 
 
 def _realise(
@@ -270,21 +203,31 @@ def _realise(
 
 
 def _best_for_stages(
-    W: torch.Tensor, W_flipped: torch.Tensor, nb_stages: int, budget: int, options: StageOptions
+    W: torch.Tensor,
+    W_flipped: torch.Tensor,
+    nb_stages: int,
+    budget: int,
+    options: StageOptions,
+    max_cost_ratio: float | None = None,
 ) -> _Candidate | None:
-    """The best realisation with ``nb_stages`` stages within ``budget``, or ``None``."""
+    """The best realisation with ``nb_stages`` stages within ``budget`` and the cost bound,
+    or ``None``."""
     m, n = W.shape
     input_sizes = block_sizes(n, nb_stages)
     output_sizes = block_sizes(m, nb_stages)
+
+    def affordable(sizes: SSSSizes) -> bool:
+        return max_cost_ratio is None or cost_ratio(sizes) <= max_cost_ratio
+
     if options.causal_dims is not None or options.anticausal_dims is not None:
         sizes = requested_sizes(n, m, nb_stages, options)
-        if sizes.nb_weight_parameters > budget:
+        if sizes.nb_weight_parameters > budget or not affordable(sizes):
             return None
         return _realise(
             W, W_flipped, input_sizes, output_sizes, sizes.causal_dims, sizes.anticausal_dims
         )
     uniform = largest_uniform_state_dim(n, m, nb_stages, budget)
-    if uniform < 0:
+    if uniform < 0 or not affordable(even_sizes(n, m, nb_stages, 0)):
         return None
     if nb_stages == 1:
         return _realise(W, W_flipped, input_sizes, output_sizes, (), ())
@@ -295,8 +238,19 @@ def _best_for_stages(
         W_flipped, output_sizes, input_sizes, caps, realise=False
     ).singular_values
     tolerance = 1e-13 * float(torch.linalg.norm(W))
+
+    def allocate(start, allowed: int) -> tuple[list[int], list[int]]:
+        allocation = StateAllocation(
+            (causal_spectra, anticausal_spectra), input_sizes, output_sizes, start, tolerance
+        )
+        return allocation.run(allowed)
+
+    def sizes_of(dims) -> SSSSizes:
+        return SSSSizes(input_sizes, output_sizes, tuple(dims[0]), tuple(dims[1]))
+
+    zero = ([0] * (nb_stages - 1), [0] * (nb_stages - 1))
     starts = [
-        ([0] * (nb_stages - 1), [0] * (nb_stages - 1)),
+        zero,
         (
             clip_causal_dims([uniform] * (nb_stages - 1), input_sizes, output_sizes),
             clip_anticausal_dims([uniform] * (nb_stages - 1), input_sizes, output_sizes),
@@ -304,14 +258,36 @@ def _best_for_stages(
     ]
     best = None
     for start in starts:
-        allocation = _Allocation(
-            (causal_spectra, anticausal_spectra), input_sizes, output_sizes, start, tolerance
-        )
-        causal, anticausal = allocation.run(budget)
-        candidate = _realise(W, W_flipped, input_sizes, output_sizes, causal, anticausal)
-        if best is None or candidate.squared_error < best.squared_error:
+        dims = allocate(start, budget)
+        if not affordable(sizes_of(dims)):
+            if start is not zero:
+                continue  # the uniform start alone may be too costly; the greedy one adapts
+            # The largest parameter budget whose allocation the bound affords (bisection).
+            low, high = even_sizes(n, m, nb_stages, 0).nb_weight_parameters, budget
+            dims = allocate(start, low)
+            for _ in range(_BISECTIONS):
+                if high - low <= 1:
+                    break
+                middle = (low + high) // 2
+                trial = allocate(start, middle)
+                if affordable(sizes_of(trial)):
+                    low, dims = middle, trial
+                else:
+                    high = middle
+        candidate = _realise(W, W_flipped, input_sizes, output_sizes, *dims)
+        if best is None or _better(candidate, best):
             best = candidate
     return best
+
+
+def _better(candidate: _Candidate, best: _Candidate) -> bool:
+    """Whether ``candidate`` beats ``best``: a smaller squared error, or one within the
+    improvement margin at a smaller padded cost (the kernel's speed)."""
+    if candidate.squared_error < best.squared_error * (1 - _IMPROVEMENT):
+        return True
+    if candidate.squared_error > best.squared_error * (1 + _IMPROVEMENT):
+        return False
+    return candidate.sizes.padded_nb_parameters < best.sizes.padded_nb_parameters
 
 
 def fit_sss(
@@ -326,6 +302,7 @@ def fit_sss(
     output_sizes: Sequence[int] | None = None,
     causal_dims: Sequence[int] | None = None,
     anticausal_dims: Sequence[int] | None = None,
+    max_cost_ratio: float | None = None,
 ) -> SSSFit:
     """An SSS approximation of ``matrix`` (array or tensor, ``(output_dim, input_dim)``) with
     at most ``budget`` stage-matrix scalars.
@@ -333,7 +310,10 @@ def fit_sss(
     The options are those of :class:`~structurednets_sss.SSSLayer`; what they leave open (the
     number of stages, the state dimensions) is chosen to minimise the Frobenius error. With
     the exact sizes of a layout (``input_sizes`` .. ``anticausal_dims``) the fit has exactly
-    those sizes. Raises :class:`BudgetTooSmallError` when nothing fits.
+    those sizes. ``max_cost_ratio`` bounds the layer's ``cost_ratio()`` (forward and
+    backward multiply-adds at batch 256 against ``nn.Linear``): layouts above it are not
+    considered. Raises :class:`BudgetTooSmallError` when nothing fits the budget, and
+    ``ValueError`` naming the smallest ratio reachable when nothing fits the bound.
 
     >>> fitted = fit_sss(torch.eye(64), 409)
     >>> fitted.sizes.nb_stages, fitted.squared_error
@@ -357,28 +337,45 @@ def fit_sss(
         causal_dims=causal_dims,
         anticausal_dims=anticausal_dims,
     )
-    return fit_checked(W, budget, options, budget / (input_dim * output_dim))
+    return fit_checked(
+        W,
+        budget,
+        options,
+        budget / (input_dim * output_dim),
+        check_max_cost_ratio(max_cost_ratio),
+    )
 
 
 def fit_checked(
-    W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: float
+    W: torch.Tensor,
+    budget: int,
+    options: StageOptions,
+    nb_params_share: float,
+    max_cost_ratio: float | None = None,
 ) -> SSSFit:
     """:func:`fit_sss` for a checked float64 CPU matrix, budget and options
-    (``nb_params_share`` only for the messages).
+    (``nb_params_share`` only for the messages) and a checked ``max_cost_ratio``.
 
     The sweeps are many small SVDs, which gain nothing from threads; on a machine whose cores
     are busy, multithreaded LAPACK waits for them and was measured 10 to 50 times slower. So
     the fit runs on one torch thread, and restores the setting afterwards.
     """
     with torch_threads(1):
-        return _fit(W, budget, options, nb_params_share)
+        return _fit(W, budget, options, nb_params_share, max_cost_ratio)
 
 
-def _fit(W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: float) -> SSSFit:
+def _fit(
+    W: torch.Tensor,
+    budget: int,
+    options: StageOptions,
+    nb_params_share: float,
+    max_cost_ratio: float | None,
+) -> SSSFit:
     m, n = W.shape
     W = W.detach().to(device="cpu", dtype=torch.float64).contiguous()
     W_flipped = W.flip(0, 1)
     if options.exact is not None:
+        check_cost_bound(options.exact, max_cost_ratio, "the given sizes")
         return _fit_exact(W, W_flipped, options.exact, budget, nb_params_share)
     if options.nb_stages is not None:
         candidates = [options.nb_stages]
@@ -388,7 +385,7 @@ def _fit(W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: f
     best: _Candidate | None = None
     misses = 0
     for nb_stages in candidates:
-        candidate = _best_for_stages(W, W_flipped, nb_stages, budget, options)
+        candidate = _best_for_stages(W, W_flipped, nb_stages, budget, options, max_cost_ratio)
         if candidate is None:
             continue
         if best is None or candidate.squared_error < best.squared_error * (1 - _IMPROVEMENT):
@@ -398,7 +395,10 @@ def _fit(W: torch.Tensor, budget: int, options: StageOptions, nb_params_share: f
         if misses >= _PATIENCE or best.squared_error <= exact:
             break
     if best is None:
-        raise _too_small(n, m, budget, options, nb_params_share, candidates)
+        error = _too_small(n, m, budget, options, nb_params_share, candidates)
+        if max_cost_ratio is None or error.needed > budget:
+            raise error
+        raise _too_costly(n, m, budget, options, candidates, max_cost_ratio)
     return SSSFit(SSSSystem(**_stage_matrices(best, W)), best.squared_error)
 
 
@@ -451,6 +451,28 @@ def _too_small(
     assert cheapest is not None
     return BudgetTooSmallError(
         "sss", n, m, nb_params_share, cheapest.nb_weight_parameters, cheapest.describe()
+    )
+
+
+def _too_costly(
+    n: int, m: int, budget: int, options: StageOptions, candidates: list[int], max_cost_ratio: float
+) -> ValueError:
+    """The error for a cost bound that no candidate meets, naming the cheapest candidate."""
+    cheapest = None
+    for nb_stages in candidates:
+        if options.causal_dims is None and options.anticausal_dims is None:
+            sizes = even_sizes(n, m, nb_stages, 0)
+        else:
+            sizes = requested_sizes(n, m, nb_stages, options)
+        if sizes.nb_weight_parameters > budget:
+            continue
+        if cheapest is None or cost_ratio(sizes) < cost_ratio(cheapest):
+            cheapest = sizes
+    assert cheapest is not None
+    return ValueError(
+        f"max_cost_ratio={max_cost_ratio:g} is below the smallest cost ratio an SSS layer of "
+        f"this shape reaches within the budget, {cost_ratio(cheapest):.4f} "
+        f"({cheapest.describe()})"
     )
 
 

@@ -1,14 +1,18 @@
-"""The SSS matrix-vector product over a batch, in a padded stage-stacked layout.
+"""The SSS matrix-vector product over a batch, in stage stacks that merge the kinds.
 
-Every kind of stage matrix is held as a stack over the stages that use it, padded to the
-largest block and state sizes (zeros in the padding): ``D`` (K, mb, nb) for stages
-``0 .. K-1``; ``B`` (K-1, dx, nb) and ``G`` (K-1, mb, dz) for stages ``0 .. K-2``; ``C``
-(K-1, mb, dx) and ``F`` (K-1, dz, nb) for stages ``1 .. K-1``; ``A`` (K-2, dx, dx) and ``E``
-(K-2, dz, dz) for stages ``1 .. K-2``. The input is ``(batch, K * nb)``, block ``k`` in columns
-``k * nb .. (k + 1) * nb``; the output ``(batch, K * mb)`` likewise.
+The stage matrices are held, padded once to the largest block and state sizes (zeros in the
+padding; the layer builds the stacks with one gather from its parameters), as four stacks:
 
-All products over the stages are batched matrix products; only the two state recursions
-(``K - 2`` small matrix products each) run stage by stage, in forward and in backward.
+* ``S_in`` ``(K, mb + dx + dz, nb)``: per stage ``[D_k; B_k; F_k]``, everything that acts on
+  the input block ``u_k`` (``B_{K-1}`` and ``F_0`` are zero);
+* ``S_out`` ``(K, mb, dx + dz)``: per stage ``[C_k, G_k]``, everything that reads the states
+  of stage ``k`` (``C_0`` and ``G_{K-1}`` are zero);
+* ``A`` ``(K-2, dx, dx)`` and ``E`` ``(K-2, dz, dz)``: the transitions of stages ``1 .. K-2``.
+
+The input is ``(batch, K * nb)``, block ``k`` in columns ``k * nb .. (k + 1) * nb``; the
+output ``(batch, K * mb)`` likewise. Forward is two batched products (``S_in``, then
+``S_out``) around the two state recursions (``K - 2`` small products each); backward is four
+batched products, the adjoint recursions and one batched product per transition gradient.
 """
 
 from __future__ import annotations
@@ -18,126 +22,154 @@ from torch.autograd.function import once_differentiable
 
 from structurednets.precision import accumulation_dtype
 
-__all__ = ["PADDED_KINDS", "SSSMultiply", "padded_dense"]
-
-#: The argument order of :class:`SSSMultiply` after the input.
-PADDED_KINDS = ("D", "A", "B", "C", "E", "F", "G")
+__all__ = ["SSSMultiply", "padded_dense", "split_stacks", "sss_product"]
 
 
 class SSSMultiply(torch.autograd.Function):
-    """``Y = U @ W.T`` for the SSS matrix ``W`` given by padded stage stacks.
+    """``Y = U @ W.T`` for the SSS matrix ``W`` given by the stage stacks (see the module).
 
-    Forward and backward cost ``O(batch * nb_parameters)`` (with padding). The backward
-    pass runs the adjoint recursions by hand and computes every parameter gradient with
-    one batched product per kind. First-order only (``once_differentiable``).
+    ``apply(U, S_in, S_out, A, E, dx)``: ``dx`` (an int) is the padded causal state size.
+    Forward and backward cost ``O(batch * stacked entries)``; the backward pass runs the
+    adjoint recursions by hand. First-order only (``once_differentiable``).
     """
 
     @staticmethod
-    def forward(ctx, U, D, A, B, C, E, F, G):
-        K, mb, nb = D.shape
-        batch = U.shape[0]
-        Ub = U.view(batch, K, nb).transpose(0, 1)  # (K, batch, nb)
-        Y = torch.bmm(Ub, D.transpose(1, 2))  # (K, batch, mb)
-        X = Z = None
-        if K > 1:
-            # X[i] = x_{i+1} = A_i x_i + B_i u_i;  Z[i] = z_i = E_{i+1} z_{i+1} + F_{i+1} u_{i+1}
-            X = torch.bmm(Ub[:-1], B.transpose(1, 2))
-            Z = torch.bmm(Ub[1:], F.transpose(1, 2))
-            X, Z = _recursions(X, Z, A.transpose(1, 2), E.transpose(1, 2))
-            Y[1:].baddbmm_(X, C.transpose(1, 2))
-            Y[:-1].baddbmm_(Z, G.transpose(1, 2))
-        ctx.save_for_backward(U, D, A, B, C, E, F, G, X, Z)
-        return Y.transpose(0, 1).reshape(batch, K * mb)
+    def forward(ctx, U, S_in, S_out, A, E, dx):
+        Y, Q = sss_product(U, S_in, S_out, A, E, dx)
+        ctx.save_for_backward(U, S_in, S_out, A, E, Q)
+        ctx.dx = dx
+        return Y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_Y):
-        U, D, A, B, C, E, F, G, X, Z = ctx.saved_tensors
+        U, S_in, S_out, A, E, Q = ctx.saved_tensors
         need = ctx.needs_input_grad
-        K, mb, nb = D.shape
+        dx = ctx.dx
+        K, rows, nb = S_in.shape
+        mb = S_out.shape[1]
         batch = U.shape[0]
         Ub = U.view(batch, K, nb).transpose(0, 1)
         gY = grad_Y.reshape(batch, K, mb).transpose(0, 1)  # (K, batch, mb)
-        gU = torch.bmm(gY, D) if need[0] else None  # (K, batch, nb)
-        gD = torch.bmm(gY.transpose(1, 2), Ub) if need[1] else None
-        gA = gB = gC = gE = gF = gG = None
+        gS_out = gA = gE = None
         if K > 1:
-            # Adjoints: L[i] = dloss/dX[i] runs backwards through the stages (transitions
-            # A^T), M[i] = dloss/dZ[i] forwards (E^T): the recursions of forward, mirrored.
-            L = torch.bmm(gY[1:], C)
-            M = torch.bmm(gY[:-1], G)
-            M, L = _recursions(M, L, E, A)
+            # R[k] = dloss/dQ[k]: the recursions of forward, mirrored (transitions A, E).
+            R = torch.bmm(gY, S_out)
             if need[2]:
-                gA = torch.bmm(L[1:].transpose(1, 2), X[:-1])
+                gS_out = torch.bmm(gY.transpose(1, 2), Q)
+            _adjoint_recursions(R, dx, A, E)
             if need[3]:
-                gB = torch.bmm(L.transpose(1, 2), Ub[:-1])
+                gA = torch.bmm(R[2:, :, :dx].transpose(1, 2), Q[1:-1, :, :dx])
             if need[4]:
-                gC = torch.bmm(gY[1:].transpose(1, 2), X)
-            if need[5]:
-                gE = torch.bmm(M[:-1].transpose(1, 2), Z[1:])
-            if need[6]:
-                gF = torch.bmm(M.transpose(1, 2), Ub[1:])
-            if need[7]:
-                gG = torch.bmm(gY[:-1].transpose(1, 2), Z)
-            if gU is not None:
-                gU[:-1].baddbmm_(L, B)
-                gU[1:].baddbmm_(M, F)
-        if gU is not None:
-            gU = gU.transpose(0, 1).reshape(batch, K * nb)
-        return gU, gD, gA, gB, gC, gE, gF, gG
+                gE = torch.bmm(R[:-2, :, dx:].transpose(1, 2), Q[1:-1, :, dx:])
+            gP = gY.new_empty(K, batch, rows)
+            gP[:, :, :mb] = gY
+            gP[:-1, :, mb : mb + dx] = R[1:, :, :dx]
+            gP[-1, :, mb : mb + dx] = 0
+            gP[1:, :, mb + dx :] = R[:-1, :, dx:]
+            gP[0, :, mb + dx :] = 0
+        else:
+            gP = gY
+        gU = torch.bmm(gP, S_in).transpose(0, 1).reshape(batch, K * nb) if need[0] else None
+        gS_in = torch.bmm(gP.transpose(1, 2), Ub) if need[1] else None
+        return gU, gS_in, gS_out, gA, gE, None
 
 
-# Up to this batch size the two recursions run jointly (measured on one CPU thread: joint
-# stepping wins below ~100 rows of 29-dimensional states, loses at 128 and more).
-_JOINT_MAX_BATCH = 64
+def sss_product(U, S_in, S_out, A, E, dx):
+    """The forward of :class:`SSSMultiply` without autograd: ``(Y, Q)``, ``Q`` the states
+    ``[x_k, z_k]`` of every stage ``(K, batch, dx + dz)`` (``None`` for one stage)."""
+    K, rows, nb = S_in.shape
+    mb = S_out.shape[1]
+    batch = U.shape[0]
+    Ub = U.view(batch, K, nb).transpose(0, 1)  # (K, batch, nb)
+    P = torch.bmm(Ub, S_in.transpose(1, 2))  # (K, batch, mb + dx + dz)
+    if K == 1:
+        return P.transpose(0, 1).reshape(batch, mb), None
+    # Q[k] = [x_k, z_k]: x_{k+1} = A_k x_k + B_k u_k, z_{k-1} = E_k z_k + F_k u_k.
+    Q = P.new_empty(K, batch, rows - mb)  # written once each below, not zeroed first
+    Q[0, :, :dx] = 0
+    Q[1:, :, :dx] = P[:-1, :, mb : mb + dx]
+    Q[:-1, :, dx:] = P[1:, :, mb + dx :]
+    Q[-1, :, dx:] = 0
+    _recursions(Q, dx, A.transpose(1, 2), E.transpose(1, 2))
+    Y = torch.baddbmm(P[:, :, :mb], Q, S_out.transpose(1, 2))
+    return Y.transpose(0, 1).reshape(batch, K * mb), Q
 
 
-def _recursions(
-    forward: torch.Tensor,
-    backward: torch.Tensor,
-    forward_steps: torch.Tensor,
-    backward_steps: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``forward[i] += forward[i-1] @ forward_steps[i-1]`` for ``i = 1 .. K-2`` and
-    ``backward[i] += backward[i+1] @ backward_steps[i]`` for ``i = K-3 .. 0``.
+def _in_accumulation_dtype(run):
+    """Run a recursion on ``(Q, dx, A, E)`` in the accumulation dtype: in float16 and bfloat16
+    the states accumulate in float32 and are rounded once at the end. Rounded at every
+    stage, their error grows with the number of stages (128 stages: 5.8x a bfloat16
+    ``nn.Linear``'s error at 512 x 512, against 1.6x in float32)."""
 
-    ``forward``/``backward`` are ``(K-1, batch, d)``, the steps ``(K-2, d, d)``. For small
-    batches, where each step costs mostly its call, and states of the same dimension, the two
-    recursions advance together, one batched product of two per step (the backward one stored
-    in reverse stage order): half the calls, for two copies of the states. Otherwise they run
-    one after the other, in place. Returns the two results.
+    def wrapped(Q, dx, A, E):
+        wide = accumulation_dtype(Q.dtype)
+        if wide == Q.dtype:
+            run(Q, dx, A, E)
+        else:
+            states = Q.to(wide)
+            run(states, dx, A.to(wide), E.to(wide))
+            Q.copy_(states)
 
-    In float16 and bfloat16 the states accumulate in float32 (rounded once at the end):
-    rounded at every stage, their error grows with the number of stages (128 stages: 5.8x a
-    bfloat16 ``nn.Linear``'s error at 512 x 512, against 1.6x in float32).
-    """
-    dtype = forward.dtype
-    if accumulation_dtype(dtype) != dtype:
-        wide = accumulation_dtype(dtype)
-        forward, backward = _recursions(
-            forward.to(wide), backward.to(wide), forward_steps.to(wide), backward_steps.to(wide)
-        )
-        return forward.to(dtype), backward.to(dtype)
-    steps = forward_steps.shape[0]
-    batch = forward.shape[1]
-    if steps and batch <= _JOINT_MAX_BATCH and forward.shape[-1] == backward.shape[-1]:
-        both = torch.stack([forward, backward.flip(0)], dim=1)  # (K-1, 2, batch, d)
-        states = both.unbind(0)  # views, unbound once: indexing in the loop costs a call each
-        transitions = torch.stack([forward_steps, backward_steps.flip(0)], dim=1).unbind(0)
-        for i in range(1, steps + 1):
-            states[i].baddbmm_(states[i - 1], transitions[i - 1])
-        return both[:, 0], both[:, 1].flip(0)
-    states, transitions = forward.unbind(0), forward_steps.unbind(0)
-    for i in range(1, steps + 1):
-        states[i].addmm_(states[i - 1], transitions[i - 1])
-    states, transitions = backward.unbind(0), backward_steps.unbind(0)
-    for i in range(steps - 1, -1, -1):
-        states[i].addmm_(states[i + 1], transitions[i])
-    return forward, backward
+    return wrapped
+
+
+@_in_accumulation_dtype
+def _recursions(Q, dx, A_t, E_t):
+    """In place: ``Q[k, :, :dx] += Q[k-1, :, :dx] @ A_t[k-2]`` for ``k = 2 .. K-1``, then
+    ``Q[k, :, dx:] += Q[k+1, :, dx:] @ E_t[k]`` for ``k = K-3 .. 0``."""
+    K = Q.shape[0]
+    if K < 3:
+        return
+    causal, anticausal = Q[:, :, :dx].unbind(0), Q[:, :, dx:].unbind(0)
+    steps = A_t.unbind(0)
+    if dx:
+        for k in range(2, K):
+            causal[k].addmm_(causal[k - 1], steps[k - 2])
+    steps = E_t.unbind(0)
+    if Q.shape[2] > dx:
+        for k in range(K - 3, -1, -1):
+            anticausal[k].addmm_(anticausal[k + 1], steps[k])
+
+
+@_in_accumulation_dtype
+def _adjoint_recursions(R, dx, A, E):
+    """In place, the adjoints of :func:`_recursions`: ``R[k-1, :, :dx] += R[k, :, :dx] @
+    A[k-2]`` for ``k = K-1 .. 2``, and ``R[k+1, :, dx:] += R[k, :, dx:] @ E[k]`` for
+    ``k = 0 .. K-3``."""
+    K = R.shape[0]
+    if K < 3:
+        return
+    causal, anticausal = R[:, :, :dx].unbind(0), R[:, :, dx:].unbind(0)
+    steps = A.unbind(0)
+    if dx:
+        for k in range(K - 1, 1, -1):
+            causal[k - 1].addmm_(causal[k], steps[k - 2])
+    steps = E.unbind(0)
+    if R.shape[2] > dx:
+        for k in range(K - 2):
+            anticausal[k + 1].addmm_(anticausal[k], steps[k])
+
+
+def split_stacks(S_in, S_out, A, E, dx):
+    """The per-kind stacks ``(D, A, B, C, E, F, G)`` as views of the merged ones: ``D``
+    ``(K, mb, nb)``; ``B``, ``G`` over stages ``0 .. K-2``; ``C``, ``F`` over ``1 .. K-1``;
+    ``A``, ``E`` over ``1 .. K-2``."""
+    mb = S_out.shape[1]
+    return (
+        S_in[:, :mb],
+        A,
+        S_in[:-1, mb : mb + dx],
+        S_out[1:, :, :dx],
+        E,
+        S_in[1:, mb + dx :],
+        S_out[:-1, :, dx:],
+    )
 
 
 def padded_dense(D, A, B, C, E, F, G):
-    """The padded ``W``, shape ``(K * mb, K * nb)``, from the padded stacks; differentiable.
+    """The padded ``W``, shape ``(K * mb, K * nb)``, from the per-kind padded stacks
+    (:func:`split_stacks`); differentiable.
 
     Builds the state of every input column stage by stage (``x_{k+1} = A_k x_k + B_k e_j``),
     ``O(output_dim * input_dim * state_dim)`` operations instead of the

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from structurednets.cost import Cost
+from structurednets.layout import Layout
 from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_sss.fit import fit_checked
-from structurednets_sss.kernels import PADDED_KINDS, SSSMultiply, padded_dense
-from structurednets_sss.layout import KINDS, SSSSizes, sizes_from_options
+from structurednets_sss.kernels import SSSMultiply, padded_dense, split_stacks, sss_product
+from structurednets_sss.layout import (
+    KINDS,
+    SSSSizes,
+    check_cost_bound,
+    check_max_cost_ratio,
+    sizes_cost,
+    sizes_from_options,
+    stack_layout,
+)
 from structurednets_sss.options import check_options
 from structurednets_sss.system import (
     SSSSystem,
@@ -34,8 +45,9 @@ class SSSLayer(StructuredLayer):
 
     The state dimensions bound the ranks of the Hankel blocks (``W[rows after a boundary,
     columns before it]`` and its mirror above the diagonal) and set the parameter count.
-    Forward and backward cost ``O(batch * nb_parameters)``: one batched product per kind of
-    stage matrix, and ``K - 2`` small products for each state recursion.
+    Forward and backward cost ``O(batch * nb_parameters)`` (:meth:`layout_cost` counts them):
+    two batched products over merged, padded stage stacks, and ``K - 2`` small products for
+    each state recursion.
 
     Args:
         input_dim, output_dim, nb_params_share, use_bias, initial_weight_matrix, initial_bias:
@@ -60,6 +72,10 @@ class SSSLayer(StructuredLayer):
             and the ``K - 1`` state dimensions of each part, used as given (not capped).
         system: an :class:`~structurednets_sss.SSSSystem` to start from; it fixes the stages,
             block sizes (any, not only even) and state dimensions.
+        max_cost_ratio: a bound on :meth:`cost_ratio` (forward and backward multiply-adds at
+            batch 256 against ``nn.Linear``): the fit only considers layouts within it, and a
+            layout built otherwise that exceeds it is a ``ValueError``. A fit control, not a
+            shape: it is not part of ``layout.sizes``.
 
     Shape:
         input: ``(..., input_dim)``; output: ``(..., output_dim)``.
@@ -87,8 +103,11 @@ class SSSLayer(StructuredLayer):
 
     structure_name = "sss"
 
+    #: The fit takes ``max_cost_ratio`` (a bound on ``cost_ratio()``), which core may pass.
+    accepts_max_cost_ratio = True
+
     #: Under autocast the state transitions ``A`` and ``E`` keep their dtype and the state
-    #: recursions accumulate in float32 (see ``kernels._recursions``); the other products
+    #: recursions accumulate in float32 (see ``kernels._in_accumulation_dtype``); the other products
     #: run in the autocast dtype.
     autocast_full_precision = ("A", "E")
 
@@ -110,9 +129,11 @@ class SSSLayer(StructuredLayer):
         causal_dims: Sequence[int] | None = None,
         anticausal_dims: Sequence[int] | None = None,
         system: SSSSystem | None = None,
+        max_cost_ratio: float | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
+        max_cost_ratio = check_max_cost_ratio(max_cost_ratio)
         options = {
             "nb_stages": nb_stages,
             "nb_states": nb_states,
@@ -134,87 +155,88 @@ class SSSLayer(StructuredLayer):
                     f"system fixes the whole layer; do not pass {', '.join(given)} with it"
                 )
             sizes = check_system_fits(system, self.input_dim, self.output_dim, self.nb_params_share)
+            check_cost_bound(sizes, max_cost_ratio, "the system")
             matrices = system.checked()[1]
         else:
             checked = check_options(self.input_dim, self.output_dim, **options)
             if target is not None:
-                fitted = fit_checked(target, self.weight_budget, checked, self.nb_params_share)
+                fitted = fit_checked(
+                    target, self.weight_budget, checked, self.nb_params_share, max_cost_ratio
+                )
                 sizes, matrices = fitted.system.checked()
             else:
                 sizes = sizes_from_options(
                     self.input_dim, self.output_dim, self.nb_params_share, checked
                 )
+                check_cost_bound(sizes, max_cost_ratio, "the layout these options give")
                 matrices = random_system(sizes, dense_init_std(self.input_dim))
         self.require_budget(sizes.nb_weight_parameters, sizes.describe())
         self.sizes = sizes
         self._build(sizes, matrices)
 
-    # -- padded stacks ----------------------------------------------------------------------
+    # -- stage stacks -----------------------------------------------------------------------
 
     def _build(self, sizes: SSSSizes, matrices: dict[str, list[torch.Tensor]]) -> None:
-        """Create one flat parameter per kind, and the masks and positions (derived from the
-        sizes, not saved) that pad it into stacks."""
+        """Create one flat parameter per kind, and the gather index (derived from the sizes,
+        not saved) that places them, padded, into the kernel's stage stacks."""
         dtype = torch.get_default_dtype()
-        K = sizes.nb_stages
-        shapes = sizes.stage_shapes()
-        dx = max(sizes.causal_dims, default=0)
-        dz = max(sizes.anticausal_dims, default=0)
-        mb, nb = max(sizes.output_sizes), max(sizes.input_sizes)
-        # Per kind: the stages it is stacked over and the padded matrix shape.
-        stacks = {
-            "D": (range(0, K), (mb, nb)),
-            "A": (range(1, K - 1), (dx, dx)),
-            "B": (range(0, K - 1), (dx, nb)),
-            "C": (range(1, K), (mb, dx)),
-            "E": (range(1, K - 1), (dz, dz)),
-            "F": (range(1, K), (dz, nb)),
-            "G": (range(0, K - 1), (mb, dz)),
-        }
-        self._padded_shapes: dict[str, tuple[int, int, int]] = {}
-        self._ragged: set[str] = set()
         for kind in KINDS:
-            stages, (rows, cols) = stacks[kind]
-            self._padded_shapes[kind] = (len(stages), rows, cols)
             flat = torch.cat([m.reshape(-1) for m in matrices[kind]]).to(dtype)
-            if flat.numel():
-                self.register_parameter(kind, nn.Parameter(flat))
-            else:
-                self.register_parameter(kind, None)
-            mask = torch.zeros(len(stages), rows, cols, dtype=torch.bool)
-            for j, k in enumerate(stages):
-                r, c = shapes[kind][k]
-                mask[j, :r, :c] = True
-            if not bool(mask.all()):
-                self._ragged.add(kind)
-                self.register_buffer(f"_{kind}_mask", mask, persistent=False)
+            self.register_parameter(kind, nn.Parameter(flat) if flat.numel() else None)
+        self._stack_shapes, index = stack_layout(sizes)
+        self.register_buffer("_stack_index", index, persistent=False)
+        # Where each parameter entry (in the order of the concatenated parameters) sits.
+        inverse = torch.empty(sizes.nb_weight_parameters, dtype=torch.long)
+        placed = torch.nonzero(index).squeeze(1)
+        inverse[index[placed] - 1] = placed
+        self.register_buffer("_stack_inverse", inverse, persistent=False)
+        K, mb, nb = sizes.nb_stages, self._stack_shapes[1][1], self._stack_shapes[0][2]
         # Where the input/output entries sit in the padded stacks (None: nothing padded).
         self.register_buffer(
             "_input_positions",
             _positions(sizes.input_sizes, nb) if min(sizes.input_sizes) != nb else None,
             persistent=False,
         )
+        gather = None
+        if self._input_positions is not None:
+            gather = torch.full((K * nb,), self.input_dim, dtype=torch.long)
+            gather[self._input_positions] = torch.arange(self.input_dim)
+        self.register_buffer("_input_gather", gather, persistent=False)
         self.register_buffer(
             "_output_positions",
             _positions(sizes.output_sizes, mb) if min(sizes.output_sizes) != mb else None,
             persistent=False,
         )
 
-    def _padded(self, kind: str) -> torch.Tensor:
-        """The stack of ``kind`` matrices, ``(stages, rows, cols)``, zero-padded."""
-        flat = getattr(self, kind)
-        shape = self._padded_shapes[kind]
-        if flat is None:
-            reference = self._reference_parameter()
-            return reference.new_zeros(shape)
-        if kind in self._ragged:
-            mask = getattr(self, f"_{kind}_mask")
-            return flat.new_zeros(shape).masked_scatter(mask, flat)
-        return flat.view(shape)
+    def _stacks(self) -> list[torch.Tensor]:
+        """``S_in``, ``S_out``, ``A``, ``E`` (see :mod:`structurednets_sss.kernels`), gathered
+        from the parameters in one indexing (position 0 is a zero).
 
-    def _padded_stacks(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        stacks = [self._padded(kind) for kind in PADDED_KINDS]
-        if dtype is not None:
-            stacks = [stack.to(dtype) for stack in stacks]
+        Without autograd (inference) the stacks are kept and gathered again only when a
+        parameter changes (its version, storage, dtype or device): padding once, not per call.
+        """
+        present = [getattr(self, kind) for kind in KINDS if getattr(self, kind) is not None]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in present):
+            return self._gathered(present)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in present)
+        cached = self.__dict__.get("_stack_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self._gathered(present))
+            self.__dict__["_stack_cache"] = cached
+        return cached[1]
+
+    def _gathered(self, present: list[torch.Tensor]) -> list[torch.Tensor]:
+        reference = self.D if self.D is not None else self._reference_parameter()
+        # Under autocast A and E stay in float32 (cat promotes); the other stacks go back to
+        # the autocast dtype.
+        flat = _Gather.apply(self._stack_index, self._stack_inverse, reference.dtype, *present)
+        sizes = [math.prod(shape) for shape in self._stack_shapes]
+        stacks = [
+            piece.view(shape)
+            for piece, shape in zip(flat.split(sizes), self._stack_shapes, strict=True)
+        ]
+        stacks[0], stacks[1] = stacks[0].to(reference.dtype), stacks[1].to(reference.dtype)
         return stacks
 
     # -- the contract ---------------------------------------------------------------------
@@ -223,19 +245,39 @@ class SSSLayer(StructuredLayer):
         """``input_sizes``, ``output_sizes``, ``causal_dims`` and ``anticausal_dims``."""
         return self.sizes.layout_sizes()
 
+    @classmethod
+    def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
+        """Multiply-adds of the padded stage-stack kernel
+        (:func:`~structurednets_sss.layout.sizes_cost`): ``batch`` times the padded stacks'
+        scalars forward, twice that backward."""
+        sizes = layout.sizes
+        return sizes_cost(
+            SSSSizes(
+                tuple(sizes["input_sizes"]),
+                tuple(sizes["output_sizes"]),
+                tuple(sizes["causal_dims"]),
+                tuple(sizes["anticausal_dims"]),
+            ),
+            batch_size,
+        )
+
     def multiply(self, U: torch.Tensor) -> torch.Tensor:
         # Under autocast, core's policy hands over U and the parameters in the autocast dtype.
-        stacks = self._padded_stacks()
-        if self._input_positions is not None:
-            K, _, nb = self._padded_shapes["D"]
-            U = U.new_zeros(U.shape[0], K * nb).index_copy(1, self._input_positions, U)
-        Y = SSSMultiply.apply(U.contiguous(), *stacks)
+        stacks = self._stacks()
+        if self._input_positions is not None:  # a zero column, then gathered into blocks
+            U = torch.cat([U, U.new_zeros(U.shape[0], 1)], dim=1)
+            U = U.index_select(1, self._input_gather)
+        U = U.contiguous()
+        if torch.is_grad_enabled() and (U.requires_grad or stacks[0].requires_grad):
+            Y = SSSMultiply.apply(U, *stacks, self._padded_causal_dim)
+        else:  # inference: the same product without autograd's bookkeeping
+            Y = sss_product(U, *stacks, self._padded_causal_dim)[0]
         if self._output_positions is not None:
             Y = Y.index_select(1, self._output_positions)
         return Y
 
     def to_dense(self) -> torch.Tensor:
-        dense = padded_dense(*self._padded_stacks())
+        dense = padded_dense(*split_stacks(*self._stacks(), self._padded_causal_dim))
         if self._output_positions is not None:
             dense = dense.index_select(0, self._output_positions)
         if self._input_positions is not None:
@@ -253,6 +295,10 @@ class SSSLayer(StructuredLayer):
         return f"{super().extra_repr()}, {self.sizes.describe()}"
 
     # -- inspection -----------------------------------------------------------------------
+
+    @property
+    def _padded_causal_dim(self) -> int:
+        return self.sizes.padded_dims()[2]
 
     @property
     def nb_stages(self) -> int:
@@ -291,6 +337,26 @@ class SSSLayer(StructuredLayer):
                 for piece, shape in zip(pieces, shapes[kind], strict=True)
             ]
         return SSSSystem(**matrices)
+
+
+class _Gather(torch.autograd.Function):
+    """``cat([0, *flats])[index]`` by ``index_select`` (measured four times faster than
+    indexing), whose backward gathers too (``grad[inverse]``: each entry of a parameter is
+    placed once) instead of scattering into zeros."""
+
+    @staticmethod
+    def forward(ctx, index, inverse, dtype, *flats):
+        ctx.save_for_backward(inverse)
+        ctx.dtypes = [flat.dtype for flat in flats]
+        ctx.sizes = [flat.numel() for flat in flats]
+        return torch.cat([flats[0].new_zeros(1, dtype=dtype), *flats]).index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        pieces = grad.index_select(0, inverse).split(ctx.sizes)
+        grads = [piece.to(dtype) for piece, dtype in zip(pieces, ctx.dtypes, strict=True)]
+        return (None, None, None, *grads)
 
 
 def _positions(sizes: Sequence[int], padded: int) -> torch.Tensor:

@@ -18,10 +18,14 @@ is ``x_{p+1}`` and the anticausal one ``z_p``.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
+from structurednets.cost import DEFAULT_COST_BATCH_SIZE, Cost, dense_cost
 from structurednets.plugin import BudgetTooSmallError, weight_budget
 
 if TYPE_CHECKING:
@@ -31,9 +35,14 @@ __all__ = [
     "KINDS",
     "SSSSizes",
     "block_sizes",
+    "check_cost_bound",
+    "check_max_cost_ratio",
+    "cost_ratio",
     "default_nb_stages",
     "even_sizes",
+    "sizes_cost",
     "sizes_from_options",
+    "stack_layout",
 ]
 
 #: The seven kinds of stage matrices, in the order the layer stores them.
@@ -103,6 +112,26 @@ class SSSSizes:
         """Scalars of all stage matrices together."""
         return sum(r * c for shapes in self.stage_shapes().values() for r, c in shapes)
 
+    def padded_dims(self) -> tuple[int, int, int, int]:
+        """``(mb, nb, dx, dz)``: the block and state sizes every stage is padded to in the
+        kernel's stage stacks (the largest of each)."""
+        return (
+            max(self.output_sizes),
+            max(self.input_sizes),
+            max(self.causal_dims, default=0),
+            max(self.anticausal_dims, default=0),
+        )
+
+    @property
+    def padded_nb_parameters(self) -> int:
+        """Scalars of the padded stage stacks the kernel multiplies (zeros included):
+        ``K (mb + dx + dz) nb + K mb (dx + dz) + (K - 2)(dx^2 + dz^2)``."""
+        K = self.nb_stages
+        mb, nb, dx, dz = self.padded_dims()
+        if K == 1:
+            return mb * nb
+        return K * (mb + dx + dz) * nb + K * mb * (dx + dz) + (K - 2) * (dx * dx + dz * dz)
+
     def layout_sizes(self) -> dict[str, list[int]]:
         """The sizes as JSON values, keyed by the constructor options that rebuild them."""
         return {
@@ -119,6 +148,84 @@ class SSSSizes:
             f"{stages}, state dims {_describe_dims(self.causal_dims)} (causal) "
             f"and {_describe_dims(self.anticausal_dims)} (anticausal)"
         )
+
+
+def sizes_cost(sizes: SSSSizes, batch_size: int) -> Cost:
+    """The multiply-adds of :class:`~structurednets_sss.kernels.SSSMultiply` for a batch.
+
+    The kernel multiplies padded, merged stage stacks, so every product counts the padded
+    sizes (:meth:`SSSSizes.padded_nb_parameters`): forward is one multiply-add per stacked
+    scalar and sample (``[D; B; F]`` on the input blocks, the two recursions through ``A``
+    and ``E``, then ``[C, G]`` on the states); backward twice that (the input's gradient
+    through the transposed products and adjoint recursions, and one product per stack for
+    the parameters' gradients). The bias is not counted, as for ``nn.Linear``.
+    """
+    forward = batch_size * sizes.padded_nb_parameters
+    return Cost(forward, 2 * forward)
+
+
+def check_max_cost_ratio(value: object) -> float | None:
+    """Check the ``max_cost_ratio`` option: ``None`` or a positive real number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"max_cost_ratio must be a positive number or None, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"max_cost_ratio must be > 0, got {value!r}")
+    return float(value)
+
+
+def cost_ratio(sizes: SSSSizes) -> float:
+    """Forward plus backward multiply-adds of a layer of ``sizes`` against ``nn.Linear``, at
+    the batch size of ``layer.cost_ratio()``."""
+    batch = DEFAULT_COST_BATCH_SIZE
+    n, m = sum(sizes.input_sizes), sum(sizes.output_sizes)
+    return sizes_cost(sizes, batch).ratio(dense_cost(n, m, batch))
+
+
+def check_cost_bound(sizes: SSSSizes, max_cost_ratio: float | None, what: str) -> None:
+    """Raise ``ValueError`` when ``sizes`` cost more than ``max_cost_ratio``."""
+    if max_cost_ratio is not None and cost_ratio(sizes) > max_cost_ratio:
+        raise ValueError(
+            f"max_cost_ratio={max_cost_ratio:g} is below the cost ratio of {what} "
+            f"({sizes.describe()}), {cost_ratio(sizes):.4f}"
+        )
+
+
+def stack_layout(sizes: SSSSizes) -> tuple[list[tuple[int, ...]], torch.Tensor]:
+    """The shapes of the kernel's stacks ``S_in``, ``S_out``, ``A``, ``E`` (see
+    :mod:`structurednets_sss.kernels`) and, for every entry of them in that order, its
+    position in ``[0, *D, *A, *B, *C, *E, *F, *G]`` (the flat parameters after a zero; 0 for
+    padding)."""
+    K = sizes.nb_stages
+    mb, nb, dx, dz = sizes.padded_dims()
+    if K == 1:
+        dx = dz = 0
+    transitions = max(K - 2, 0)
+    shapes = [(K, mb + dx + dz, nb), (K, mb, dx + dz), (transitions, dx, dx), (transitions, dz, dz)]
+    starts = list(itertools.accumulate((math.prod(shape) for shape in shapes), initial=0))
+    index = torch.zeros(starts[-1], dtype=torch.long)
+    # Per kind: (stack, stage -> stack entry, row offset, column offset).
+    places = {
+        "D": (0, lambda k: k, 0, 0),
+        "B": (0, lambda k: k, mb, 0),
+        "F": (0, lambda k: k, mb + dx, 0),
+        "C": (1, lambda k: k, 0, 0),
+        "G": (1, lambda k: k, 0, dx),
+        "A": (2, lambda k: k - 1, 0, 0),
+        "E": (3, lambda k: k - 1, 0, 0),
+    }
+    offset = 1
+    for kind, stage_shapes in sizes.stage_shapes().items():
+        stack, entry, row0, col0 = places[kind]
+        _, height, width = shapes[stack]
+        for k, (rows, cols) in enumerate(stage_shapes):
+            if rows * cols:
+                grid = (torch.arange(rows)[:, None] + row0) * width + torch.arange(cols) + col0
+                where = starts[stack] + entry(k) * height * width + grid.reshape(-1)
+                index[where] = torch.arange(offset, offset + rows * cols)
+            offset += rows * cols
+    return shapes, index
 
 
 def _describe_dims(dims: Sequence[int]) -> str:

@@ -219,6 +219,7 @@ def sss_nb_weight_parameters(
     nb_params_share: float,
     *,
     system: object = None,
+    max_cost_ratio: object = None,
     **options: object,
 ) -> int:
     """Weight scalars of an :class:`~structurednets_sss.SSSLayer` built with these arguments
@@ -226,7 +227,8 @@ def sss_nb_weight_parameters(
 
     The options are the layer's: ``nb_stages`` (alias ``nb_states``), ``state_dim``,
     ``anticausal_state_dim``, the exact sizes ``input_sizes``, ``output_sizes``,
-    ``causal_dims``, ``anticausal_dims``, or ``system``.
+    ``causal_dims``, ``anticausal_dims``, or ``system``; ``max_cost_ratio`` (a fit control)
+    is ignored.
     """
     if system is not None:
         from structurednets_sss.system import SSSSystem, check_system_fits
