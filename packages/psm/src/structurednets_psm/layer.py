@@ -8,11 +8,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from structurednets.cost import Cost
+from structurednets.layout import Layout
 from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
 from structurednets_psm.fit import Factorization, PALMSettings, fit_psm
 from structurednets_psm.given_factors import check_factors_alone, sizes_of_factors
-from structurednets_psm.layout import FactorSizes, check_size_options, layer_sizes
+from structurednets_psm.layout import FactorSizes, check_size_options, factor_costs, layer_sizes
 
 __all__ = ["PSMLayer", "psm_nb_weight_parameters"]
 
@@ -204,6 +206,12 @@ class PSMLayer(StructuredLayer):
         each factor) and ``block_size``: options that rebuild exactly these factors."""
         return self.sizes.as_layout_sizes()
 
+    @classmethod
+    def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
+        """``batch * nnz`` forward, ``2 * batch * nnz`` backward (``nnz``: stored values of
+        all factors; see :func:`structurednets_psm.layout.factor_costs`)."""
+        return factor_costs(_sizes_of_layout(layout), batch_size)
+
     @property
     def sizes(self) -> FactorSizes:
         """The factors' shapes and nonzeros (see :meth:`layout_sizes`)."""
@@ -252,6 +260,15 @@ class PSMLayer(StructuredLayer):
             f"{super().extra_repr()}, nb_matrices={self.nb_matrices}, factors={shapes}, "
             f"nnz=[{nonzeros}]{blocks}"
         )
+
+
+def _sizes_of_layout(layout: Layout) -> FactorSizes:
+    sizes = layout.sizes
+    return FactorSizes(
+        tuple((int(r), int(c)) for r, c in sizes["factor_shapes"]),
+        tuple(int(n) for n in sizes["nonzeros"]),
+        int(sizes.get("block_size", 1)),
+    )
 
 
 def _factor_from_fit(

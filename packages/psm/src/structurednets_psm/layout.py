@@ -13,6 +13,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from structurednets.cost import Cost
 from structurednets.plugin import BudgetTooSmallError, check_positive_int, weight_budget
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "check_nnz_split",
     "check_nonzeros",
     "check_size_options",
+    "factor_costs",
     "factor_shapes",
     "layer_sizes",
     "resolve_shapes",
@@ -382,3 +384,15 @@ def layer_sizes(
     grid = block_shapes(checked.shapes, checked.block_size)
     blocks = split_nonzeros(budget // area, grid, checked.nnz_split)
     return FactorSizes(checked.shapes, tuple(count * area for count in blocks), checked.block_size)
+
+
+def factor_costs(sizes: FactorSizes, batch_size: int) -> Cost:
+    """Multiply-adds of a layer of these sizes for a batch of ``batch_size`` inputs.
+
+    Each factor's product touches every stored value once per input: ``batch * nnz_j``
+    forward (``S_j Z``, element or block supports alike). The backward does two such
+    products per factor: the input gradient ``S_j^T G`` and the values' gradient, ``G Z^T``
+    sampled on the support. Bias additions are not counted (as for the dense layer).
+    """
+    per_input = sizes.total_nonzeros
+    return Cost(batch_size * per_input, 2 * batch_size * per_input)

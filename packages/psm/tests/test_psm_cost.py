@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+import structurednets
+from structurednets.cost import Cost, dense_cost
+from structurednets_psm import PSMLayer
+
+
+def test_cost_counted_by_hand_on_a_small_layout():
+    # S_1 (3x4) holds 5 values and S_2 (4x5) holds 6: for a batch of 7 the forward does
+    # 7 * (5 + 6) multiply-adds; the backward twice as many (input and values' gradient).
+    layer = PSMLayer(5, 3, 1.0, factor_shapes=[[3, 4], [4, 5]], nonzeros=[5, 6])
+    assert layer.cost(7) == Cost(77, 154)
+    block = PSMLayer(8, 4, 1.0, factor_shapes=[[4, 4], [4, 8]], nonzeros=[8, 12], block_size=2)
+    assert block.cost(3) == Cost(3 * 20, 6 * 20)
+    assert layer.cost_ratio() == pytest.approx(3 * 11 / 3 / (3 * 5))
+
+
+def test_cost_counts_the_support_of_every_factor():
+    # independent count: one multiply-add per stored entry of each factor and input
+    torch.manual_seed(0)
+    layer = structurednets.create("psm", 48, 40, 0.3, nb_matrices=3, inner_dim=24)
+    batch = 5
+    stored = sum(int(f.crow_indices.diff().sum()) for f in layer.factors)
+    assert layer.cost(batch) == Cost(batch * stored, 2 * batch * stored)
+    assert layer.cost(batch).ratio(dense_cost(48, 40, batch)) == pytest.approx(stored / (48 * 40))
