@@ -3,7 +3,9 @@ import torch
 
 import structurednets
 from structurednets.cost import Cost, dense_cost
+from structurednets.testing import default_dtype
 from structurednets_psm import PSMLayer
+from structurednets_psm.factors import SparseFactor
 
 
 def test_cost_counted_by_hand_on_a_small_layout():
@@ -24,3 +26,22 @@ def test_cost_counts_the_support_of_every_factor():
     stored = sum(int(f.crow_indices.diff().sum()) for f in layer.factors)
     assert layer.cost(batch) == Cost(batch * stored, 2 * batch * stored)
     assert layer.cost(batch).ratio(dense_cost(48, 40, batch)) == pytest.approx(stored / (48 * 40))
+
+
+def test_bag_sum_kernel_with_empty_rows_and_empty_factor():
+    # rows 1 and 3 hold no entries (empty bags give zero rows); a factor without values
+    # gives a zero product
+    rows = torch.tensor([0, 0, 2, 4])
+    cols = torch.tensor([1, 3, 0, 2])
+    values = torch.tensor([1.5, -2.0, 0.5, 3.0], dtype=torch.float64)
+    with default_dtype(torch.float64):
+        factor = SparseFactor(5, 4, rows, cols, values)
+        empty = SparseFactor(3, 4, rows[:0], cols[:0], values[:0])
+    Z = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    dense = factor.to_dense().detach()
+    torch.testing.assert_close(factor.matmul(Z), dense @ Z)
+    G = torch.randn(5, 6, dtype=torch.float64)
+    factor.matmul(Z).backward(G)
+    torch.testing.assert_close(Z.grad, dense.T @ G)
+    torch.testing.assert_close(factor.values.grad, (G @ Z.detach().T)[rows, cols])
+    torch.testing.assert_close(empty.matmul(Z.detach()), torch.zeros(3, 6, dtype=torch.float64))

@@ -39,12 +39,6 @@ _CUDA_FALLBACK = (
     "block-sparse factors (block_size > 1) use batched dense products instead"
 )
 
-# On the CPU, a CSR matrix times a dense operand larger than the per-core cache runs faster
-# in slices of 32 columns (2048 x 2048 factor at 5%, 256 columns, one thread: 4.3 ms whole,
-# 3.4 ms in slices; no gain below 1 MB, where the operand stays in cache).
-_SLICE_COLUMNS = 32
-_SLICE_ABOVE_BYTES = 1_500_000
-
 
 def _spmm(values, crow, col, dense, nb_rows: int) -> torch.Tensor:
     if dense.device.type == "cuda":
@@ -56,19 +50,29 @@ def _spmm(values, crow, col, dense, nb_rows: int) -> torch.Tensor:
 
 
 def _spmm_in_dtype(values, crow, col, dense, nb_rows: int) -> torch.Tensor:
-    matrix = _csr(values, crow, col, (nb_rows, dense.shape[0]))
-    columns = dense.shape[1]
-    if (
-        dense.device.type != "cpu"
-        or columns <= 2 * _SLICE_COLUMNS
-        or dense.numel() * dense.element_size() < _SLICE_ABOVE_BYTES
-    ):
-        return torch.mm(matrix, dense)
-    result = dense.new_empty((nb_rows, columns))
-    for start in range(0, columns, _SLICE_COLUMNS):
-        stop = min(start + _SLICE_COLUMNS, columns)
-        result[:, start:stop] = torch.mm(matrix, dense[:, start:stop].contiguous())
-    return result
+    if dense.device.type == "cpu":
+        return _spmm_cpu(values, crow, col, dense)
+    return torch.mm(_csr(values, crow, col, (nb_rows, dense.shape[0])), dense)
+
+
+def _spmm_cpu(values, crow, col, dense) -> torch.Tensor:
+    """``S @ dense`` on the CPU as a weighted bag sum: row ``r`` of the result is the sum of
+    ``values[k] * dense[col[k]]`` over the row's entries ``k``.
+
+    ``embedding_bag`` runs this with contiguous rows of ``dense`` (one run of ``batch`` values
+    per stored entry) in FBGEMM's vectorised kernels: 384 x 384 factor with 24576 values,
+    256 columns, one thread: 0.15 ms, against 0.48 ms for MKL's CSR product.
+    """
+    if col.numel() == 0:
+        return dense.new_zeros((crow.numel() - 1, dense.shape[1]))
+    return torch.nn.functional.embedding_bag(
+        col,
+        dense.contiguous(),
+        crow,
+        mode="sum",
+        per_sample_weights=values,
+        include_last_offset=True,
+    )
 
 
 @torch.library.custom_op("structurednets_psm::csr_matmul_no_grad", mutates_args=())
