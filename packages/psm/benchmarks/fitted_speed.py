@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import structurednets
+import structurednets_psm  # noqa: F401  (its kernels load before any timing)
 from structurednets.benchmark import time_against_dense
 from structurednets.cost import dense_cost
 from structurednets.demo import _mlp, _split, _train

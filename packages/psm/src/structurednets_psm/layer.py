@@ -33,10 +33,12 @@ def psm_nb_weight_parameters(
     seed: int = 0,
     palm_settings: object = None,
     block_size: int = 1,
+    max_cost_ratio: object = None,
 ) -> int:
     """Stored values of a :class:`~structurednets_psm.PSMLayer` built with these arguments
     and no ``initial_weight_matrix``: the given ``nonzeros``, the nonzeros of the given
-    ``factors``, or the whole budget shared between the factors (in whole blocks)."""
+    ``factors``, or the whole budget shared between the factors (in whole blocks).
+    ``max_cost_ratio`` bounds fits only and is ignored here."""
     if factors is not None:
         check_factors_alone(
             factors,
@@ -95,6 +97,11 @@ class PSMLayer(StructuredLayer):
             tie-breaking priorities); a random layer draws from torch's global generator, as
             ``nn.Linear``.
         palm_settings: work budget and search options of the approximator.
+        max_cost_ratio: when fitting a matrix, the most forward+backward multiply-adds
+            against ``nn.Linear`` (``layer.cost_ratio()``; for PSM the share of ``input_dim *
+            output_dim`` stored values): the fit then holds at most that many values.
+            ``ValueError`` naming the smallest achievable ratio if none fits. A fit control,
+            not part of the layout; ignored by a random layer.
         block_size: ``b > 1`` makes every support a set of dense ``b x b`` blocks (``b``
             must divide the input, output and inner dimensions); the products then run as
             batched dense block products (``torch.bmm``), about twice as fast as the
@@ -128,6 +135,7 @@ class PSMLayer(StructuredLayer):
     """
 
     structure_name = "psm"
+    accepts_max_cost_ratio = True
 
     def __init__(
         self,
@@ -147,6 +155,7 @@ class PSMLayer(StructuredLayer):
         seed: int = 0,
         palm_settings: PALMSettings | None = None,
         block_size: int = 1,
+        max_cost_ratio: float | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
@@ -189,6 +198,7 @@ class PSMLayer(StructuredLayer):
                 seed=seed,
                 settings=palm_settings,
                 block_size=checked.block_size,
+                max_cost_ratio=max_cost_ratio,
             )
             modules = [
                 _factor_from_fit(rows, cols, checked.block_size, matrix, support)
