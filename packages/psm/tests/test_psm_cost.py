@@ -4,7 +4,7 @@ import torch
 import structurednets
 from structurednets.cost import Cost, dense_cost
 from structurednets.testing import default_dtype
-from structurednets_psm import PSMLayer
+from structurednets_psm import PALMSettings, PSMLayer, fit_psm
 from structurednets_psm.factors import SparseFactor
 
 
@@ -45,3 +45,37 @@ def test_bag_sum_kernel_with_empty_rows_and_empty_factor():
     torch.testing.assert_close(Z.grad, dense.T @ G)
     torch.testing.assert_close(factor.values.grad, (G @ Z.detach().T)[rows, cols])
     torch.testing.assert_close(empty.matmul(Z.detach()), torch.zeros(3, 6, dtype=torch.float64))
+
+
+SHORT = PALMSettings(max_sweeps=60)
+
+
+def test_max_cost_ratio_bounds_the_fit_and_names_the_smallest_ratio():
+    target = torch.randn(40, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    free = PSMLayer(48, 40, 0.3, initial_weight_matrix=target, palm_settings=SHORT)
+    bounded = PSMLayer(
+        48, 40, 0.3, initial_weight_matrix=target, palm_settings=SHORT, max_cost_ratio=0.2
+    )
+    assert free.cost_ratio() == pytest.approx(0.3, abs=1 / (48 * 40))
+    assert 0.2 - 1 / (48 * 40) < bounded.cost_ratio() <= 0.2
+    assert "max_cost_ratio" not in bounded.layout_sizes()
+    assert PSMLayer.accepts_max_cost_ratio is True
+    # two 40x40 and 40x48 factors need at least 40 + 48 values: ratio 88 / 1920
+    with pytest.raises(
+        ValueError, match=r"max_cost_ratio=0.04.*smallest cost ratio of these factors, 0.0458333"
+    ):
+        PSMLayer(48, 40, 0.3, initial_weight_matrix=target, max_cost_ratio=0.04)
+    with pytest.raises(ValueError, match="above max_cost_ratio"):
+        PSMLayer(48, 40, 0.3, initial_weight_matrix=target, nonzeros=[200, 200], max_cost_ratio=0.1)
+    with pytest.raises(TypeError, match="max_cost_ratio must be a positive number"):
+        PSMLayer(48, 40, 0.3, max_cost_ratio="fast")
+    with pytest.raises(ValueError, match="max_cost_ratio must be positive"):
+        fit_psm(target, 400, max_cost_ratio=0.0)
+
+
+def test_max_cost_ratio_is_ignored_by_random_layers_and_counts():
+    torch.manual_seed(0)
+    plain = structurednets.nb_parameters("psm", 48, 40, 0.3)
+    assert structurednets.nb_parameters("psm", 48, 40, 0.3, max_cost_ratio=0.1) == plain
+    layer = structurednets.create("psm", 48, 40, 0.3, max_cost_ratio=0.1)
+    assert layer.get_nb_parameters() == plain

@@ -14,7 +14,13 @@ from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
 from structurednets_psm.fit import Factorization, PALMSettings, fit_psm
 from structurednets_psm.given_factors import check_factors_alone, sizes_of_factors
-from structurednets_psm.layout import FactorSizes, check_size_options, factor_costs, layer_sizes
+from structurednets_psm.layout import (
+    FactorSizes,
+    check_max_cost_ratio,
+    check_size_options,
+    factor_costs,
+    layer_sizes,
+)
 
 __all__ = ["PSMLayer", "psm_nb_weight_parameters"]
 
@@ -165,6 +171,7 @@ class PSMLayer(StructuredLayer):
             raise TypeError(
                 f"palm_settings must be a structurednets_psm.PALMSettings, got {palm_settings!r}"
             )
+        check_max_cost_ratio(max_cost_ratio)
         self.fit: Factorization | None = None
         size_options = {
             "nb_matrices": nb_matrices,
