@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--cache", default=None)
     parser.add_argument("--share", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=25, help="timed rounds per ratio")
     arguments = parser.parse_args()
     torch.set_num_threads(1)
     print(
@@ -125,8 +126,8 @@ def main() -> None:
         batch = torch.randn(arguments.batch, in_dim)
         forward, train = steps(layer, batch)
         dense_forward, dense_train = steps(dense, batch)
-        forward_ratio = time_against_dense(forward, dense_forward)[2]
-        train_ratio = time_against_dense(train, dense_train)[2]
+        forward_ratio = time_against_dense(forward, dense_forward, arguments.repeats)[2]
+        train_ratio = time_against_dense(train, dense_train, arguments.repeats)[2]
         cost = layer.cost(arguments.batch)
         reference = dense_cost(in_dim, out_dim, arguments.batch)
         print(
