@@ -79,3 +79,14 @@ def test_max_cost_ratio_is_ignored_by_random_layers_and_counts():
     assert structurednets.nb_parameters("psm", 48, 40, 0.3, max_cost_ratio=0.1) == plain
     layer = structurednets.create("psm", 48, 40, 0.3, max_cost_ratio=0.1)
     assert layer.get_nb_parameters() == plain
+
+
+def test_kth_smallest_matches_kthvalue_with_ties_and_strides():
+    from structurednets_psm.fit.projections import _kth_smallest
+
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 5, (6, 40), generator=generator).double()  # many ties
+    for matrix in (values, values.T, values.reshape(1, -1)):
+        for k in (1, 7, matrix.shape[-1]):
+            expected = matrix.kthvalue(k, dim=-1, keepdim=True).values
+            assert torch.equal(_kth_smallest(matrix, k), expected)
