@@ -90,3 +90,23 @@ def test_kth_smallest_matches_kthvalue_with_ties_and_strides():
         for k in (1, matrix.shape[-1] // 2 + 1, matrix.shape[-1]):
             expected = matrix.kthvalue(k, dim=-1, keepdim=True).values
             assert torch.equal(_kth_smallest(matrix, k), expected)
+
+
+def test_rows_least_squares_in_groups_matches_per_row_lstsq():
+    from structurednets_psm.fit.least_squares import _rows_least_squares
+
+    generator = torch.Generator().manual_seed(0)
+    rows, inner, cols = 150, 30, 50  # more than one group of 64 rows
+    counts = torch.randint(0, 25, (rows,), generator=generator)
+    support = torch.zeros(rows, inner, dtype=torch.bool)
+    for r in range(rows):
+        support[r, torch.randperm(inner, generator=generator)[: counts[r]]] = True
+    right = torch.randn(inner, cols, dtype=torch.float64, generator=generator)
+    target = torch.randn(rows, cols, dtype=torch.float64, generator=generator)
+    solution = _rows_least_squares(target, right, support)
+    assert torch.equal(solution != 0, support)
+    for r in range(rows):
+        used = support[r].nonzero().squeeze(1)
+        if used.numel():
+            expected = torch.linalg.lstsq(right[used].T, target[r]).solution
+            torch.testing.assert_close(solution[r, used], expected, rtol=1e-8, atol=1e-10)
