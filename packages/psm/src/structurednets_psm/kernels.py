@@ -1,15 +1,18 @@
-"""Sparse kernels of the PSM layer, registered as torch custom operators.
+"""Sparse kernels of the PSM layer.
 
 ``csr_matmul`` multiplies a sparse factor, given by its CSR index buffers and its dense
-``values``, with a dense matrix. Its backward does not go through autograd of sparse tensors
-(which would make the values' gradient a sparse tensor and turn the factor dense): the input
-gradient is the transposed factor times the output gradient, and the values' gradient is the
-output gradient times the input, sampled on the support only (an SDDMM). Both are custom
-operators as well, so ``torch.compile`` treats the whole thing as opaque calls on ordinary
-dense tensors.
+``values``, with a dense matrix. On the CPU the product is a weighted bag sum
+(``embedding_bag``); on other devices a ``torch.sparse`` CSR product. Its backward does not go
+through autograd of sparse tensors (which would make the values' gradient a sparse tensor and
+turn the factor dense): the input gradient is the transposed factor times the output
+gradient, and the values' gradient is the output gradient times the input, sampled on the
+support only (an SDDMM, ``torch.sparse.sampled_addmm``). In eager mode
+:func:`sparse_matmul` runs these through a ``torch.autograd.Function``; under
+``torch.compile`` through torch custom operators, which the compiler treats as opaque calls on
+ordinary dense tensors.
 
 The sparse CSR kernels exist in float32 and float64 only (MKL on the CPU; on CUDA the sampled
-product has no reduced-precision version either): in float16 and bfloat16 both products run
+product has no reduced-precision version either): in float16 and bfloat16 all products run
 in float32 on operands cast from the reduced dtype and are rounded back to it, so that the
 result has the dtype of the operands, as ``nn.Linear`` would give.
 """
