@@ -162,8 +162,7 @@ def test_kernels_match_dense_and_gradcheck():
     assert torch.autograd.gradcheck(function, (values, Z.clone().requires_grad_(True)))
 
 
-def test_sliced_kernel_on_large_operands_matches_dense():
-    # operands above 1.5 MB are multiplied in slices of 32 columns on the CPU
+def test_large_operands_match_dense():
     torch.manual_seed(0)
     with default_dtype(torch.float64):
         layer = PSMLayer(1000, 900, 0.01, nb_matrices=1, use_bias=False)

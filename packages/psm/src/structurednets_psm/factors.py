@@ -6,7 +6,7 @@ import scipy.sparse
 import torch
 from torch import nn
 
-from structurednets_psm.kernels import csr_matmul
+from structurednets_psm.kernels import sparse_matmul
 
 __all__ = ["BlockSparseFactor", "SparseFactor", "random_support"]
 
@@ -65,7 +65,7 @@ class SparseFactor(nn.Module):
 
     def matmul(self, dense: torch.Tensor) -> torch.Tensor:
         """``S @ dense`` for ``dense`` of shape ``(cols, batch)``; differentiable."""
-        return csr_matmul(
+        return sparse_matmul(
             self.values,
             self.crow_indices,
             self.col_indices,

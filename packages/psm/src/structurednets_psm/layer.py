@@ -9,12 +9,20 @@ import torch
 from torch import nn
 
 from structurednets.calibration import InputStatistics, check_input_statistics
+from structurednets.cost import Cost
+from structurednets.layout import Layout
 from structurednets.plugin import StructuredLayer, dense_init_std
 from structurednets_psm.factors import BlockSparseFactor, SparseFactor, random_support
 from structurednets_psm.fit import Factorization, PALMSettings, fit_psm
 from structurednets_psm.fit.weighted import weighted_factorization
 from structurednets_psm.given_factors import check_factors_alone, sizes_of_factors
-from structurednets_psm.layout import FactorSizes, check_size_options, layer_sizes
+from structurednets_psm.layout import (
+    FactorSizes,
+    check_max_cost_ratio,
+    check_size_options,
+    factor_costs,
+    layer_sizes,
+)
 
 __all__ = ["PSMLayer", "psm_nb_weight_parameters"]
 
@@ -33,10 +41,12 @@ def psm_nb_weight_parameters(
     seed: int = 0,
     palm_settings: object = None,
     block_size: int = 1,
+    max_cost_ratio: object = None,
 ) -> int:
     """Stored values of a :class:`~structurednets_psm.PSMLayer` built with these arguments
     and no ``initial_weight_matrix``: the given ``nonzeros``, the nonzeros of the given
-    ``factors``, or the whole budget shared between the factors (in whole blocks)."""
+    ``factors``, or the whole budget shared between the factors (in whole blocks).
+    ``max_cost_ratio`` bounds fits only and is ignored here."""
     if factors is not None:
         check_factors_alone(
             factors,
@@ -95,6 +105,11 @@ class PSMLayer(StructuredLayer):
             tie-breaking priorities); a random layer draws from torch's global generator, as
             ``nn.Linear``.
         palm_settings: work budget and search options of the approximator.
+        max_cost_ratio: when fitting a matrix, the most forward+backward multiply-adds
+            against ``nn.Linear`` (``layer.cost_ratio()``; for PSM the share of ``input_dim *
+            output_dim`` stored values): the fit then holds at most that many values.
+            ``ValueError`` naming the smallest achievable ratio if none fits. A fit control,
+            not part of the layout; ignored by a random layer.
         block_size: ``b > 1`` makes every support a set of dense ``b x b`` blocks (``b``
             must divide the input, output and inner dimensions); the products then run as
             batched dense block products (``torch.bmm``), about twice as fast as the
@@ -135,6 +150,7 @@ class PSMLayer(StructuredLayer):
     #: The constructor's ``input_statistics=`` fit works in the output error (PALM with the
     #: whitening factor as a fixed extra factor); core's refinement follows it.
     input_weighting = "weighted"
+    accepts_max_cost_ratio = True
 
     def __init__(
         self,
@@ -155,6 +171,7 @@ class PSMLayer(StructuredLayer):
         palm_settings: PALMSettings | None = None,
         block_size: int = 1,
         input_statistics: InputStatistics | None = None,
+        max_cost_ratio: float | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         target = self.checked_weight_matrix(initial_weight_matrix)
@@ -165,6 +182,7 @@ class PSMLayer(StructuredLayer):
             raise TypeError(
                 f"palm_settings must be a structurednets_psm.PALMSettings, got {palm_settings!r}"
             )
+        check_max_cost_ratio(max_cost_ratio)
         self.fit: Factorization | None = None
         size_options = {
             "nb_matrices": nb_matrices,
@@ -198,6 +216,7 @@ class PSMLayer(StructuredLayer):
                 seed=seed,
                 settings=palm_settings,
                 block_size=checked.block_size,
+                max_cost_ratio=max_cost_ratio,
             )
             if input_statistics is not None:
                 self.fit = weighted_factorization(
@@ -218,6 +237,12 @@ class PSMLayer(StructuredLayer):
         """``factor_shapes`` (``[rows, cols]`` of each factor), ``nonzeros`` (stored values of
         each factor) and ``block_size``: options that rebuild exactly these factors."""
         return self.sizes.as_layout_sizes()
+
+    @classmethod
+    def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
+        """``batch * nnz`` forward, ``2 * batch * nnz`` backward (``nnz``: stored values of
+        all factors; see :func:`structurednets_psm.layout.factor_costs`)."""
+        return factor_costs(_sizes_of_layout(layout), batch_size)
 
     @property
     def sizes(self) -> FactorSizes:
@@ -267,6 +292,15 @@ class PSMLayer(StructuredLayer):
             f"{super().extra_repr()}, nb_matrices={self.nb_matrices}, factors={shapes}, "
             f"nnz=[{nonzeros}]{blocks}"
         )
+
+
+def _sizes_of_layout(layout: Layout) -> FactorSizes:
+    sizes = layout.sizes
+    return FactorSizes(
+        tuple((int(r), int(c)) for r, c in sizes["factor_shapes"]),
+        tuple(int(n) for n in sizes["nonzeros"]),
+        int(sizes.get("block_size", 1)),
+    )
 
 
 def _factor_from_fit(

