@@ -5,12 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from structurednets.plugin import StructuredLayer, as_matrix, check_positive_int, dense_init_std
+from structurednets.cost import Cost
+from structurednets.plugin import (
+    Layout,
+    StructuredLayer,
+    as_matrix,
+    check_positive_int,
+    dense_init_std,
+)
 from structurednets_ldr import kernels
+from structurednets_ldr.cost import ldr_cost
 from structurednets_ldr.fit import fit_ldr
 from structurednets_ldr.layout import displacement_rank_for, generator_rank
 from structurednets_ldr.operators import bands_from_dense, bands_to_dense, cyclic_shift_bands
-from structurednets_ldr.schedule import choose_schedule, schedule_table
+from structurednets_ldr.schedule import choose_schedule, schedule_for, schedule_table
 
 __all__ = ["LDRLayer"]
 
@@ -187,6 +195,22 @@ class LDRLayer(StructuredLayer):
             "krylov_columns": self.krylov_columns,
         }
 
+    @classmethod
+    def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
+        """Multiply-adds of a training call (forward, then backward with the input's
+        gradient) with the schedule the layer takes for ``batch_size``: the chain starts,
+        ``W_0`` and the Horner steps (explicit ``W``, then ``U W^T``) or the factored
+        products, and their adjoints (:func:`structurednets_ldr.cost.ldr_cost`). A call
+        without gradient may take a cheaper schedule."""
+        sizes = layout.sizes
+        return ldr_cost(
+            layout.output_dim,
+            layout.input_dim,
+            sizes["krylov_columns"],
+            sizes["displacement_rank"],
+            batch_size,
+        )
+
     def lr_multipliers(self) -> dict[str, float]:
         """Learning-rate factors for :func:`structurednets.param_groups`: ``1/m`` for the
         operator bands, since a change of the bands enters ``W`` through up to ``m - 1``
@@ -234,11 +258,7 @@ class LDRLayer(StructuredLayer):
     def _schedule_for(self, batch: int, training: bool) -> tuple[bool, int]:
         """``(explicit, chain_length)`` for this batch size; comparisons only, which
         ``torch.compile`` turns into guards on a dynamic batch size."""
-        schedules = self._schedules[training]
-        for below, explicit, chain_length in schedules:
-            if below is not None and batch < below:
-                return explicit, chain_length
-        return schedules[-1][1:]
+        return schedule_for(self._schedules[training], batch)
 
     @torch.compiler.disable
     def _inference_weight(self) -> torch.Tensor:
