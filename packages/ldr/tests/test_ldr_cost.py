@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from structurednets_ldr import LDRLayer
-from structurednets_ldr.cost import band_dots_cost, schedule_cost
+from structurednets_ldr import LDRLayer, fit_ldr
+from structurednets_ldr.cost import band_dots_cost, cost_ratio, schedule_cost
 from structurednets_ldr.kernels import ops
+from structurednets_ldr.layout import ldr_nb_weight_parameters
 
 aten = torch.ops.aten
 _CUSTOM = {
@@ -106,3 +107,32 @@ def test_cost_of_a_layout_depends_on_the_batch_schedule():
     assert 0 < small.total < large.total
     # the explicit form for a large batch: at least the three dense products
     assert large.total >= 3 * 256 * 128 * 128
+
+
+def test_max_cost_ratio_lowers_the_displacement_rank():
+    free = LDRLayer(64, 64, 0.5)
+    bound = 0.5 * (free.cost_ratio() + cost_ratio(64, 64, 64, 1))
+    bounded = LDRLayer(64, 64, 0.5, max_cost_ratio=bound)
+    assert bounded.cost_ratio() <= bound < free.cost_ratio()
+    larger = [r for r in range(bounded.displacement_rank + 1, free.displacement_rank + 1)]
+    assert all(cost_ratio(64, 64, 64, r) > bound for r in larger)
+    assert "max_cost_ratio" not in bounded.layout.sizes
+    assert LDRLayer.accepts_max_cost_ratio is True
+    assert ldr_nb_weight_parameters(64, 64, 0.5, max_cost_ratio=bound) == free.nb_weight_parameters
+    fitted = LDRLayer(64, 64, 0.5, initial_weight_matrix=torch.randn(64, 64), max_cost_ratio=bound)
+    assert fitted.displacement_rank == bounded.displacement_rank
+
+
+def test_max_cost_ratio_out_of_reach_names_the_smallest_ratio():
+    smallest = min(cost_ratio(48, 32, 32, r) for r in range(1, 7))
+    with pytest.raises(ValueError, match=f"smallest achievable cost ratio is {smallest:.3g}"):
+        LDRLayer(32, 48, 0.5, max_cost_ratio=0.5 * smallest)
+    with pytest.raises(ValueError, match="max_cost_ratio must be positive"):
+        LDRLayer(32, 48, 0.5, max_cost_ratio=0.0)
+    with pytest.raises(TypeError, match="max_cost_ratio"):
+        LDRLayer(32, 48, 0.5, max_cost_ratio="1")
+    too_costly = cost_ratio(48, 32, 32, 5) * 0.999
+    with pytest.raises(ValueError, match="displacement_rank=5 costs more"):
+        LDRLayer(32, 48, 0.5, displacement_rank=5, max_cost_ratio=too_costly)
+    with pytest.raises(ValueError, match="displacement_rank=5 costs more"):
+        fit_ldr(torch.randn(48, 32), 5, max_cost_ratio=too_costly)

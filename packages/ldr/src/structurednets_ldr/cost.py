@@ -12,11 +12,11 @@ not counted.
 
 from __future__ import annotations
 
-from structurednets.cost import Cost
+from structurednets.cost import DEFAULT_COST_BATCH_SIZE, Cost, dense_cost
 from structurednets_ldr.kernels.krylov import default_chunk_size, even_chains
 from structurednets_ldr.schedule import schedule_for, schedule_table
 
-__all__ = ["band_dots_cost", "ldr_cost", "schedule_cost"]
+__all__ = ["band_dots_cost", "cost_ratio", "ldr_cost", "rank_within_cost", "schedule_cost"]
 
 
 def band_dots_cost(n: int, width: int, chunk: int = 16) -> int:
@@ -102,3 +102,35 @@ def ldr_cost(out_dim: int, in_dim: int, nb_columns: int, rank: int, batch_size: 
     table = schedule_table(out_dim, in_dim, nb_columns, rank, True)
     explicit, chain_length = schedule_for(table, batch_size)
     return schedule_cost(out_dim, in_dim, nb_columns, rank, batch_size, explicit, chain_length)
+
+
+def cost_ratio(out_dim: int, in_dim: int, nb_columns: int, rank: int) -> float:
+    """:func:`ldr_cost` at the default batch size (256) against ``nn.Linear``'s."""
+    batch = DEFAULT_COST_BATCH_SIZE
+    cost = ldr_cost(out_dim, in_dim, nb_columns, rank, batch)
+    return cost.ratio(dense_cost(in_dim, out_dim, batch))
+
+
+def rank_within_cost(
+    out_dim: int, in_dim: int, nb_columns: int, largest_rank: int, max_cost_ratio: float | None
+) -> int:
+    """The largest displacement rank ``<= largest_rank`` whose :func:`cost_ratio` is at most
+    ``max_cost_ratio`` (``largest_rank`` if that is ``None``).
+
+    Raises ValueError naming the smallest ratio of ranks ``1 .. largest_rank`` if none is.
+    """
+    if max_cost_ratio is None:
+        return largest_rank
+    if isinstance(max_cost_ratio, bool) or not isinstance(max_cost_ratio, (int, float)):
+        raise TypeError(f"max_cost_ratio must be a number or None, got {max_cost_ratio!r}")
+    if not max_cost_ratio > 0:
+        raise ValueError(f"max_cost_ratio must be positive, got {max_cost_ratio!r}")
+    ratios = {r: cost_ratio(out_dim, in_dim, nb_columns, r) for r in range(largest_rank, 0, -1)}
+    for rank, ratio in ratios.items():
+        if ratio <= max_cost_ratio:
+            return rank
+    raise ValueError(
+        f"max_cost_ratio={max_cost_ratio!r} is below every LDR layout of {out_dim} x {in_dim} "
+        f"with {nb_columns} Krylov columns and displacement rank <= {largest_rank}: the "
+        f"smallest achievable cost ratio is {min(ratios.values()):.3g}"
+    )

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from structurednets.plugin import check_positive_int
+from structurednets_ldr.cost import rank_within_cost
 from structurednets_ldr.fit.estimation import (
     CONTINUATIONS,
     MAX_ESTIMATED_BANDS,
@@ -75,7 +76,7 @@ NOT_LDR_TAIL = 0.1
 # Such a target gets one refinement of max_evaluations / 10 evaluations, within this share
 # of max_seconds, from the truncated SVD with small cyclic-shift operators.
 _OTHER_EVALUATIONS = 10
-_OTHER_SHARE = 0.2
+_OTHER_SHARE = 0.15
 _OTHER_OPERATOR_SCALE = 0.2
 
 
@@ -155,6 +156,7 @@ def fit_ldr(
     max_seconds: float = 50.0,
     tolerance: float = 1e-9,
     nb_refined: int = 2,
+    max_cost_ratio: float | None = None,
 ) -> LDRFit:
     """Fit an LDR matrix of displacement rank ``r`` to ``matrix`` (``(out, in)``).
 
@@ -170,6 +172,11 @@ def fit_ldr(
         tolerance: stop refining once the relative error is below this.
         nb_refined: how many of the best starts are refined (each gets an equal share of
             ``max_evaluations``).
+        max_cost_ratio: a bound on the layer's cost ratio (forward and backward
+            multiply-adds at batch 256 against ``nn.Linear``,
+            :func:`~structurednets_ldr.cost.cost_ratio`); ValueError if the layout
+            ``(displacement_rank, krylov_columns)`` exceeds it, naming the largest rank
+            within it (or the smallest achievable ratio).
 
     Returns:
         An :class:`LDRFit`: the bands, the generators and how the fit went.
@@ -183,6 +190,13 @@ def fit_ldr(
     if krylov_columns is None:
         krylov_columns = min(out_dim, in_dim)
     krylov_columns = check_positive_int("krylov_columns", krylov_columns)
+    if max_cost_ratio is not None:
+        within = rank_within_cost(out_dim, in_dim, krylov_columns, rank, max_cost_ratio)
+        if within != rank:
+            raise ValueError(
+                f"displacement_rank={rank} costs more than max_cost_ratio={max_cost_ratio!r}; "
+                f"rank {within} is the largest within it"
+            )
     norm = torch.linalg.norm(target)
     if norm == 0:
         zeros = shift_starts(out_dim, in_dim)["low-rank"]
