@@ -9,7 +9,8 @@ Columns: fit time and relative error; measured time against ``nn.Linear`` of the
 (medians of rounds timed back to back) for the forward pass without gradient (``fwd``) and
 forward plus backward with the input's gradient (``f+b``), and the predicted ratios of
 ``layer.cost(256)`` beside them (``cost``: the training schedule's forward, and forward plus
-backward); the same for a randomly initialised layer of the same layout.
+backward); the same for a randomly initialised layer of the same layout, and the fitted
+layer's time against the random one's.
 """
 
 import argparse
@@ -74,7 +75,8 @@ def steps(layer: nn.Module, U: torch.Tensor):
     return forward, train
 
 
-def speed(layer: nn.Module, dense: nn.Linear, U: torch.Tensor) -> tuple[float, float]:
+def speed(layer: nn.Module, dense: nn.Module, U: torch.Tensor) -> tuple[float, float]:
+    """Median time ratios of ``layer`` against ``dense``: forward, forward + backward."""
     (forward, train), (dense_forward, dense_train) = steps(layer, U), steps(dense, U)
     forward_ratio = time_against_dense(forward, dense_forward, arguments.repeats)[2]
     train_ratio = time_against_dense(train, dense_train, arguments.repeats)[2]
@@ -108,3 +110,5 @@ for name, matrix in weights.items():
             f"{train_ratio:6.2f} {cost.ratio(reference):6.2f}",
             flush=True,
         )
+    forward_ratio, train_ratio = speed(fitted, random, U)
+    print(f"{name:<30} fitted / random time: fwd {forward_ratio:.2f}, f+b {train_ratio:.2f}")
