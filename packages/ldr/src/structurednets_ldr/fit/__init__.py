@@ -73,9 +73,9 @@ _DESCENT_SHARE = 0.75
 # energy beyond rank 2 r is no LDR matrix to identify (trained weights: 0.5 to 1.5; LDR
 # matrices from shifts with 10% noise, Toeplitz with noise, smooth kernels: below 0.01).
 NOT_LDR_TAIL = 0.1
-# Such a target gets one refinement of max_evaluations / 10 evaluations, within this share
+# Such a target gets one refinement of max_evaluations / 4 evaluations, within this share
 # of max_seconds, from the truncated SVD with small cyclic-shift operators.
-_OTHER_EVALUATIONS = 10
+_OTHER_EVALUATIONS = 4
 _OTHER_SHARE = 0.15
 _OTHER_OPERATOR_SCALE = 0.2
 
