@@ -5,12 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from structurednets.plugin import StructuredLayer, as_matrix, check_positive_int, dense_init_std
+from structurednets.cost import Cost
+from structurednets.plugin import (
+    Layout,
+    StructuredLayer,
+    as_matrix,
+    check_positive_int,
+    dense_init_std,
+)
 from structurednets_ldr import kernels
+from structurednets_ldr.cost import ldr_cost, rank_within_cost
 from structurednets_ldr.fit import fit_ldr
 from structurednets_ldr.layout import displacement_rank_for, generator_rank
 from structurednets_ldr.operators import bands_from_dense, bands_to_dense, cyclic_shift_bands
-from structurednets_ldr.schedule import choose_schedule, schedule_table
+from structurednets_ldr.schedule import choose_schedule, schedule_for, schedule_table
 
 __all__ = ["LDRLayer"]
 
@@ -45,6 +53,11 @@ class LDRLayer(StructuredLayer):
             start of the fit when ``initial_weight_matrix`` is given).
         generators: ``(G, H)`` to start from; their columns are the displacement rank.
         fit_max_evaluations, fit_max_seconds: limits of the fit to ``initial_weight_matrix``.
+        max_cost_ratio: a bound on :meth:`cost_ratio` (forward and backward multiply-adds at
+            batch 256 against ``nn.Linear``): the displacement rank is the largest within the
+            budget whose layout meets it (a given ``displacement_rank`` must meet it);
+            ValueError naming the smallest achievable ratio if none does. A fit control,
+            not part of the layout.
         cache_weight: keep the built ``W`` for calls that need no gradient (inference) while
             the parameters are unchanged: such calls then cost one dense product, at the
             price of holding an ``output_dim x input_dim`` matrix. Off by default.
@@ -76,6 +89,7 @@ class LDRLayer(StructuredLayer):
     """
 
     structure_name = "ldr"
+    accepts_max_cost_ratio = True
 
     #: Under autocast the Krylov and Horner recursions that build the product run in the
     #: parameters' dtype (float32): in bfloat16 their rounding errors add up over the
@@ -99,6 +113,7 @@ class LDRLayer(StructuredLayer):
         fit_max_evaluations: int = 400,
         fit_max_seconds: float = 50.0,
         cache_weight: bool = False,
+        max_cost_ratio: float | None = None,
     ):
         super().__init__(input_dim, output_dim, nb_params_share, use_bias, initial_bias)
         if not isinstance(cache_weight, bool):
@@ -122,6 +137,21 @@ class LDRLayer(StructuredLayer):
         if krylov_columns is None:
             krylov_columns = min(self.input_dim, self.output_dim)
         self.krylov_columns = check_positive_int("krylov_columns", krylov_columns)
+        if max_cost_ratio is not None:
+            fixed = displacement_rank is not None
+            rank = rank_within_cost(
+                self.output_dim,
+                self.input_dim,
+                self.krylov_columns,
+                self.displacement_rank,
+                max_cost_ratio,
+            )
+            if fixed and rank != self.displacement_rank:
+                raise ValueError(
+                    f"displacement_rank={self.displacement_rank} costs more than "
+                    f"max_cost_ratio={max_cost_ratio!r}; rank {rank} is the largest within it"
+                )
+            self.displacement_rank = rank
         A_bands, B_bands = self._operator_bands(operators)
         r = self.displacement_rank
         sizes = (self.output_dim, self.input_dim, self.krylov_columns, r)
@@ -187,6 +217,22 @@ class LDRLayer(StructuredLayer):
             "krylov_columns": self.krylov_columns,
         }
 
+    @classmethod
+    def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
+        """Multiply-adds of a training call (forward, then backward with the input's
+        gradient) with the schedule the layer takes for ``batch_size``: the chain starts,
+        ``W_0`` and the Horner steps (explicit ``W``, then ``U W^T``) or the factored
+        products, and their adjoints (:func:`structurednets_ldr.cost.ldr_cost`). A call
+        without gradient may take a cheaper schedule."""
+        sizes = layout.sizes
+        return ldr_cost(
+            layout.output_dim,
+            layout.input_dim,
+            sizes["krylov_columns"],
+            sizes["displacement_rank"],
+            batch_size,
+        )
+
     def lr_multipliers(self) -> dict[str, float]:
         """Learning-rate factors for :func:`structurednets.param_groups`: ``1/m`` for the
         operator bands, since a change of the bands enters ``W`` through up to ``m - 1``
@@ -234,11 +280,7 @@ class LDRLayer(StructuredLayer):
     def _schedule_for(self, batch: int, training: bool) -> tuple[bool, int]:
         """``(explicit, chain_length)`` for this batch size; comparisons only, which
         ``torch.compile`` turns into guards on a dynamic batch size."""
-        schedules = self._schedules[training]
-        for below, explicit, chain_length in schedules:
-            if below is not None and batch < below:
-                return explicit, chain_length
-        return schedules[-1][1:]
+        return schedule_for(self._schedules[training], batch)
 
     @torch.compiler.disable
     def _inference_weight(self) -> torch.Tensor:

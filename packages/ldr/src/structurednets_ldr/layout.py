@@ -85,12 +85,14 @@ def ldr_nb_weight_parameters(
     fit_max_evaluations: int = 400,
     fit_max_seconds: float = 50.0,
     cache_weight: bool = False,
+    max_cost_ratio: float | None = None,
 ) -> int:
     """Weight scalars of an :class:`~structurednets_ldr.LDRLayer` built with these arguments
     (its layout sizes among them): ``(r + 3) (input_dim + output_dim)``.
 
     ``krylov_columns``, ``operators``, the fitting options and ``cache_weight`` do not change
-    the count.
+    the count; ``max_cost_ratio`` is ignored here (it can only lower the displacement rank
+    the constructor takes, see :func:`~structurednets_ldr.cost.rank_within_cost`).
     """
     if generators is not None:
         displacement_rank = generator_rank(generators)

@@ -21,6 +21,7 @@ __all__ = [
     "choose_schedule",
     "compiled_chain_length",
     "compiled_weight_seconds",
+    "schedule_for",
     "schedule_table",
 ]
 
@@ -169,6 +170,15 @@ def schedule_table(
         if switch is None:
             return tuple(table)
         batch = switch
+
+
+def schedule_for(table: tuple[tuple[int | None, bool, int], ...], batch: int) -> tuple[bool, int]:
+    """``(explicit, chain_length)`` of :func:`schedule_table`'s ``table`` for this batch size;
+    comparisons only, which ``torch.compile`` turns into guards on a dynamic batch size."""
+    for below, explicit, chain_length in table:
+        if below is not None and batch < below:
+            return explicit, chain_length
+    return table[-1][1:]
 
 
 # -- the compiled inference kernels --------------------------------------------------------
