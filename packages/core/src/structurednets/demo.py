@@ -166,7 +166,10 @@ def run_demo(
         if calibrate:
             train = torch.from_numpy(data.X_train)
             calibration = list(torch.split(train, 256))
-        compressed, report = compress(model, name, share, include="hidden", calibration=calibration)
+        # The demo compares what each structure keeps, so costlier layers (ldr) stay in.
+        compressed, report = compress(
+            model, name, share, include="hidden", calibration=calibration, max_cost_ratio=None
+        )
         if report.skipped:
             (skipped,) = report.skipped
             say(f"{head} skipped, {skipped.reason}")
