@@ -82,3 +82,14 @@ class DiagonalLayer(StructuredLayer):
         size = self.diagonal.numel()
         product = U[:, :size] * self.diagonal
         return nn.functional.pad(product, (0, self.output_dim - size))
+
+
+class UpcastsUnderAutocast(DiagonalLayer):
+    """Computes in float32 whatever the dtype it is given (returns float32 under autocast)."""
+
+    def multiply(self, U):
+        size = self.diagonal.numel()
+        product = U[:, :size].float() * self.diagonal.float()
+        return torch.nn.functional.pad(product, (0, self.output_dim - size)).to(
+            torch.promote_types(U.dtype, torch.float32)
+        )

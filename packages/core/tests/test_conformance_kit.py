@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diagonal_structure import DiagonalLayer, diagonal_nb_weight_parameters
+from diagonal_structure import DiagonalLayer, UpcastsUnderAutocast, diagonal_nb_weight_parameters
 
 import structurednets
 from structurednets.testing import ConformanceCase, check_structure, conformance_checks
@@ -110,17 +110,6 @@ class NoMultipliers(DiagonalLayer):
 
     def lr_multipliers(self):
         return {}
-
-
-class UpcastsUnderAutocast(DiagonalLayer):
-    """Computes in float32 whatever the dtype it is given (returns float32 under autocast)."""
-
-    def multiply(self, U):
-        size = self.diagonal.numel()
-        product = U[:, :size].float() * self.diagonal.float()
-        return torch.nn.functional.pad(product, (0, self.output_dim - size)).to(
-            torch.promote_types(U.dtype, torch.float32)
-        )
 
 
 def count_with_extra(input_dim, output_dim, share):

@@ -1,20 +1,18 @@
 import dataclasses
 
 import pytest
-import torch
 
 import structurednets
 from structurednets.cli import main
 from structurednets.demo import HIDDEN, format_demo_table, run_demo
+from structurednets.testing import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
     """Training is reproducible and fastest on this busy machine with one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def without_times(rows):

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diagonal_structure import diagonal_nb_weight_parameters
-from test_conformance_kit import UpcastsUnderAutocast
+from diagonal_structure import UpcastsUnderAutocast, diagonal_nb_weight_parameters
 
 import structurednets
 

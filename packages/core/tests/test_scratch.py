@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from structurednets.cli import main
 from structurednets.scratch import (
@@ -20,14 +19,13 @@ from structurednets.scratch_lm import (
     stdlib_docstrings,
     train_char_lm,
 )
+from structurednets.testing import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def test_docstrings_are_split_by_file(tmp_path):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from structurednets.numerics import relative_error
+from structurednets.testing import smooth_kernel
 from structurednets_hmat import (
     HMatrix,
     HMatrixPartition,
@@ -203,11 +204,6 @@ def test_merge_blocks_option_errors():
         fit_hmat(np.ones((6, 5)), 10, merge_blocks=1)
 
 
-def kernel_matrix(n):
-    index = np.arange(n)
-    return 1.0 / (1.0 + np.abs(index[:, None] - index[None, :]))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("share", [0.1, 0.25])
 def test_default_fit_searches_and_is_never_worse_than_min_block_size_16(share):
@@ -216,7 +212,7 @@ def test_default_fit_searches_and_is_never_worse_than_min_block_size_16(share):
         # Many small blocks pick the largest entries: min_block_size 2 wins by ~0.5 %.
         "gaussian": rng.standard_normal((192, 192)),
         # Merged near-diagonal blocks win; the blocks stay at least 16.
-        "kernel": kernel_matrix(256),
+        "kernel": smooth_kernel(256, 256),
         # Energy in a few global directions, like a trained layer: the whole matrix as one block.
         "low rank": rng.standard_normal((128, 4)) @ rng.standard_normal((4, 96))
         + 0.05 * rng.standard_normal((128, 96)),

@@ -1,49 +1,23 @@
 import numpy as np
 import pytest
 import torch
+from ldr_targets import generated
 
 from structurednets.numerics import relative_error
+from structurednets.testing import best_low_rank_error as low_rank_error
+from structurednets.testing import smooth_kernel
 from structurednets_ldr import (
     LDRLayer,
-    cyclic_shift_bands,
     displacement_rank_for,
     fit_ldr,
-    weight,
 )
-
-
-def toeplitz_kernel(n):
-    i = np.arange(n)
-    return 1.0 / (1.0 + np.abs(i[:, None] - i[None, :]))
-
-
-def low_rank_error(target, rank):
-    singular_values = np.linalg.svd(target, compute_uv=False)
-    return np.sqrt(np.sum(singular_values[rank:] ** 2) / np.sum(singular_values**2))
-
-
-def generated(n, rank, noise, seed, out_dim=None, operators=False):
-    """An LDR matrix from cyclic-shift operators (``A = Z_1``, ``B = Z_(-1)^T``) whose
-    nonzeros are perturbed by ``noise`` standard normal, and random generators (and the
-    operators' bands, if ``operators``)."""
-    out_dim = out_dim or n
-    generator = torch.Generator().manual_seed(seed)
-
-    def normal(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64)
-
-    A = cyclic_shift_bands(out_dim, 1.0, dtype=torch.float64) + noise * normal(3, out_dim)
-    B = cyclic_shift_bands(n, -1.0, down=False, dtype=torch.float64) + noise * normal(3, n)
-    G, H = normal(out_dim, rank), normal(n, rank)
-    W = weight(A, B, G, H, min(out_dim, n), 4).detach()
-    return (W, A, B) if operators else W
 
 
 @pytest.mark.slow  # a 256 x 256 fit
 def test_toeplitz_kernel_256_beats_low_rank_with_the_same_budget():
     """1 / (1 + |i - j|), 256 x 256, share 0.1: low rank with the same budget (rank 12)
     has relative error 0.645; shift operators represent Toeplitz matrices exactly."""
-    target = toeplitz_kernel(256)
+    target = smooth_kernel(256, 256)
     budget_rank = int(0.1 * 256 * 256) // (2 * 256)
     assert low_rank_error(target, budget_rank) == pytest.approx(0.645, abs=5e-4)
     layer = LDRLayer(256, 256, 0.1, initial_weight_matrix=target)

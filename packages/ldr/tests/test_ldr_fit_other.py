@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from test_ldr_approximation import generated, low_rank_error
+from ldr_targets import generated
 
+from structurednets.testing import best_low_rank_error as low_rank_error
 from structurednets_ldr import displacement_rank_for, fit_ldr
 from structurednets_ldr.fit import FitProblem, not_an_ldr_matrix, score_starts
 from structurednets_ldr.fit.starts import power_times, shift_starts

@@ -5,13 +5,9 @@ import torch
 import structurednets
 import structurednets.testing
 from structurednets import BudgetTooSmallError
+from structurednets.testing import layer_relative_error as relative_error
 from structurednets.training_helpers import train_with_decreasing_lr
 from structurednets_lowrank import LRLayer, lowrank_nb_weight_parameters
-
-
-def relative_error(layer, target):
-    dense = layer.to_dense().detach().double().numpy()
-    return np.linalg.norm(dense - target) / np.linalg.norm(target)
 
 
 @pytest.mark.parametrize("shape", [(40, 30), (30, 40), (33, 33)])

@@ -4,13 +4,9 @@ import scipy.linalg
 import torch
 
 from structurednets.testing import default_dtype
+from structurednets.testing import layer_relative_error as relative_error
 from structurednets_psm import PALMSettings, PSMLayer, fit_psm
 from structurednets_psm.fit import largest_entries_mask, project
-
-
-def relative_error(layer, target):
-    dense = layer.to_dense().detach().double().numpy()
-    return np.linalg.norm(dense - target) / np.linalg.norm(target)
 
 
 def test_largest_entries_mask_breaks_ties_towards_lower_index():

@@ -7,7 +7,7 @@ import torch
 
 from structurednets import BudgetTooSmallError
 from structurednets.numerics import relative_error
-from structurednets.testing import default_dtype
+from structurednets.testing import default_dtype, smooth_kernel
 from structurednets_sss import SSSLayer, fit_sss
 from structurednets_sss.layout import block_sizes
 
@@ -144,16 +144,11 @@ def test_budget_too_small_for_fixed_options_names_the_share():
     assert layer.nb_weight_parameters <= layer.weight_budget
 
 
-def toeplitz_like(n):
-    index = np.arange(n)
-    return 1.0 / (1.0 + np.abs(index[:, None] - index[None, :]))
-
-
 # MatthiasKi/structurednets 1.0 reached these errors on this kernel (its README's table).
 @pytest.mark.slow
 @pytest.mark.parametrize("share, reference_error", [(0.1, 1.03e-3), (0.25, 2.0e-6)])
 def test_smooth_kernel_ten_times_more_accurate_than_structurednets_1(share, reference_error):
-    target = toeplitz_like(512)
+    target = smooth_kernel(512, 512)
     with default_dtype(torch.float64):
         layer = SSSLayer(512, 512, share, initial_weight_matrix=target)
     assert relative_error(layer.to_dense(), target) <= reference_error / 10
