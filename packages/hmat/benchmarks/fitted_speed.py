@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import structurednets
-from structurednets.benchmark import time_against_dense
+from structurednets.benchmark import time_against_dense, timed_steps
 from structurednets.cost import dense_cost
 from structurednets.datasets import load_digits
 from structurednets.numerics import relative_error
@@ -80,30 +80,11 @@ def minilm_weights() -> dict[str, np.ndarray]:
     return {label: state[key].detach().double().numpy() for label, key in names.items()}
 
 
-def steps(layer: nn.Module, U: torch.Tensor):
-    """The forward without gradients, and forward + backward with the input's gradient."""
-
-    def forward() -> None:
-        with torch.no_grad():
-            layer(U)
-
-    U_train = U.clone().requires_grad_(True)
-    with torch.no_grad():
-        gradient = torch.randn_like(layer(U))
-
-    def train() -> None:
-        layer.zero_grad(set_to_none=True)
-        U_train.grad = None
-        layer(U_train).backward(gradient)
-
-    return forward, train
-
-
 def measure(layer: nn.Module, dense: nn.Linear, repeats: int) -> tuple[float, float]:
     """Median time ratios against ``dense``: forward, forward + backward."""
     U = torch.randn(BATCH, dense.in_features)
-    forward, train = steps(layer, U)
-    dense_forward, dense_train = steps(dense, U)
+    forward, train = timed_steps(layer, U)
+    dense_forward, dense_train = timed_steps(dense, U)
     return (
         time_against_dense(forward, dense_forward, repeats)[2],
         time_against_dense(train, dense_train, repeats)[2],

@@ -22,7 +22,7 @@ import zipfile
 import torch
 from torch import nn
 
-from structurednets.benchmark import time_against_dense
+from structurednets.benchmark import time_against_dense, timed_steps
 from structurednets.cost import dense_cost
 from structurednets.demo import _mlp, _split, _train
 from structurednets_ldr import LDRLayer
@@ -58,26 +58,9 @@ def minilm_weights() -> dict[str, torch.Tensor]:
     }
 
 
-def steps(layer: nn.Module, U: torch.Tensor):
-    def forward() -> None:
-        with torch.no_grad():
-            layer(U)
-
-    U_train = U.clone().requires_grad_(True)
-    with torch.no_grad():
-        gradient = torch.randn_like(layer(U))
-
-    def train() -> None:
-        layer.zero_grad(set_to_none=True)
-        U_train.grad = None
-        layer(U_train).backward(gradient)
-
-    return forward, train
-
-
 def speed(layer: nn.Module, dense: nn.Module, U: torch.Tensor) -> tuple[float, float]:
     """Median time ratios of ``layer`` against ``dense``: forward, forward + backward."""
-    (forward, train), (dense_forward, dense_train) = steps(layer, U), steps(dense, U)
+    (forward, train), (dense_forward, dense_train) = timed_steps(layer, U), timed_steps(dense, U)
     forward_ratio = time_against_dense(forward, dense_forward, arguments.repeats)[2]
     train_ratio = time_against_dense(train, dense_train, arguments.repeats)[2]
     return forward_ratio, train_ratio

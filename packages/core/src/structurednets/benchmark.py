@@ -18,7 +18,7 @@ from torch import nn
 
 from structurednets.registry import available, create
 
-__all__ = ["BenchmarkResult", "format_table", "run_benchmark", "time_against_dense"]
+__all__ = ["BenchmarkResult", "format_table", "run_benchmark", "time_against_dense", "timed_steps"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,10 @@ def time_against_dense(
     return statistics.median(times), statistics.median(dense_times), statistics.median(ratios)
 
 
-def _steps(layer: nn.Module, U: torch.Tensor) -> tuple[Callable[[], Any], Callable[[], Any]]:
+def timed_steps(layer: nn.Module, U: torch.Tensor) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """The two steps timed: ``forward`` without gradients (inference) and ``train``, forward
+    plus backward with the input's gradient (a hidden layer's training step)."""
+
     def forward() -> None:
         with torch.no_grad():
             layer(U)
@@ -125,7 +128,7 @@ def run_benchmark(
         dense = nn.Linear(input_dim, output_dim)
         for batch_size in batch_sizes:
             U = torch.randn(batch_size, input_dim)
-            dense_forward, dense_train = _steps(dense, U)
+            dense_forward, dense_train = timed_steps(dense, U)
             for share in shares:
                 for name in names:
                     if progress:
@@ -133,7 +136,7 @@ def run_benchmark(
                             f"{name}: {output_dim} x {input_dim}, share {share:g}, batch {batch_size}"
                         )
                     layer = create(name, input_dim, output_dim, share, **options.get(name, {}))
-                    forward, train = _steps(layer, U)
+                    forward, train = timed_steps(layer, U)
                     fwd, dense_fwd, fwd_ratio = time_against_dense(forward, dense_forward, repeats)
                     trn, dense_trn, trn_ratio = time_against_dense(train, dense_train, repeats)
                     results.append(
