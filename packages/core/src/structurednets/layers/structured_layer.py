@@ -224,7 +224,7 @@ class StructuredLayer(nn.Module, abc.ABC):
             layout.output_dim,
             layout.nb_params_share,
             use_bias=layout.bias,
-            **_thawed(layout.sizes),
+            **thaw(layout.sizes),
         )
 
     def get_nb_parameters(self) -> int:
@@ -337,7 +337,3 @@ class StructuredLayer(nn.Module, abc.ABC):
                 "or run under torch.autocast"
             )
         return None
-
-
-def _thawed(sizes: object) -> dict[str, object]:
-    return thaw(sizes)
