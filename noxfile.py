@@ -8,6 +8,7 @@ build of several gigabytes. On another platform, set e.g.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -45,12 +46,31 @@ nox.options.sessions = [
 TRANSFORMERS = "transformers==5.25.0"
 
 
+def release_in_ci(function):
+    """Run a session, then, when ``CI`` is set, delete its virtualenv whether it passed or not.
+
+    Every session holds its own torch (about 1 GB with its libraries) and CI machines can be
+    short of disk; locally the virtualenvs stay for ``nox -r``.
+    """
+
+    @functools.wraps(function)
+    def run(session: nox.Session) -> None:
+        try:
+            function(session)
+        finally:
+            if os.environ.get("CI"):
+                shutil.rmtree(session.virtualenv.location, ignore_errors=True)
+
+    return run
+
+
 def install_torch(session: nox.Session) -> None:
     """Install the explicit torch requirement before anything that depends on torch."""
     session.install(TORCH)
 
 
 @nox.session(name="tests-core")
+@release_in_ci
 def tests_core(session: nox.Session) -> None:
     """Core alone: contract, registry, kit (on a test-only structure), training, CLI."""
     install_torch(session)
@@ -59,6 +79,7 @@ def tests_core(session: nox.Session) -> None:
 
 
 @nox.session(name="tests-transformers")
+@release_in_ci
 def tests_transformers(session: nox.Session) -> None:
     """Core with transformers: compress, save and load tiny BERT and GPT-2 models built from
     configs (nothing downloaded)."""
@@ -73,6 +94,7 @@ def tests_transformers(session: nox.Session) -> None:
 
 def _plugin_session(name: str) -> None:
     @nox.session(name=f"tests-{name}")
+    @release_in_ci
     def tests_plugin(session: nox.Session) -> None:
         install_torch(session)
         session.install(f"{PACKAGES / 'core'}[test]", plugin_requirement(name))
@@ -86,6 +108,7 @@ for _name in PLUGINS:
 
 
 @nox.session
+@release_in_ci
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check over the whole repository."""
     session.install("ruff==0.17.6")
@@ -109,6 +132,7 @@ for name in expected:
 
 
 @nox.session
+@release_in_ci
 def wheels(session: nox.Session) -> None:
     """Build every package's wheel with hatch, install from the wheels alone, and use them."""
     session.install("hatch==1.18.2")
@@ -148,10 +172,12 @@ def _install_everything(session: nox.Session, extras: str = "") -> None:
 
 
 @nox.session(name="tests-compile")
+@release_in_ci
 def tests_compile(session: nox.Session) -> None:
     """The kit's torch.compile check with the inductor backend (real code generation) for
     every structure; the per-package sessions use the faster aot_eager backend."""
     _install_everything(session, "[test]")
+    cache = str(Path(session.create_tmp()).resolve() / "inductor")  # not /tmp: freed with the venv
     for package in ("core", *PLUGINS):
         session.run(
             "pytest",
@@ -159,7 +185,7 @@ def tests_compile(session: nox.Session) -> None:
             "-k",
             "torch_compile",
             *session.posargs,
-            env={"STRUCTUREDNETS_COMPILE_BACKEND": "inductor"},
+            env={"STRUCTUREDNETS_COMPILE_BACKEND": "inductor", "TORCHINDUCTOR_CACHE_DIR": cache},
         )
 
 
