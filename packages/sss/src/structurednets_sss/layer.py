@@ -285,11 +285,21 @@ class SSSLayer(StructuredLayer):
         return dense
 
     def lr_multipliers(self) -> dict[str, float]:
-        """Learning-rate factors for :func:`structurednets.param_groups`: the ``D_k`` get
-        :func:`~structurednets_sss.system.diagonal_gain` (their entries are that much larger
-        than a dense layer's where no state reaches some blocks), so that one Adam step
-        changes the outputs about as much as in ``nn.Linear``."""
-        return {} if self.D is None else {"D": diagonal_gain(self.sizes)}
+        """Learning-rate factors for :func:`structurednets.param_groups`, so that one step
+        changes the outputs about as much as in ``nn.Linear``.
+
+        The ``D_k`` get :func:`~structurednets_sss.system.diagonal_gain` (their entries are
+        that much larger than a dense layer's where no state reaches some blocks). The
+        transitions ``A_k``, ``E_k`` get ``1 / sqrt(K)``: a block ``C_k A_{k-1} .. A_{j+1}
+        B_j`` is a product of up to ``K - 2`` of them, whose changes add up along the chain
+        (as a random walk, so ``sqrt`` of its length); without the factor, SGD at 0.5 blows
+        the states up on the digits at 32 stages (``structurednets scratch``)."""
+        factors = {} if self.D is None else {"D": diagonal_gain(self.sizes)}
+        transition = self.sizes.nb_stages**-0.5
+        for kind in ("A", "E"):
+            if getattr(self, kind) is not None:
+                factors[kind] = transition
+        return factors
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.sizes.describe()}"
