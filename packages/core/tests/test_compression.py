@@ -164,9 +164,17 @@ def test_report_table_and_progress(diagonal_structure):
     table = str(report).splitlines()
     assert table[0].split() == [
         "layer", "out", "x", "in", "structure", "params", "before", "params", "after",
-        "cost", "rel.", "error",
+        "share", "cost", "rel.", "error",
     ]  # fmt: skip
-    assert table[2].split()[:6] == ["0", "16x12", "diagonal", "208", "28", "0.06"]  # 12 / 192
+    assert table[2].split()[:7] == [
+        "0",
+        "16x12",
+        "diagonal",
+        "208",
+        "28",
+        "0.500",
+        "0.06",
+    ]  # 12 / 192
     assert table[5].split() == ["total", "480", "60"]
     assert table[6].startswith("model: 531 -> 111 parameters (20.9%); 2 layer(s) replaced in")
 

@@ -14,26 +14,31 @@ import copy
 import fnmatch
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from torch import nn
 
+from structurednets.allocation import allocate_layers
 from structurednets.approximation import (
     BEST,
+    Approximation,
     CostTooHighError,
     NoStructureFitsError,
     approximate,
     check_cost_ratio,
-    format_error,
     structure_names,
 )
 from structurednets.calibration import DEFAULT_DAMPING
 from structurednets.calibration_hooks import calibration_batches, collect_input_statistics
+from structurednets.compression_report import CompressedLayer, CompressionReport, SkippedLayer
 from structurednets.layers.layer_helpers import get_nb_model_parameters
 from structurednets.linear_modules import LinearView, linear_view, tied_parameters
 from structurednets.refinement import DEFAULT_REFINEMENT_ITERATIONS
 from structurednets.validation import BudgetTooSmallError, check_positive_int, check_share
+
+UNIFORM, GLOBAL = "uniform", "global"
+#: What makes a layer stay dense rather than fail the compression.
+FIT_FAILURES = (BudgetTooSmallError, NoStructureFitsError, CostTooHighError)
 
 __all__ = [
     "CompressedLayer",
@@ -42,114 +47,6 @@ __all__ = [
     "SkippedLayer",
     "compress",
 ]
-
-
-@dataclass(frozen=True)
-class CompressedLayer:
-    """One ``nn.Linear`` that was replaced.
-
-    Attributes:
-        name: its qualified module name in the model (``""`` for the model itself).
-        input_dim, output_dim: its ``in_features`` and ``out_features``.
-        structure: the structure it was replaced by.
-        nb_parameters_before: the ``nn.Linear``'s parameters (weight and bias).
-        nb_parameters_after: the structured layer's parameters (weight and bias).
-        relative_error: ``||W_structured - W||_F / ||W||_F`` of the weight right after fitting.
-        seconds: wall-clock time of the fit.
-        output_relative_error: with calibration, ``||(W - W_structured) X^T||_F / ||W X^T||_F``
-            on the inputs ``X`` the layer saw; ``None`` without calibration.
-        cost_ratio: forward plus backward multiply-adds (batch 256) against the dense layer's;
-            ``None`` for a structure that does not count its cost.
-    """
-
-    name: str
-    input_dim: int
-    output_dim: int
-    structure: str
-    nb_parameters_before: int
-    nb_parameters_after: int
-    relative_error: float
-    seconds: float
-    output_relative_error: float | None = None
-    cost_ratio: float | None = None
-
-
-@dataclass(frozen=True)
-class SkippedLayer:
-    """A selected ``nn.Linear`` that was kept dense, and why (e.g. the budget is too small)."""
-
-    name: str
-    input_dim: int
-    output_dim: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class CompressionReport:
-    """What :func:`compress` did. ``str(report)`` is a table.
-
-    Attributes:
-        layers: the replaced layers, in module order (in call order with ``sequential=True``).
-        skipped: selected layers kept dense, with the reason.
-        model_nb_parameters_before, model_nb_parameters_after: parameters of the whole model.
-        seconds: wall-clock time of the whole compression.
-    """
-
-    layers: tuple[CompressedLayer, ...]
-    skipped: tuple[SkippedLayer, ...]
-    model_nb_parameters_before: int
-    model_nb_parameters_after: int
-    seconds: float
-
-    @property
-    def nb_parameters_before(self) -> int:
-        """Parameters of the replaced layers before (weights and biases)."""
-        return sum(layer.nb_parameters_before for layer in self.layers)
-
-    @property
-    def nb_parameters_after(self) -> int:
-        """Parameters of the replaced layers after (weights and biases)."""
-        return sum(layer.nb_parameters_after for layer in self.layers)
-
-    def __str__(self) -> str:
-        names = [layer.name or "(model)" for layer in self.layers]
-        width = max([len("layer"), len("total"), *(len(name) for name in names)])
-        calibrated = any(layer.output_relative_error is not None for layer in self.layers)
-        header = (
-            f"{'layer':<{width}} {'out x in':>11} {'structure':<10} {'params before':>13} "
-            f"{'params after':>12} {'cost':>5} {'rel. error':>10}"
-        )
-        if calibrated:
-            header += f" {'out error':>10}"
-        lines = [header, "-" * len(header)]
-        for name, layer in zip(names, self.layers, strict=True):
-            shape = f"{layer.output_dim}x{layer.input_dim}"
-            line = (
-                f"{name:<{width}} {shape:>11} {layer.structure:<10} "
-                f"{layer.nb_parameters_before:>13} {layer.nb_parameters_after:>12} "
-                f"{'-' if layer.cost_ratio is None else f'{layer.cost_ratio:.2f}':>5} "
-                f"{format_error(layer.relative_error)}"
-            )
-            if calibrated:
-                output = layer.output_relative_error
-                line += f" {'-':>10}" if output is None else f" {format_error(output)}"
-            lines.append(line)
-        lines.append("-" * len(header))
-        lines.append(
-            f"{'total':<{width}} {'':>11} {'':<10} {self.nb_parameters_before:>13} "
-            f"{self.nb_parameters_after:>12}"
-        )
-        before, after = self.model_nb_parameters_before, self.model_nb_parameters_after
-        lines.append(
-            f"model: {before} -> {after} parameters ({after / max(before, 1):.1%}); "
-            f"{len(self.layers)} layer(s) replaced in {self.seconds:.2f} s"
-        )
-        for skipped in self.skipped:
-            lines.append(
-                f"kept dense: {skipped.name or '(model)'} ({skipped.output_dim}x{skipped.input_dim}): "
-                f"{skipped.reason}"
-            )
-        return "\n".join(lines)
 
 
 class CompressionResult(NamedTuple):
@@ -231,6 +128,26 @@ def _reasons_to_keep(model: nn.Module, include: tuple[str, ...] | None) -> dict[
     return reasons
 
 
+def _check_allocation(
+    allocation: object, share: float, min_share: object, max_share: object
+) -> tuple[float, float]:
+    """``(min_share, max_share)`` with their defaults; raises for bad values."""
+    if allocation not in (UNIFORM, GLOBAL):
+        raise ValueError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
+    if allocation == UNIFORM:
+        if min_share is not None or max_share is not None:
+            raise ValueError("min_share and max_share need allocation='global'")
+        return share, share
+    low = 1e-12 if min_share is None else check_share(min_share, "min_share")
+    high = 1.0 if max_share is None else check_share(max_share, "max_share")
+    if not low <= share <= high:
+        raise ValueError(
+            f"min_share <= nb_params_share <= max_share must hold, got min_share={min_share!r}, "
+            f"nb_params_share={share!r}, max_share={max_share!r}"
+        )
+    return low, high
+
+
 def _replace(model: nn.Module, replacements: Mapping[int, nn.Module]) -> None:
     """Swap every reference to a replaced module, including shared ones."""
     for module in model.modules():
@@ -256,6 +173,9 @@ def compress(
     damping: float = DEFAULT_DAMPING,
     refinement_iterations: int = DEFAULT_REFINEMENT_ITERATIONS,
     max_cost_ratio: float | None = 1.0,
+    allocation: str = "uniform",
+    min_share: float | None = None,
+    max_share: float | None = None,
     **options: Any,
 ) -> CompressionResult:
     """Replace ``nn.Linear`` modules of ``model`` by structured layers fitted to their weights.
@@ -298,6 +218,13 @@ def compress(
             (batch 256) against the dense layer's (see ``approximate``). By default 1: no
             layer is made costlier than the one it replaces; a layer that cannot be fitted
             within the bound stays dense (``report.skipped``). ``None``: no bound.
+        allocation: ``"uniform"`` gives every layer ``nb_params_share``; ``"global"`` gives
+            the layers together ``nb_params_share`` of their weights, spread where it lowers
+            the sum of the layers' squared relative (output, with calibration) errors most,
+            and with several structures picks each layer's structure too (see
+            :mod:`structurednets.allocation`; ``report.allocation_seconds`` is its cost).
+        min_share, max_share: with ``"global"``, the least and most share any one layer may
+            get (default: the structure's smallest form, and 1).
         **options: the structure's own options (single structure only).
 
     Returns:
@@ -318,6 +245,7 @@ def compress(
     max_cost_ratio = check_cost_ratio(max_cost_ratio)
     if min_size is not None:
         min_size = check_positive_int("min_size", min_size)
+    min_share, max_share = _check_allocation(allocation, nb_params_share, min_share, max_share)
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be True or False, got {inplace!r}")
     selected, kept = _select(
@@ -346,6 +274,41 @@ def compress(
         if sequential:
             selected = sorted(selected, key=lambda item: order.index(item[0]))
 
+    def fit(
+        view: LinearView, name: str, share: float, inputs: object, **more: Any
+    ) -> Approximation:
+        calibrated = {} if inputs is None else {"inputs": inputs}
+        return approximate(
+            view.weight,
+            name,
+            share,
+            bias=view.bias,
+            dtype=view.weight.dtype,
+            device=view.weight.device,
+            structure_options=structure_options,
+            max_cost_ratio=max_cost_ratio,
+            refinement_iterations=refinement_iterations,
+            **calibrated,
+            **more,
+        )
+
+    plan = None
+    if allocation == GLOBAL:
+        views = {name: view for name, _, view in selected}
+        failures = (ValueError, RuntimeError, ArithmeticError) if several else FIT_FAILURES
+
+        def fit_form(layer: str, name: str, share: float) -> Approximation | None:
+            try:
+                return fit(views[layer], name, share, statistics.get(layer), **options)
+            except failures:  # this form does not exist; the layer's others may
+                return None
+
+        names, _ = structure_names(structure)
+        weights = [(name, view.weight) for name, _, view in selected]
+        plan = allocate_layers(
+            weights, names, nb_params_share, min_share, max_share, statistics, fit_form, say
+        )
+
     replacements: dict[int, nn.Module] = {}
     layers: list[CompressedLayer] = []
     skipped: list[SkippedLayer] = list(kept)
@@ -355,32 +318,32 @@ def compress(
         label = name or "(model)"
         shape = f"{view.output_dim}x{view.input_dim}"
         weight = view.weight
-        calibrated = {}
-        if batches is not None:
-            if sequential and index > 1 and replacements:
-                _replace(model, replacements)  # so far: the layers before this one
-                statistics, _ = collect_input_statistics(
-                    model, [(name, linear, view)], batches, damping
-                )
-            calibrated = {
-                "inputs": statistics[name],
-                "refinement_iterations": refinement_iterations,
-            }
-        try:
-            result = approximate(
-                weight,
-                structure,
-                nb_params_share,
-                bias=view.bias,
-                dtype=weight.dtype,
-                device=weight.device,
-                structure_options=structure_options,
-                progress=say_tried,
-                max_cost_ratio=max_cost_ratio,
-                **calibrated,
-                **options,
+        layer_structure, layer_share, result = structure, nb_params_share, None
+        if plan is not None and name in plan.kept_dense:
+            reason = plan.kept_dense[name]
+            skipped.append(SkippedLayer(name, view.input_dim, view.output_dim, reason))
+            say(f"[{index}/{len(selected)}] {label} ({shape}): kept dense, {reason}")
+            continue
+        if plan is not None:
+            choice = plan.choices[name]
+            layer_structure, layer_share, result = choice.structure, choice.nb_params_share, choice.fitted  # fmt: skip
+        if batches is not None and sequential and index > 1 and replacements:
+            _replace(model, replacements)  # so far: the layers before this one
+            statistics, _ = collect_input_statistics(
+                model, [(name, linear, view)], batches, damping
             )
-        except (BudgetTooSmallError, NoStructureFitsError, CostTooHighError) as error:
+            result = None  # the allocation's fit saw other inputs
+        try:
+            if result is None:
+                result = fit(
+                    view,
+                    layer_structure,
+                    layer_share,
+                    statistics.get(name),
+                    progress=say_tried,
+                    **options,
+                )
+        except FIT_FAILURES as error:
             skipped.append(SkippedLayer(name, view.input_dim, view.output_dim, str(error)))
             say(f"[{index}/{len(selected)}] {label} ({shape}): kept dense, {error}")
             continue
@@ -401,6 +364,7 @@ def compress(
                 seconds=result.seconds,
                 output_relative_error=result.output_relative_error,
                 cost_ratio=result.cost_ratio,
+                nb_params_share=layer_share,
             )
         )
         output = ""
@@ -421,5 +385,9 @@ def compress(
         model_nb_parameters_before=model_before,
         model_nb_parameters_after=get_nb_model_parameters(model),
         seconds=time.perf_counter() - start,
+        allocation=allocation,
+        allocation_seconds=0.0 if plan is None else plan.seconds,
+        weight_budget=None if plan is None else plan.budget,
+        allocated_weights=None if plan is None else plan.nb_weights,
     )
     return CompressionResult(model, report)

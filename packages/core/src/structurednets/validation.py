@@ -45,16 +45,14 @@ def check_dim(name: str, value: object) -> int:
     return check_positive_int(name, value)
 
 
-def check_share(nb_params_share: object) -> float:
-    """Check ``nb_params_share``: a real number in (0, 1]."""
+def check_share(nb_params_share: object, name: str = "nb_params_share") -> float:
+    """Check a share (``nb_params_share``, or the argument ``name``): a real number in (0, 1]."""
     if isinstance(nb_params_share, bool) or not isinstance(nb_params_share, numbers.Real):
-        raise TypeError(
-            f"nb_params_share must be a number in (0, 1], got {_describe(nb_params_share)}"
-        )
+        raise TypeError(f"{name} must be a number in (0, 1], got {_describe(nb_params_share)}")
     share = float(nb_params_share)
     if not 0.0 < share <= 1.0:  # also rejects NaN
         raise ValueError(
-            "nb_params_share must be in (0, 1] (the share of the input_dim * output_dim "
+            f"{name} must be in (0, 1] (the share of the input_dim * output_dim "
             f"weights of a dense layer that the structured layer may hold), got {nb_params_share!r}"
         )
     return share

@@ -103,6 +103,25 @@ class LRLayer(StructuredLayer):
         return {"rank": self.rank}
 
     @classmethod
+    def error_curve(
+        cls, matrix: torch.Tensor, input_statistics: InputStatistics | None, max_weights: int
+    ) -> list[tuple[int, float]]:
+        """Every rank's squared relative error from one SVD (Eckart-Young on the whitened
+        ``W S`` with statistics, on ``W`` without): rank ``r`` holds ``r * (in + out)``
+        weights and leaves the singular values after the ``r``-th."""
+        output_dim, input_dim = matrix.shape
+        if input_statistics is not None:
+            matrix = matrix @ input_statistics.whitening_factor().to(matrix)
+        energies = torch.linalg.svdvals(matrix).pow(2)
+        total = float(energies.sum())
+        if total == 0:
+            return [(input_dim + output_dim, 0.0)]
+        tails = (total - torch.cumsum(energies, 0)).clamp_min(0) / total
+        per_rank = input_dim + output_dim
+        ranks = range(1, min(len(energies), max_weights // per_rank) + 1)
+        return [(rank * per_rank, float(tails[rank - 1])) for rank in ranks]
+
+    @classmethod
     def layout_cost(cls, layout: Layout, batch_size: int) -> Cost:
         return lowrank_cost(layout, batch_size)
 

@@ -202,6 +202,22 @@ class StructuredLayer(nn.Module, abc.ABC):
             "layout_cost(layout, batch_size)"
         )
 
+    @classmethod
+    def error_curve(
+        cls, matrix: torch.Tensor, input_statistics: object, max_weights: int
+    ) -> list[tuple[int, float]] | None:
+        """The squared relative errors of this structure's fits of ``matrix`` at every budget
+        up to ``max_weights`` weight scalars that it can tell without fitting, as
+        ``(nb_weight_parameters, squared_relative_error)`` pairs; for the global allocation of
+        :func:`structurednets.compress` (:mod:`structurednets.allocation`).
+
+        ``matrix``: ``(output_dim, input_dim)``, float64. With ``input_statistics`` (an
+        :class:`~structurednets.calibration.InputStatistics`) the error is the output error
+        in the damped norm the fit minimises, ``||(W - W~) S||^2 / ||W S||^2``; without, the
+        weight error. ``None`` (the default): core fits at a few shares instead. Low rank
+        overrides it (every rank from one SVD)."""
+        return None
+
     def cost(self, batch_size: int = DEFAULT_COST_BATCH_SIZE) -> Cost:
         """This layer's :meth:`layout_cost` for a batch of ``batch_size`` inputs."""
         return type(self).layout_cost(self.layout, check_positive_int("batch_size", batch_size))
