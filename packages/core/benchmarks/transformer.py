@@ -142,6 +142,7 @@ class Row:
     structure: str
     share: float
     calibrated: bool
+    allocation: str
     encoder_parameters: int
     cosine_fit: float
     top1_fit: float
@@ -179,6 +180,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             "dense",
             1.0,
             False,
+            "-",
             encoder_parameters(dense),
             1.0,
             1.0,
@@ -191,54 +193,66 @@ def run(args: argparse.Namespace) -> list[Row]:
             None,
         )
     ]
-    for share in args.shares:
-        for structure in args.structures:
-            for calibrated in args.calibration:
-                label = f"{structure} at share {share:g}, {'calibrated' if calibrated else 'weights only'}"
-                say(f"== {label}")
-                start = time.perf_counter()
-                extra = {"calibration": calibration_batches} if calibrated else {}
-                try:
-                    small, _ = structurednets.compress(
-                        dense, structure, share, include="encoder.*", progress=say, **extra
-                    )
-                except (ValueError, TypeError) as error:
-                    say(f"   skipped: {error}")
-                    continue
-                fit_seconds = time.perf_counter() - start
-                cosine_fit, top1_fit = agreement(embed(small, evaluation_batches), dense_embeddings)
-                say(
-                    f"   after fit: cosine {cosine_fit:.3f}, top-1 {top1_fit:.3f}, {fit_seconds:.0f} s"
+    jobs = [
+        (share, structure, calibrated, allocation)
+        for share in args.shares
+        for structure in args.structures
+        for calibrated in args.calibration
+        for allocation in args.allocation
+    ]
+    for share, structure, calibrated, allocation in jobs:
+        fitted = "calibrated" if calibrated else "weights only"
+        say(f"== {structure} at share {share:g}, {fitted}, {allocation} allocation")
+        start = time.perf_counter()
+        extra = {"calibration": calibration_batches} if calibrated else {}
+        try:
+            small, report = structurednets.compress(
+                dense,
+                structure.split("+") if "+" in structure else structure,
+                share,
+                include="encoder.*",
+                progress=say,
+                allocation=allocation,
+                **extra,
+            )
+        except (ValueError, TypeError) as error:
+            say(f"   skipped: {error}")
+            continue
+        fit_seconds = time.perf_counter() - start
+        if allocation == "global":
+            say(f"   allocation took {report.allocation_seconds:.1f} s of {fit_seconds:.0f} s")
+        cosine_fit, top1_fit = agreement(embed(small, evaluation_batches), dense_embeddings)
+        say(f"   after fit: cosine {cosine_fit:.3f}, top-1 {top1_fit:.3f}, {fit_seconds:.0f} s")
+        cosine_distilled = top1_distilled = None
+        distil_seconds = 0.0
+        if calibrated or len(args.calibration) == 1:
+            distilled = copy.deepcopy(small)
+            distil_seconds = distil(distilled, dense, training_batches, args.distil_minutes)
+            if distil_seconds:
+                small = distilled
+                cosine_distilled, top1_distilled = agreement(
+                    embed(small, evaluation_batches), dense_embeddings
                 )
-                cosine_distilled = top1_distilled = None
-                distil_seconds = 0.0
-                if calibrated or len(args.calibration) == 1:
-                    distilled = copy.deepcopy(small)
-                    distil_seconds = distil(distilled, dense, training_batches, args.distil_minutes)
-                    if distil_seconds:
-                        small = distilled
-                        cosine_distilled, top1_distilled = agreement(
-                            embed(small, evaluation_batches), dense_embeddings
-                        )
-                        say(f"   after distillation: cosine {cosine_distilled:.3f}")
-                identical, size = saved_and_reloaded(small, folder, timing_batch)
-                rows.append(
-                    Row(
-                        structure,
-                        share,
-                        calibrated,
-                        encoder_parameters(small),
-                        cosine_fit,
-                        top1_fit,
-                        cosine_distilled,
-                        top1_distilled,
-                        fit_seconds,
-                        distil_seconds,
-                        forward_seconds(small, timing_batch) / dense_seconds,
-                        identical,
-                        size,
-                    )
-                )
+                say(f"   after distillation: cosine {cosine_distilled:.3f}")
+        identical, size = saved_and_reloaded(small, folder, timing_batch)
+        rows.append(
+            Row(
+                structure,
+                share,
+                calibrated,
+                allocation,
+                encoder_parameters(small),
+                cosine_fit,
+                top1_fit,
+                cosine_distilled,
+                top1_distilled,
+                fit_seconds,
+                distil_seconds,
+                forward_seconds(small, timing_batch) / dense_seconds,
+                identical,
+                size,
+            )
+        )
     return rows
 
 
@@ -247,14 +261,14 @@ def table(rows: list[Row]) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 
     header = (
-        f"{'structure':<9} {'share':>5} {'calib':>5} {'enc params':>10} {'cos fit':>7} "
+        f"{'structure':<14} {'share':>5} {'calib':>5} {'alloc':>7} {'enc params':>10} {'cos fit':>7} "
         f"{'top1 fit':>8} {'cos dist':>8} {'top1 dist':>9} {'fit s':>6} {'dist s':>6} "
         f"{'fwd/dense':>9} {'reload':>6}"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.structure:<9} {r.share:>5g} {'yes' if r.calibrated else 'no':>5} "
+            f"{r.structure:<14} {r.share:>5g} {'yes' if r.calibrated else 'no':>5} {r.allocation:>7} "
             f"{r.encoder_parameters:>10} {number(r.cosine_fit):>7} {number(r.top1_fit):>8} "
             f"{number(r.cosine_distilled):>8} {number(r.top1_distilled):>9} "
             f"{r.fit_seconds:>6.0f} {r.distil_seconds:>6.0f} {r.forward_ratio:>9.2f} "
@@ -265,13 +279,24 @@ def table(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--structures", nargs="+", default=[*structurednets.available(), "best"])
+    parser.add_argument(
+        "--structures",
+        nargs="+",
+        default=[*structurednets.available(), "best"],
+        help="structure names, 'best', or names joined by '+' to choose among per layer",
+    )
     parser.add_argument("--shares", nargs="+", type=float, default=[0.25, 0.5])
     parser.add_argument(
         "--calibration",
         choices=["both", "on", "off"],
         default="both",
         help="fit with calibration, without, or both (default)",
+    )
+    parser.add_argument(
+        "--allocation",
+        choices=["uniform", "global", "both"],
+        default="uniform",
+        help="the same share for every layer (default), the global allocation, or both",
     )
     parser.add_argument("--distil-minutes", type=float, default=2.0)
     parser.add_argument("--nb-calibration", type=int, default=256)
@@ -284,6 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     args.calibration = {"both": [False, True], "on": [True], "off": [False]}[args.calibration]
+    args.allocation = ["uniform", "global"] if args.allocation == "both" else [args.allocation]
     rows = run(args)
     print(table(rows))
     if args.json:

@@ -127,3 +127,52 @@ def test_max_share_bounds_every_layer(diagonal_structure, full_structure):
 def test_bad_allocation_arguments(diagonal_structure, kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         compress(three_layers(), "diagonal", 0.5, **kwargs)
+
+
+def test_output_sensitivities_match_the_exact_expectation():
+    """Two linear layers: dF/dY is the identity for the last, B for the first, so the
+    Hutchinson estimate must average to ||Y||^2 / (n d) * n * ||J||_F^2 per batch."""
+    from structurednets.calibration_hooks import output_sensitivities
+    from structurednets.linear_modules import linear_view
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7, bias=False), nn.Linear(7, 6, bias=False))
+    batches = [torch.randn(8, 5) for _ in range(200)]
+    layers = [(name, module, linear_view(module)) for name, module in model.named_children()]
+    sums = output_sensitivities(model, layers, batches)
+    with torch.no_grad():
+        first = [model[0](b) for b in batches]
+        last = [model(b) for b in batches]
+        B = model[1].weight.double()
+    exact_first = sum(float(y.double().pow(2).mean()) * 8 * float(B.pow(2).sum()) for y in first)
+    exact_last = sum(float(y.double().pow(2).mean()) * 8 * 6 for y in last)
+    assert sums["0"] == pytest.approx(exact_first, rel=0.1)
+    assert sums["1"] == pytest.approx(exact_last, rel=0.1)
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+class TwoBranches(nn.Module):
+    """``y = first(x) + second(x)`` with the ``quiet`` branch scaled by 1e-3: its errors
+    barely reach ``y``."""
+
+    def __init__(self, quiet):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second, self.quiet = nn.Linear(16, 16), nn.Linear(16, 16), quiet
+
+    def forward(self, x):
+        scale = {"first": (1e-3, 1.0), "second": (1.0, 1e-3)}[self.quiet]
+        return scale[0] * self.first(x) + scale[1] * self.second(x)
+
+
+def test_calibrated_global_allocation_weighs_layers_by_their_effect_on_the_output(
+    diagonal_structure, full_structure
+):
+    batches = [torch.randn(32, 16) for _ in range(4)]
+    for quiet, loud in (("first", "second"), ("second", "first")):
+        _, report = compress(
+            TwoBranches(quiet), ["full", "diagonal"], 0.6, calibration=batches, allocation="global"
+        )
+        structures = {layer.name: layer.structure for layer in report.layers}
+        assert structures == {quiet: "diagonal", loud: "full"}

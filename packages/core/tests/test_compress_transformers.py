@@ -91,3 +91,28 @@ def test_compressed_transformer_saves_and_loads_into_a_fresh_model(full_structur
     assert restored.lm_head.weight is restored.transformer.wte.weight
     with torch.no_grad():
         assert torch.equal(restored(input_ids=tokens()).logits, small(input_ids=tokens()).logits)
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_gpt2])
+def test_global_allocation_with_calibration_on_transformers(
+    full_structure, diagonal_structure, build
+):
+    """The sensitivities run a backward through the model's ModelOutput; the budget holds."""
+    from structurednets.calibration_hooks import output_sensitivities
+    from structurednets.compression import _select
+
+    model = build()
+    batches = [{"input_ids": tokens()}, {"input_ids": tokens().flip(1)}]
+    selected, _ = _select(model, None, None, None)
+    sensitivities = output_sensitivities(model, selected, batches)
+    assert len(sensitivities) == len(selected)
+    # the first output (last_hidden_state, logits) is what counts: BERT's pooler is not in it
+    assert all((s == 0) == (name == "pooler.dense") for name, s in sensitivities.items())
+    assert all(p.grad is None for p in model.parameters())
+    small, report = structurednets.compress(
+        model, ["full", "diagonal"], 0.5, calibration=batches, allocation="global"
+    )
+    assert report.allocated_weights <= report.weight_budget
+    assert {layer.structure for layer in report.layers} == {"full", "diagonal"}
+    with torch.no_grad():
+        small(input_ids=tokens())

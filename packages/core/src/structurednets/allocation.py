@@ -2,11 +2,17 @@
 
 ``compress(..., allocation="global")`` gives the selected layers together
 ``share * sum(in * out)`` weights, like the uniform share, but lets each layer take more or
-less than ``share`` of its own. It minimises the sum over layers of the squared relative
-errors, in the output norm with calibration (``||(W - W~) X^T||^2 / ||W X^T||^2`` on the
-layer's inputs) and in the weight norm without: each layer's relative error is the size of the
-perturbation it adds to what flows on (with residual connections, to the residual stream),
-relative to its own signal, and independent perturbations add up in their squares.
+less than ``share`` of its own. It minimises ``sum_l s_l * e_l**2``, where ``e_l`` is layer
+``l``'s relative error (in the output norm with calibration, ``||(W - W~) X^T|| / ||W X^T||``
+on its inputs, else in the weight norm) and ``s_l`` its sensitivity: with calibration, how
+much the model's output moves per unit of ``e_l**2``
+(:func:`~structurednets.calibration_hooks.output_sensitivities`, a first-order estimate from
+one backward per batch), so that the sum estimates the squared change of the model's outputs
+when the layers' errors are independent; without calibration every ``s_l`` is 1. The plain
+sum of relative errors is not enough: on all-MiniLM-L6-v2 it starves the feed-forward
+layers, whose relative errors are small but whose outputs feed the residual stream at full
+weight, and loses to the uniform share (mean embedding cosine 0.582 against 0.626 at share
+0.25); weighted, it wins (0.660).
 
 Each layer's curve (weights against squared error) comes from
 :meth:`~structurednets.StructuredLayer.error_curve` where the structure can tell it without
@@ -24,7 +30,7 @@ import heapq
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -212,10 +218,12 @@ def allocate_layers(
     statistics: dict[str, InputStatistics],
     fit: Callable[[str, str, float], Approximation | None],
     progress: Callable[[str], None],
+    sensitivities: dict[str, float] | None = None,
 ) -> Allocation:
     """Candidates for every ``(layer name, weight)``, then :func:`allocate` within ``share``
     of the weights of the layers that have a candidate. ``fit(layer, structure, share)``
-    fits one form (``None``: it does not exist)."""
+    fits one form (``None``: it does not exist). With ``sensitivities`` (by layer name),
+    each layer's squared errors count that many times in the sum."""
     start = time.perf_counter()
     curves, kept_dense = [], {}
     for index, (layer, weight) in enumerate(layers, start=1):
@@ -238,6 +246,11 @@ def allocate_layers(
     budget = math.floor(
         share * sum(w.numel() for (_, w), c in zip(layers, curves, strict=True) if c) * (1 + 1e-12)
     )
+    if sensitivities is not None:
+        curves = [
+            [replace(c, squared_error=c.squared_error * sensitivities[layer]) for c in curve]
+            for (layer, _), curve in zip(layers, curves, strict=True)
+        ]
     chosen, used = allocate(curves, budget)
     choices = {}
     for (layer, _), curve, choice in zip(layers, curves, chosen, strict=True):

@@ -11,7 +11,13 @@ from torch import nn
 from structurednets.calibration import InputStatistics
 from structurednets.linear_modules import LinearView
 
-__all__ = ["calibration_batches", "collect_input_statistics", "run_batch"]
+__all__ = [
+    "calibration_batches",
+    "collect_input_statistics",
+    "first_tensor",
+    "output_sensitivities",
+    "run_batch",
+]
 
 
 def calibration_batches(calibration: object, reusable: bool) -> Iterable[Any]:
@@ -27,20 +33,20 @@ def calibration_batches(calibration: object, reusable: bool) -> Iterable[Any]:
     return calibration
 
 
-def run_batch(model: nn.Module, batch: object) -> None:
+def run_batch(model: nn.Module, batch: object) -> object:
     """Call ``model`` on one calibration batch: a tensor as ``model(batch)``, a tuple or list
-    as ``model(*batch)``, a mapping (tokenizer outputs) as ``model(**batch)``."""
+    as ``model(*batch)``, a mapping (tokenizer outputs) as ``model(**batch)``; returns what
+    the model returns."""
     if isinstance(batch, torch.Tensor):
-        model(batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    elif isinstance(batch, Mapping):
-        model(**batch)
-    else:
-        raise TypeError(
-            "each calibration batch must be a tensor, a tuple/list of arguments or a dict of "
-            f"keyword arguments, got {type(batch).__name__}"
-        )
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    raise TypeError(
+        "each calibration batch must be a tensor, a tuple/list of arguments or a dict of "
+        f"keyword arguments, got {type(batch).__name__}"
+    )
 
 
 def collect_input_statistics(
@@ -96,3 +102,77 @@ def collect_input_statistics(
             "exclude them (exclude=...) or pass batches that run through them"
         )
     return statistics, order
+
+
+def first_tensor(output: object) -> torch.Tensor | None:
+    """The model's main output: the tensor itself, or the first tensor of a tuple, list or
+    mapping (a ``transformers`` ``ModelOutput``: ``last_hidden_state`` or ``logits``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, Mapping) else output
+    if isinstance(values, Iterable) and not isinstance(values, (str, bytes)):
+        return next((value for value in values if isinstance(value, torch.Tensor)), None)
+    return None
+
+
+def output_sensitivities(
+    model: nn.Module,
+    layers: Sequence[tuple[str, nn.Module, LinearView]],
+    batches: Iterable[Any],
+    seed: int = 0,
+) -> dict[str, float]:
+    """How much the model's output moves per unit of each layer's squared relative error.
+
+    The output is the model's first tensor (:func:`first_tensor`); a layer it does not
+    depend on (e.g. BERT's pooler against ``last_hidden_state``) gets 0.
+
+    For layer ``l`` with outputs ``Y`` (``n`` rows of width ``d``) on a batch, an error
+    ``E`` spread evenly over the directions changes the model's output ``F`` by
+    ``E[||J E||^2] = (||E||^2 / ||Y||^2) * (||Y||^2 / (n d)) * ||J||_F^2`` to first order,
+    ``J = dF/dY``; ``||J||_F^2`` is estimated by ``||J^T R||^2`` for one Gaussian ``R`` of
+    ``F``'s shape per batch (Hutchinson). The result, summed over the batches, is the factor
+    by which a layer's squared relative output error counts in the model's. One forward and
+    one backward per batch, in eval mode; the parameters get no gradients.
+    """
+    sums = {name: 0.0 for name, _, _ in layers}
+    deltas: dict[str, torch.Tensor] = {}
+    energies: dict[str, float] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+            delta = torch.zeros_like(output, requires_grad=True)
+            deltas[name] = delta
+            energies[name] = float(output.detach().double().pow(2).mean())
+            return output + delta
+
+        return hook
+
+    generator = torch.Generator().manual_seed(seed)
+    modes = {module: module.training for module in model.modules()}
+    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    handles = [module.register_forward_hook(hook_for(name)) for name, module, _ in layers]
+    try:
+        model.eval()
+        model.requires_grad_(False)
+        with torch.enable_grad():
+            for index, batch in enumerate(batches):
+                deltas.clear()
+                output = first_tensor(run_batch(model, batch))
+                if output is None or not output.is_floating_point():
+                    raise ValueError(
+                        "the global allocation weighs each layer by how much the model's output "
+                        f"moves, but the model returned no floating-point tensor on batch {index}"
+                    )
+                probe = torch.randn(output.shape, generator=generator, dtype=torch.float64)
+                (output * probe.to(output)).sum().backward()
+                for name, delta in deltas.items():
+                    if delta.grad is not None:
+                        sums[name] += energies[name] * float(delta.grad.double().pow(2).sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+    return sums

@@ -29,7 +29,11 @@ from structurednets.approximation import (
     structure_names,
 )
 from structurednets.calibration import DEFAULT_DAMPING
-from structurednets.calibration_hooks import calibration_batches, collect_input_statistics
+from structurednets.calibration_hooks import (
+    calibration_batches,
+    collect_input_statistics,
+    output_sensitivities,
+)
 from structurednets.compression_report import CompressedLayer, CompressionReport, SkippedLayer
 from structurednets.layers.layer_helpers import get_nb_model_parameters
 from structurednets.linear_modules import LinearView, linear_view, tied_parameters
@@ -220,8 +224,9 @@ def compress(
             within the bound stays dense (``report.skipped``). ``None``: no bound.
         allocation: ``"uniform"`` gives every layer ``nb_params_share``; ``"global"`` gives
             the layers together ``nb_params_share`` of their weights, spread where it lowers
-            the sum of the layers' squared relative (output, with calibration) errors most,
-            and with several structures picks each layer's structure too (see
+            the sum of the layers' squared relative errors most, each weighted (with
+            calibration) by how much the layer's output errors move the model's output, and
+            with several structures picks each layer's structure too (see
             :mod:`structurednets.allocation`; ``report.allocation_seconds`` is its cost).
         min_share, max_share: with ``"global"``, the least and most share any one layer may
             get (default: the structure's smallest form, and 1).
@@ -292,7 +297,7 @@ def compress(
             **more,
         )
 
-    plan = None
+    plan, allocation_seconds = None, 0.0
     if allocation == GLOBAL:
         views = {name: view for name, _, view in selected}
         failures = (ValueError, RuntimeError, ArithmeticError) if several else FIT_FAILURES
@@ -305,9 +310,22 @@ def compress(
 
         names, _ = structure_names(structure)
         weights = [(name, view.weight) for name, _, view in selected]
+        sensitivities, started = None, time.perf_counter()
+        if batches is not None:
+            say("allocation: how much each layer's errors move the model's outputs ...")
+            sensitivities = output_sensitivities(model, selected, batches)
         plan = allocate_layers(
-            weights, names, nb_params_share, min_share, max_share, statistics, fit_form, say
+            weights,
+            names,
+            nb_params_share,
+            min_share,
+            max_share,
+            statistics,
+            fit_form,
+            say,
+            sensitivities,
         )
+        allocation_seconds = time.perf_counter() - started
 
     replacements: dict[int, nn.Module] = {}
     layers: list[CompressedLayer] = []
@@ -386,7 +404,7 @@ def compress(
         model_nb_parameters_after=get_nb_model_parameters(model),
         seconds=time.perf_counter() - start,
         allocation=allocation,
-        allocation_seconds=0.0 if plan is None else plan.seconds,
+        allocation_seconds=allocation_seconds,
         weight_budget=None if plan is None else plan.budget,
         allocated_weights=None if plan is None else plan.nb_weights,
     )
