@@ -37,7 +37,8 @@ from structurednets.calibration_hooks import (
 from structurednets.compression_report import CompressedLayer, CompressionReport, SkippedLayer
 from structurednets.layers.layer_helpers import get_nb_model_parameters
 from structurednets.linear_modules import LinearView, linear_view, tied_parameters
-from structurednets.refinement import DEFAULT_REFINEMENT_ITERATIONS
+from structurednets.refinement import DEFAULT_REFINEMENT_ITERATIONS, OPTIMAL, input_weighting
+from structurednets.registry import get_structure
 from structurednets.validation import BudgetTooSmallError, check_positive_int, check_share
 
 UNIFORM, GLOBAL = "uniform", "global"
@@ -280,7 +281,12 @@ def compress(
             selected = sorted(selected, key=lambda item: order.index(item[0]))
 
     def fit(
-        view: LinearView, name: str, share: float, inputs: object, **more: Any
+        view: LinearView,
+        name: str,
+        share: float,
+        inputs: object,
+        iterations: int = refinement_iterations,
+        **more: Any,
     ) -> Approximation:
         calibrated = {} if inputs is None else {"inputs": inputs}
         return approximate(
@@ -292,7 +298,7 @@ def compress(
             device=view.weight.device,
             structure_options=structure_options,
             max_cost_ratio=max_cost_ratio,
-            refinement_iterations=refinement_iterations,
+            refinement_iterations=iterations,
             **calibrated,
             **more,
         )
@@ -303,8 +309,10 @@ def compress(
         failures = (ValueError, RuntimeError, ArithmeticError) if several else FIT_FAILURES
 
         def fit_form(layer: str, name: str, share: float) -> Approximation | None:
+            # Without the calibrated refinement (the chosen form gets it once, below); the
+            # unrefined output error stands for the refined one in the curve.
             try:
-                return fit(views[layer], name, share, statistics.get(layer), **options)
+                return fit(views[layer], name, share, statistics.get(layer), 0, **options)
             except failures:  # this form does not exist; the layer's others may
                 return None
 
@@ -344,7 +352,10 @@ def compress(
             continue
         if plan is not None:
             choice = plan.choices[name]
-            layer_structure, layer_share, result = choice.structure, choice.nb_params_share, choice.fitted  # fmt: skip
+            layer_structure, layer_share = choice.structure, choice.nb_params_share
+            # a curve's fit is the layer's fit unless it skipped the calibrated refinement
+            weighting = input_weighting(get_structure(layer_structure).layer_class)
+            result = choice.fitted if batches is None or weighting == OPTIMAL else None
         if batches is not None and sequential and index > 1 and replacements:
             _replace(model, replacements)  # so far: the layers before this one
             statistics, _ = collect_input_statistics(
