@@ -87,3 +87,21 @@ def test_global_with_calibration_and_min_share():
     assert report.allocation_seconds < report.seconds
     predicted = structurednets.nb_parameters("lowrank", 24, 24, shares[0], use_bias=False)
     assert predicted == report.layers[0].nb_parameters_after
+
+
+def test_global_with_sequential_fits_the_allocated_ranks_to_the_compressed_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 24)
+    )
+    batches = [torch.randn(32, 24) for _ in range(3)]
+    options = {"calibration": batches, "allocation": "global"}
+    _, at_once = compress(model, "lowrank", 0.3, **options)
+    _, sequential = compress(model, "lowrank", 0.3, sequential=True, **options)
+    # the same allocation (from the dense model's inputs), then each layer refitted to the
+    # inputs the compressed layers before it give
+    sizes = [layer.nb_parameters_after for layer in sequential.layers]
+    assert sizes == [layer.nb_parameters_after for layer in at_once.layers]
+    first, last = sequential.layers[0], sequential.layers[2]
+    assert first.output_relative_error == pytest.approx(at_once.layers[0].output_relative_error)
+    assert last.output_relative_error != pytest.approx(at_once.layers[2].output_relative_error)
