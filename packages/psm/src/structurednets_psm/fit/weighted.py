@@ -4,8 +4,9 @@
 ``||W S - S_1 ... S_J S||_F`` is the output error of the product. Starting from the weight
 fit's factors, each sweep takes a projected gradient step on every sparse factor in turn
 (step ``1 / (1.01 ||L||_2^2 ||R S||_2^2)``, the inverse Lipschitz constant, ``L`` and ``R``
-the products left and right of it, their spectral norms by power iteration warm-started from
-the previous sweep's vectors, which an exact SVD per step made half of the fit's time; the projection keeps the factor's own number of largest
+the products left and right of it, their spectral norms by the weight fit's warm-started
+power iterations (:class:`~structurednets_psm.fit.palm.Numerics`; an exact SVD per step
+was half of the fit's time); the projection keeps the factor's own number of largest
 entries, so supports may move), then solves the first factor's values exactly on its
 support (its rows are independent least-squares problems). The best point in the weighted
 error is kept, so the result is never worse than the weight fit.
@@ -20,50 +21,17 @@ import torch
 from structurednets.calibration import InputStatistics
 from structurednets_psm.fit.hierarchical import Factorization
 from structurednets_psm.fit.least_squares import rows_least_squares
-from structurednets_psm.fit.palm import DTYPE, chain_product
+from structurednets_psm.fit.palm import DTYPE, Numerics, chain_product
 from structurednets_psm.fit.projections import project
 
 __all__ = ["WEIGHTED_SWEEPS", "weighted_factorization"]
 
 #: PALM sweeps of the calibrated fit.
 WEIGHTED_SWEEPS = 60
-#: Over the power iteration's estimate (a lower bound) of the Lipschitz constant.
+#: Over the power iterations' estimate (a lower bound) of the Lipschitz constant.
 _MARGIN = 1.01
-#: Power iterations per spectral norm at most, and the relative change that stops them.
-_POWER_ITERATIONS = 100
-_POWER_TOLERANCE = 1e-6
-
-
-class _SpectralNorms:
-    """``||M||_2^2`` by power iteration on the smaller Gram matrix of ``M``, each ``key``
-    warm-started from its last vector (the factors change little from one sweep to the next)."""
-
-    def __init__(self) -> None:
-        self._vectors: dict[object, torch.Tensor] = {}
-        self._generator = torch.Generator().manual_seed(0)
-
-    def squared(self, key: object, matrix: torch.Tensor | None) -> float:
-        if matrix is None:
-            return 1.0
-        wide = matrix.shape[0] < matrix.shape[1]
-        size = matrix.shape[0] if wide else matrix.shape[1]
-        vector = self._vectors.get(key)
-        if vector is None or vector.shape[0] != size:
-            vector = torch.randn(size, generator=self._generator, dtype=matrix.dtype)
-            vector = vector / vector.norm()
-        value = 0.0
-        for _ in range(_POWER_ITERATIONS):
-            image = matrix @ (matrix.T @ vector) if wide else matrix.T @ (matrix @ vector)
-            estimate = float(image.norm())  # ||G v|| <= the top eigenvalue of G
-            if estimate == 0.0:
-                return 0.0
-            vector = image / estimate
-            converged = abs(estimate - value) <= _POWER_TOLERANCE * estimate
-            value = estimate
-            if converged:
-                break
-        self._vectors[key] = vector
-        return value
+#: Warm-started power iterations per spectral norm, as in the weight fit's search.
+_POWER_ITERATIONS = 4
 
 
 def _error(factors: list[torch.Tensor], whitening: torch.Tensor, target: torch.Tensor) -> float:
@@ -92,7 +60,7 @@ def weighted_factorization(
     best_error = _error(factors, whitening, target)
     best = ([f.clone() for f in factors], [s.clone() for s in supports])
     count = len(factors)
-    norms = _SpectralNorms()
+    norms = Numerics(torch.Generator().manual_seed(0), _POWER_ITERATIONS)
     for _ in range(nb_sweeps):
         for j in range(count):
             left = chain_product(factors[:j])
@@ -102,7 +70,7 @@ def weighted_factorization(
             residual = middle @ right - target
             gradient = residual @ right.T
             gradient = gradient if left is None else left.T @ gradient
-            step = _MARGIN * norms.squared((j, "left"), left) * norms.squared((j, "right"), right)
+            step = _MARGIN * norms.squared(left, (j, "left")) * norms.squared(right, (j, "right"))
             if step <= 0 or not math.isfinite(step):
                 continue
             moved = factors[j] - gradient / step
