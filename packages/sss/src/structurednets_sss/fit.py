@@ -431,6 +431,14 @@ def _fit_exact(
     return SSSFit(SSSSystem(**matrices), candidate.squared_error)
 
 
+def _least_sizes(n: int, m: int, nb_stages: int, options: StageOptions) -> SSSSizes:
+    """The smallest sizes ``nb_stages`` stages take under ``options``: the requested state
+    dimensions where some are given, else no states at all."""
+    if options.causal_dims is None and options.anticausal_dims is None:
+        return even_sizes(n, m, nb_stages, 0)
+    return requested_sizes(n, m, nb_stages, options)
+
+
 def _too_small(
     n: int,
     m: int,
@@ -442,10 +450,7 @@ def _too_small(
     """The error for a budget that no candidate fits, naming the cheapest candidate."""
     cheapest = None
     for nb_stages in candidates:
-        if options.causal_dims is None and options.anticausal_dims is None:
-            sizes = even_sizes(n, m, nb_stages, 0)
-        else:
-            sizes = requested_sizes(n, m, nb_stages, options)
+        sizes = _least_sizes(n, m, nb_stages, options)
         if cheapest is None or sizes.nb_weight_parameters < cheapest.nb_weight_parameters:
             cheapest = sizes
     assert cheapest is not None
@@ -460,10 +465,7 @@ def _too_costly(
     """The error for a cost bound that no candidate meets, naming the cheapest candidate."""
     cheapest = None
     for nb_stages in candidates:
-        if options.causal_dims is None and options.anticausal_dims is None:
-            sizes = even_sizes(n, m, nb_stages, 0)
-        else:
-            sizes = requested_sizes(n, m, nb_stages, options)
+        sizes = _least_sizes(n, m, nb_stages, options)
         if sizes.nb_weight_parameters > budget:
             continue
         if cheapest is None or cost_ratio(sizes) < cost_ratio(cheapest):
