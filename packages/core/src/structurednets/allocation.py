@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -200,13 +199,12 @@ def layer_candidates(
 @dataclass(frozen=True)
 class Allocation:
     """What the global allocation chose: per layer name, a :class:`Candidate` or the reason
-    it stays dense; the budget and the weights chosen; its wall-clock time."""
+    it stays dense; the budget and the weights chosen."""
 
     choices: dict[str, Candidate]
     kept_dense: dict[str, str]
     budget: int
     nb_weights: int
-    seconds: float
 
 
 def allocate_layers(
@@ -224,7 +222,6 @@ def allocate_layers(
     of the weights of the layers that have a candidate. ``fit(layer, structure, share)``
     fits one form (``None``: it does not exist). With ``sensitivities`` (by layer name),
     each layer's squared errors count that many times in the sum."""
-    start = time.perf_counter()
     curves, kept_dense = [], {}
     for index, (layer, weight) in enumerate(layers, start=1):
         curve = layer_candidates(
@@ -262,4 +259,4 @@ def allocate_layers(
                 f"the smallest forms of all layers exceed the budget of {budget} weights; "
                 f"this layer's ({smallest} weights) was among the largest"
             )
-    return Allocation(choices, kept_dense, budget, used, time.perf_counter() - start)
+    return Allocation(choices, kept_dense, budget, used)
