@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -49,6 +50,18 @@ def run_batch(model: nn.Module, batch: object) -> object:
     )
 
 
+@contextlib.contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block, each module's training flag restored after."""
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 def collect_input_statistics(
     model: nn.Module,
     layers: Sequence[tuple[str, nn.Module, LinearView]],
@@ -80,19 +93,15 @@ def collect_input_statistics(
 
         return hook
 
-    modes = {module: module.training for module in model.modules()}
     handles = [module.register_forward_pre_hook(hook_for(name)) for name, module, _ in layers]
     nb_batches = 0
     try:
-        model.eval()
-        with torch.no_grad():
+        with _evaluating(model), torch.no_grad():
             for nb_batches, batch in enumerate(batches, start=1):  # noqa: B007
                 run_batch(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
     if nb_batches == 0:
         raise ValueError("calibration holds no batches; pass at least one")
     missing = [name or "(model)" for name, _, _ in layers if statistics[name].nb_samples == 0]
@@ -148,13 +157,11 @@ def output_sensitivities(
         return hook
 
     generator = torch.Generator().manual_seed(seed)
-    modes = {module: module.training for module in model.modules()}
     flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
     handles = [module.register_forward_hook(hook_for(name)) for name, module, _ in layers]
     try:
-        model.eval()
         model.requires_grad_(False)
-        with torch.enable_grad():
+        with _evaluating(model), torch.enable_grad():
             for index, batch in enumerate(batches):
                 deltas.clear()
                 output = first_tensor(run_batch(model, batch))
@@ -171,8 +178,6 @@ def output_sensitivities(
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes.items():
-            module.training = training
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
     return sums
