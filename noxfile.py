@@ -49,7 +49,7 @@ TRANSFORMERS = "transformers==5.25.0"
 def release_in_ci(function):
     """Run a session, then, when ``CI`` is set, delete its virtualenv whether it passed or not.
 
-    Every session holds its own torch (about 1 GB with its libraries) and CI machines can be
+    Every session holds its own torch (1.4-1.8 GB of virtualenv) and CI machines can be
     short of disk; locally the virtualenvs stay for ``nox -r``.
     """
 
