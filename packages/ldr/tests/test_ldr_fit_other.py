@@ -9,7 +9,7 @@ from structurednets.testing import best_low_rank_error as low_rank_error
 from structurednets_ldr import displacement_rank_for, fit_ldr
 from structurednets_ldr.fit import FitProblem, not_an_ldr_matrix, score_starts
 from structurednets_ldr.fit.starts import power_times, shift_starts
-from structurednets_ldr.operators import bands_to_dense
+from structurednets_ldr.operators import bands_to_dense, cyclic_shift_bands
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17])
@@ -19,6 +19,18 @@ def test_power_times_is_the_dense_matrix_power(n):
     X = torch.randn(n, 4, generator=generator, dtype=torch.float64)
     expected = torch.linalg.matrix_power(bands_to_dense(bands), 11) @ X
     torch.testing.assert_close(power_times(bands, X, 11), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("down", [True, False])
+@pytest.mark.parametrize("corner", [0.0, 1.0, -1.0, 0.5])
+def test_power_times_of_shifts_is_the_dense_matrix_power(down, corner):
+    """Shifts (every start's operators) take the rolled path; it must equal the stencil's."""
+    n = 7
+    bands = cyclic_shift_bands(n, corner, down=down, dtype=torch.float64)
+    X = torch.randn(n, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for power in (0, 1, 3, n, n + 2, 3 * n + 1):
+        expected = torch.linalg.matrix_power(bands_to_dense(bands), power) @ X
+        torch.testing.assert_close(power_times(bands, X, power), expected, rtol=0, atol=1e-12)
 
 
 def _problem(matrix: torch.Tensor, share: float) -> tuple[FitProblem, list]:

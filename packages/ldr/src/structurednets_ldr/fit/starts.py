@@ -75,12 +75,38 @@ def power_times(bands: torch.Tensor, X: torch.Tensor, power: int) -> torch.Tenso
     n = bands.shape[1]
     if n <= 2:  # the periodic bands overlap
         return torch.linalg.matrix_power(bands_to_dense(bands), power) @ X
+    shifted = _shift_power(bands, X, power)
+    if shifted is not None:
+        return shifted
     minus, centre, plus = bands[:, :, None].unbind(0)
     for step in range(power):
         if step % 16 == 0 and not X.any():  # nilpotent (shifts) or zero operators
             break
         X = minus * X.roll(1, 0) + centre * X + plus * X.roll(-1, 0)
     return X
+
+
+def _shift_power(bands: torch.Tensor, X: torch.Tensor, power: int) -> torch.Tensor | None:
+    """``M^power X`` at once for a shift ``M`` (one off-diagonal band of ones, whose wrapped
+    entry is a corner ``f``, e.g. ``Z_f``): ``power = q n + r`` rows rolled by ``r``, those
+    that wrapped times ``f``, all times ``f^q``. ``None`` for other bands (a 1536 x 384
+    start took 384 stencil steps of the whole matrix)."""
+    minus, centre, plus = bands
+    n = bands.shape[1]
+    if centre.any():
+        return None
+    turns, rest = divmod(power, n)
+    if not plus.any() and bool((minus[1:] == 1).all()):  # (M X)[i] = X[i - 1], row 0: f X[n-1]
+        corner = float(minus[0])
+        result = X.roll(rest, 0)
+        result[:rest] *= corner
+    elif not minus.any() and bool((plus[:-1] == 1).all()):  # (M X)[i] = X[i + 1], f X[0]
+        corner = float(plus[-1])
+        result = X.roll(-rest, 0)
+        result[n - rest :] *= corner
+    else:
+        return None
+    return result * corner**turns if turns else result
 
 
 def solve_generators(
