@@ -9,7 +9,7 @@ from structurednets.calibration import InputStatistics
 from structurednets_psm import PALMSettings, PSMLayer
 from structurednets_psm.fit.weighted import weighted_factorization
 
-SHORT = PALMSettings(max_sweeps=200)
+SHORT = PALMSettings(max_sweeps=200, unstructured_share=1.0)  # the whole budget on these random W
 
 
 def problem(seed=0, shape=(16, 24), n=200):
@@ -59,3 +59,22 @@ def test_input_statistics_argument_checks():
         PSMLayer(24, 16, 0.4, initial_weight_matrix=W, input_statistics=np.eye(24))
     with pytest.raises(ValueError, match="input_statistics needs an initial_weight_matrix"):
         PSMLayer(24, 16, 0.4, input_statistics=stats)
+
+
+def test_weighted_error_from_the_second_moment_matches_the_whitened_residual():
+    """The sweeps work from C = S S and W C; their error must be ||(P - W) S||_F^2."""
+    from structurednets_psm.fit.weighted import _Weighted
+
+    W, _, stats = problem(seed=2, shape=(10, 14))
+    W = torch.from_numpy(W)
+    generator = torch.Generator().manual_seed(0)
+    factors = [torch.randn(10, 10, generator=generator, dtype=torch.float64) for _ in range(2)]
+    factors[1] = torch.randn(10, 14, generator=generator, dtype=torch.float64)
+    S = stats.whitening_factor()
+    weighted = _Weighted(W, stats.damped_covariance())
+    residual = (factors[0] @ factors[1] - W) @ S
+    assert weighted.squared_error(factors) == pytest.approx(float((residual**2).sum()), rel=1e-10)
+    gram, target_right = weighted.right_terms(factors, 0)
+    right = factors[1] @ S
+    torch.testing.assert_close(gram, right @ right.T)
+    torch.testing.assert_close(target_right, (W @ S) @ right.T)

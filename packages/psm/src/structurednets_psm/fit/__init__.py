@@ -65,7 +65,10 @@ def fit_psm(
     left to right, continuation 2), (row/column projection, right to left, no continuation:
     the published setting that recovers butterfly matrices such as Hadamard's) and (global,
     left to right, no continuation); then the best mode with the other splits of
-    :func:`candidate_splits` (unless ``nnz_split`` or ``nonzeros`` fixes the split). The best
+    :func:`candidate_splits` (unless ``nnz_split`` or ``nonzeros`` fixes the split), unless
+    the first two modes show a target no sparse product fits closely
+    (``settings.unstructured_error``): then the best of them is refined with a smaller work
+    budget (``settings.unstructured_share``). The best
     run is refined with the sweeps left, its first and last factors' values are solved
     exactly on their supports, and supports left short of their nonzeros are filled (with
     zeros) where the gradient is largest. The search stops as soon as a run is exact. Fewer

@@ -21,12 +21,18 @@ def rows_least_squares(
     group's systems padded to its own widest row only: on a fitted 1536 x 384 factor (2 to
     170 entries per row) padding every row to the widest made these solves most of the fit.
     """
+    return gram_least_squares(right @ right.T, target @ right.T, support, max_row_nonzeros)
+
+
+def gram_least_squares(
+    gram: torch.Tensor, products: torch.Tensor, support: torch.Tensor, max_row_nonzeros: int = 256
+) -> torch.Tensor | None:
+    """:func:`rows_least_squares` from ``gram = right @ right.T`` and
+    ``products = target @ right.T``, which a caller may have at hand more cheaply."""
     counts = support.sum(1)
     width = int(counts.max()) if counts.numel() else 0
     if width == 0 or width > max_row_nonzeros:
         return None
-    gram = right @ right.T
-    products = target @ right.T
     ridge = 1e-12 * float(gram.diagonal().mean().clamp_min(1e-300))
     result = torch.zeros_like(support, dtype=DTYPE)
     for rows in torch.argsort(counts, stable=True).split(_GROUP_ROWS):

@@ -62,19 +62,27 @@ class Numerics:
         (1 for ``None``, the identity)."""
         if matrix is None:
             return 1.0
+        return self._power(lambda v: matrix.T @ (matrix @ v), matrix.shape[1], key)
+
+    def largest_eigenvalue(self, gram: torch.Tensor, key: object) -> float:
+        """The largest eigenvalue of the symmetric positive semi-definite ``gram`` (``||M||_2^2``
+        for ``gram = M M^T``) by power iteration warm-started from the last vector of ``key``."""
+        return self._power(lambda v: gram @ v, gram.shape[0], key)
+
+    def _power(self, apply, size: int, key: object) -> float:
         vector = self.vectors.get(key)
         iterations = self.iterations
-        if vector is None or vector.shape[0] != matrix.shape[1]:
-            vector = torch.randn(matrix.shape[1], dtype=DTYPE, generator=self.generator)
+        if vector is None or vector.shape[0] != size:
+            vector = torch.randn(size, dtype=DTYPE, generator=self.generator)
             iterations = 3 * self.iterations
         for _ in range(iterations):
-            image = matrix.T @ (matrix @ vector)
+            image = apply(vector)
             norm = torch.linalg.norm(image)
             if norm == 0:
                 return 0.0
             vector = image / norm
         self.vectors[key] = vector
-        return float(torch.linalg.norm(matrix @ vector)) ** 2
+        return float(vector @ apply(vector))
 
 
 def chain_product(matrices: Sequence[torch.Tensor]) -> torch.Tensor | None:
