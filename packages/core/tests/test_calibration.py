@@ -187,3 +187,41 @@ def test_without_calibration_nothing_changes(diagonal_structure):
         approximate(W, "diagonal", 0.5, inputs=correlated_inputs(), refinement_iterations=-1)
     with pytest.raises(ValueError, match=r"inputs must have shape \(n_samples, input_dim=9\)"):
         approximate(W, "diagonal", 0.5, inputs=np.ones((3, 12)))
+
+
+def test_choosing_with_calibration_refines_only_the_chosen_structure_fully(
+    diagonal_structure, monkeypatch
+):
+    """Every structure gets SCREENING_ITERATIONS of the refinement, the chosen one the rest
+    of refinement_iterations; the others keep their screened layers in ``tried``."""
+    from full_structure import FullLayer, full_nb_weight_parameters
+
+    import structurednets
+    import structurednets.approximation as approximation
+
+    calls = []
+    real = approximation.refine_to_inputs
+
+    def recording(layer, target, statistics, *, max_iterations):
+        calls.append((layer.structure_name, max_iterations))
+        return real(layer, target, statistics, max_iterations=max_iterations)
+
+    monkeypatch.setattr(approximation, "refine_to_inputs", recording)
+    structurednets.register("full", FullLayer, full_nb_weight_parameters)
+    try:
+        rng = np.random.default_rng(9)
+        W, X = rng.standard_normal((12, 9)), correlated_inputs(d=9)
+        W[:9, :9] += 5 * np.eye(9)  # the diagonal part dominates: both structures fit well
+        result = approximate(
+            W, ["diagonal", "full"], 1.0, inputs=X, refinement_iterations=40, dtype=torch.float64
+        )
+    finally:
+        structurednets.unregister("full")
+    screening = approximation.SCREENING_ITERATIONS
+    assert calls[:2] == [("diagonal", screening), ("full", screening)]
+    assert calls[2:] == [(result.structure, 40 - screening)]
+    assert result.structure == "full"  # holds W exactly at share 1
+    assert result.output_relative_error < 1e-6
+    screened = next(each for each in result.tried if each.structure == "diagonal")
+    assert screened.output_relative_error > 0.05
+    assert [each.structure for each in result.tried] == ["diagonal", "full"]
