@@ -159,7 +159,8 @@ def encoder_parameters(model) -> int:
     return structurednets.get_nb_model_parameters(model.encoder)
 
 
-def run(args: argparse.Namespace) -> list[Row]:
+def run(args: argparse.Namespace, skipped: list[str]) -> list[Row]:
+    """The table's rows; appends to ``skipped`` why a compression did not run."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     folder = minilm_folder(Path(args.cache))
@@ -213,10 +214,12 @@ def run(args: argparse.Namespace) -> list[Row]:
                 include="encoder.*",
                 progress=say,
                 allocation=allocation,
+                max_cost_ratio=args.max_cost_ratio,
                 **extra,
             )
         except (ValueError, TypeError) as error:
             say(f"   skipped: {error}")
+            skipped.append(f"{structure} at share {share:g} ({fitted}): {error}")
             continue
         fit_seconds = time.perf_counter() - start
         if allocation == "global":
@@ -306,12 +309,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cache", default=str(Path(tempfile.gettempdir()) / "structurednets-models")
     )
+    parser.add_argument(
+        "--max-cost-ratio",
+        type=lambda text: None if text == "none" else float(text),
+        default=1.0,
+        help="compress's bound on each layer's multiply-adds against dense (default 1: no "
+        "slower than the dense encoder); 'none' for no bound",
+    )
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     args.calibration = {"both": [False, True], "on": [True], "off": [False]}[args.calibration]
     args.allocation = ["uniform", "global"] if args.allocation == "both" else [args.allocation]
-    rows = run(args)
+    skipped: list[str] = []
+    rows = run(args, skipped)
     print(table(rows))
+    for line in skipped:
+        print(f"skipped: {line}")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
 
