@@ -267,7 +267,8 @@ def _fit_other(
     with cyclic shifts scaled by 0.2 as operators (zero operators are a stationary point:
     the refinement could not move them). Trained digit weights 256 x 256, shares 0.05, 0.1,
     0.25: 0.855, 0.740, 0.620 in 100 evaluations (2.5-6.5 s) against the truncated SVD's
-    0.904, 0.760, 0.644 (and the four phases' 0.842, 0.760, 0.644 in 28-51 s)."""
+    0.904, 0.760, 0.644 (and the four phases' 0.842, 0.760, 0.644 in 28-51 s); the current
+    ``max_evaluations / 16`` within 4% of ``max_seconds`` give 0.879 at share 0.05 in 0.8 s."""
     low_rank = next(item for item in scored if item.name == "low-rank")
     out_dim, in_dim = problem.matrix.shape
     scale = _OTHER_OPERATOR_SCALE
