@@ -474,7 +474,7 @@ def approximate(
         raise NoStructureFitsError(_nothing_fits_message(target, nb_params_share, tried), tried)
     best = min(fitted, key=lambda each: (each.score, each.nb_parameters))
     if screening < refinement_iterations:
-        index = tried.index(best)
+        index = next(i for i, each in enumerate(tried) if each is best)
         best = _refined_further(best, target, statistics, refinement_iterations - screening)
         tried[index] = best
         say(f"{best.structure} chosen, refined: output error {best.output_relative_error:.4g}")

@@ -62,14 +62,21 @@ class Numerics:
         (1 for ``None``, the identity)."""
         if matrix is None:
             return 1.0
-        return self._power(lambda v: matrix.T @ (matrix @ v), matrix.shape[1], key)
+        return self._power(
+            lambda v: matrix.T @ (matrix @ v),
+            lambda v: float(torch.linalg.norm(matrix @ v)) ** 2,
+            matrix.shape[1],
+            key,
+        )
 
     def largest_eigenvalue(self, gram: torch.Tensor, key: object) -> float:
         """The largest eigenvalue of the symmetric positive semi-definite ``gram`` (``||M||_2^2``
         for ``gram = M M^T``) by power iteration warm-started from the last vector of ``key``."""
-        return self._power(lambda v: gram @ v, gram.shape[0], key)
+        return self._power(lambda v: gram @ v, lambda v: float(v @ (gram @ v)), gram.shape[0], key)
 
-    def _power(self, apply, size: int, key: object) -> float:
+    def _power(self, apply, value, size: int, key: object) -> float:
+        """Power iteration with ``apply`` (the symmetric operator); ``value`` of the final
+        unit vector is the estimate (one product with ``matrix`` for :meth:`squared`)."""
         vector = self.vectors.get(key)
         iterations = self.iterations
         if vector is None or vector.shape[0] != size:
@@ -82,7 +89,7 @@ class Numerics:
                 return 0.0
             vector = image / norm
         self.vectors[key] = vector
-        return float(vector @ apply(vector))
+        return value(vector)
 
 
 def chain_product(matrices: Sequence[torch.Tensor]) -> torch.Tensor | None:

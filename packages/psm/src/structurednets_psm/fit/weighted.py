@@ -63,8 +63,8 @@ class _Weighted:
         when ``j`` is the last)."""
         if j == len(factors) - 1:
             return self.covariance, self.target_c
-        right = chain_product(factors[j + 1 :])
         between = chain_product(factors[j + 1 : -1])
+        right = factors[-1] if between is None else between @ factors[-1]
         last_c = self.last_times_c(factors[-1])
         right_c = last_c if between is None else between @ last_c
         return right_c @ right.T, self.target_c @ right.T
@@ -104,17 +104,16 @@ def weighted_factorization(
         for j in range(count):
             left = chain_product(factors[:j])
             right_gram, target_right = weighted.right_terms(factors, j)
-            gradient = factors[j] @ right_gram if j < count - 1 else None
-            if gradient is None:
-                gradient = weighted.last_times_c(factors[j])
-            if left is not None:
-                gradient = left.T @ (left @ gradient - target_right)
+            if j < count - 1:
+                times_right = factors[j] @ right_gram
+            else:  # right_gram is C: F C is kept
+                times_right = weighted.last_times_c(factors[j])
+            if left is None:
+                gradient = times_right - target_right
             else:
-                gradient = gradient - target_right
-            step = norms.squared(left, (j, "left")) * norms.largest_eigenvalue(
-                right_gram, (j, "right")
-            )
-            step *= _MARGIN
+                gradient = left.T @ (left @ times_right - target_right)
+            left_norm = norms.squared(left, (j, "left"))
+            step = _MARGIN * left_norm * norms.largest_eigenvalue(right_gram, (j, "right"))
             if step <= 0 or not math.isfinite(step):
                 continue
             moved = factors[j] - gradient / step
